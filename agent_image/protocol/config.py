@@ -1,0 +1,215 @@
+"""Run configuration: the YAML a user writes, validated strictly, MassGen keys where they mean the same."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Permission(StrEnum):
+    READ = "read"
+    WRITE = "write"
+
+
+class ContextPath(_Strict):
+    """A host path the agents may read (never write during coordination)."""
+
+    path: str
+    permission: Permission = Permission.READ
+
+
+# --- scripted backend steps -------------------------------------------------------------
+
+
+class ShellStep(_Strict):
+    shell: str
+    timeout: float = Field(default=60.0, gt=0, le=3600)
+    save_as: str | None = None
+    background: bool = False
+
+
+class WriteFileStep(_Strict):
+    write_file: str
+    content: str = ""
+
+
+class ReadFileStep(_Strict):
+    read_file: str
+    save_as: str | None = None
+
+
+class SleepStep(_Strict):
+    sleep: float = Field(ge=0, le=86400)
+
+
+class AnswerStep(_Strict):
+    answer: str
+
+
+class VoteStep(_Strict):
+    vote: str  # a real agent id, an anonymous id (agentN), or "auto"
+    reason: str = "scripted vote"
+
+
+class RawStep(_Strict):
+    """Emit arbitrary tool calls (or none) verbatim: for testing the protocol's corrections."""
+
+    raw_tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    text: str = ""
+
+
+ScriptStep = ShellStep | WriteFileStep | ReadFileStep | SleepStep | AnswerStep | VoteStep | RawStep
+
+
+class BackendConfig(_Strict):
+    type: Literal["scripted", "openai", "gemini"]
+    model: str | None = None
+    base_url: str | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, gt=0)
+    steps: list[ScriptStep] = Field(default_factory=list)
+    final: str | None = None  # scripted: final presentation template (default: own latest answer)
+    stream: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> BackendConfig:
+        if self.type == "scripted":
+            if self.model is not None or self.base_url is not None:
+                raise ValueError("scripted backend takes no model or base_url")
+        else:
+            if not self.model:
+                raise ValueError(f"backend type {self.type!r} needs a model")
+            if self.steps or self.final is not None:
+                raise ValueError("steps/final are only for the scripted backend")
+        return self
+
+
+class AgentConfig(_Strict):
+    id: str
+    backend: BackendConfig
+    system_message: str | None = None
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, v: str) -> str:
+        if not _ID_RE.match(v):
+            raise ValueError("agent id must start with a letter; letters, digits, _ and -, 1-40 chars")
+        return v
+
+
+class OrchestratorConfig(_Strict):
+    context_paths: list[ContextPath] = Field(default_factory=list)
+    max_new_answers_per_agent: int | None = Field(default=None, ge=1)
+    max_invalid_turns: int = Field(default=3, ge=1, le=20)
+    max_tool_calls_per_turn: int = Field(default=50, ge=1, le=1000)
+    # MassGen keys that mean nothing here but appear in its configs; accepted and ignored.
+    snapshot_storage: str | None = None
+    agent_temporary_workspace: str | None = None
+    voting_sensitivity: Literal["lenient", "balanced", "strict"] | None = None
+    coordination: dict[str, Any] | None = None
+
+
+class TimeoutSettings(_Strict):
+    orchestrator_timeout_seconds: float = Field(default=1800, gt=0)
+    agent_timeout_seconds: float = Field(default=600, gt=0)  # one agent turn
+
+
+class Budget(_Strict):
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_cost_usd: float | None = Field(default=None, gt=0)
+    max_calls: int | None = Field(default=None, ge=1)
+
+
+def parse_size(value: str | int) -> int:
+    """Parse '512m', '2g', '1GiB' or a byte count into bytes."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if not m:
+        raise ValueError(f"not a size: {value!r} (try 512m or 2g)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+class SandboxConfig(_Strict):
+    image: str | None = None
+    runtime: Literal["runc", "runsc"] = "runc"
+    network: Literal["none"] = "none"
+    memory: Annotated[str | int, Field()] = "1g"
+    cpus: float = Field(default=1.0, gt=0, le=64)
+    pids: int = Field(default=256, ge=16, le=65536)
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    stop_grace_seconds: float = Field(default=5.0, ge=0, le=120)
+    budget: Budget = Field(default_factory=Budget)
+    max_depth: int = Field(default=2, ge=0, le=8)
+    max_children: int = Field(default=4, ge=0, le=64)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, v: str | int) -> str | int:
+        if parse_size(v) < 32 << 20:
+            raise ValueError("memory must be at least 32m")
+        return v
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_size(self.memory)
+
+
+class UiConfig(_Strict):
+    """MassGen's ui section; accepted for compatibility, the CLI flags decide the display."""
+
+    display_type: str | None = None
+    logging_enabled: bool | None = None
+
+
+class RunConfig(_Strict):
+    agents: list[AgentConfig] = Field(min_length=1, max_length=16)
+    orchestrator: OrchestratorConfig = Field(default_factory=OrchestratorConfig)
+    timeout_settings: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    ui: UiConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _single_agent(cls, data: Any) -> Any:
+        # MassGen accepts `agent:` (one dict) as well as `agents:` (a list).
+        if isinstance(data, dict) and "agent" in data:
+            if "agents" in data:
+                raise ValueError("give either 'agent' or 'agents', not both")
+            data = dict(data)
+            data["agents"] = [data.pop("agent")]
+        return data
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RunConfig:
+        seen: set[str] = set()
+        for a in self.agents:
+            if a.id in seen:
+                raise ValueError(f"duplicate agent id {a.id!r}")
+            seen.add(a.id)
+        return self
+
+    @property
+    def agent_ids(self) -> list[str]:
+        return [a.id for a in self.agents]
+
+    def effective_timeout(self) -> float:
+        """Whole-run deadline in seconds: the sandbox one wins when it is shorter."""
+        t = self.timeout_settings.orchestrator_timeout_seconds
+        if self.sandbox.timeout_seconds is not None:
+            t = min(t, self.sandbox.timeout_seconds)
+        return t
+
+    def needs_models(self) -> set[str]:
+        return {a.backend.type for a in self.agents if a.backend.type != "scripted"}

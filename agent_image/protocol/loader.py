@@ -1,0 +1,128 @@
+"""Load a run config from YAML with errors that name the file, the key and the line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .config import RunConfig
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One thing wrong with a config file."""
+
+    file: str
+    key: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        key = f" key={self.key}" if self.key else ""
+        return f"{where}:{key} {self.message}"
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run; `problems` lists every finding, the first is the headline."""
+
+    def __init__(self, problems: list[ConfigProblem], reason: str = "config_invalid") -> None:
+        self.problems = problems
+        self.reason = reason
+        super().__init__(str(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
+
+
+def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
+    out: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = k.value
+            out[path + (key,)] = k.start_mark.line + 1
+            for p, line in _line_index(v, path + (key,)).items():
+                out.setdefault(p, line)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            out.update(_line_index(v, path + (i,)))
+    return out
+
+
+def _nearest_line(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    while True:
+        if loc in index:
+            return index[loc]
+        if not loc:
+            return None
+        loc = loc[:-1]
+
+
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    # pydantic inserts union-member tags (e.g. 'ShellStep') into locations; drop them.
+    return tuple(p for p in loc if isinstance(p, int) or not p[:1].isupper())
+
+
+def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dict[str, Any]]:
+    """Parse and validate YAML text.
+
+    Raises:
+        ConfigError: syntax errors, schema errors, or a document that is not a mapping.
+    """
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([ConfigProblem(file, "", line, f"YAML syntax error: {problem}")]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError([ConfigProblem(file, "", 1, "config must be a YAML mapping with an 'agents' list")])
+    index = _line_index(node) if node is not None else {}
+    if "agent" in data and "agents" not in data:
+        # keep line lookups working after the single-agent alias is rewritten
+        for p, line in list(index.items()):
+            if p[:1] == ("agent",):
+                index.setdefault(("agents", 0) + p[1:], line)
+    try:
+        return RunConfig.model_validate(data), data
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = _clean_loc(tuple(err["loc"]))
+            key = ".".join(str(p) for p in loc)
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            elif err["type"] == "missing":
+                msg = "required key is missing"
+            problems.append(ConfigProblem(file, key, _nearest_line(index, loc), msg))
+        # union errors repeat per member; keep the first of each key
+        seen: set[str] = set()
+        unique = [p for p in problems if not (p.key in seen or seen.add(p.key))]
+        raise ConfigError(unique) from exc
+
+
+def load_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: reason config_missing when the file cannot be read, config_invalid otherwise.
+    """
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError([ConfigProblem(str(path), "", None, "config file larger than 1 MiB")])
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError([ConfigProblem(str(path), "", None, "config file not found")], "config_missing") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(str(path), "", None, f"cannot read config: {exc}")], "config_missing") from exc
+    return parse_config_text(text, str(path))
+
+
+def dump_config(data: dict[str, Any]) -> str:
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=False)

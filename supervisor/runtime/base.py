@@ -1,0 +1,131 @@
+"""The container runtime seam: what the run lifecycle needs from Docker (or a later engine)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+# Labels carried by every container we create; reconciliation finds containers by these only.
+LABEL_OWNER = "io.massgen.sandbox"  # value: "1"
+LABEL_SUPERVISOR = "io.massgen.supervisor-id"
+LABEL_RUN = "io.massgen.run-id"
+LABEL_PARENT = "io.massgen.parent-run-id"
+LABEL_DEADLINE = "io.massgen.deadline"  # unix time, seconds, as a decimal string
+LABEL_LOG_DIR = "io.massgen.log-dir"
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: Path  # host path, absolute
+    target: str  # path inside the sandbox
+    read_only: bool = True
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """Everything needed to start one run's sandbox."""
+
+    run_id: str
+    image: str
+    command: tuple[str, ...]
+    mounts: tuple[Mount, ...]
+    env: Mapping[str, str]
+    labels: Mapping[str, str]
+    workdir: str = "/workspace"
+    user: str = "10001:10001"
+    memory_bytes: int = 1 << 30
+    nano_cpus: int = 1_000_000_000
+    pids_limit: int = 256
+    network: str = "none"
+    runtime: str = "runc"
+    tmpfs_bytes: int = 256 << 20
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    exit_code: int
+    oom_killed: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class SandboxFacts:
+    """A snapshot of a sandbox for status.json's `container` section."""
+
+    id: str
+    image: str
+    runtime: str
+    state: str  # created | running | exited | removed | ...
+    exit_code: int | None = None
+    oom_killed: bool = False
+    cpu_percent: float | None = None
+    memory_bytes: int | None = None
+    pids: int | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+class SandboxHandle(Protocol):
+    id: str
+
+
+class Runtime(Protocol):
+    """Blocking calls; the lifecycle runs them through asyncio.to_thread."""
+
+    name: str
+
+    def start(self, spec: SandboxSpec) -> SandboxHandle:
+        """Create and start the sandbox.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            ImageMissing: the image does not exist.
+            SandboxStartFailed: anything else that stopped the start.
+        """
+        ...
+
+    def wait(self, handle: SandboxHandle, timeout: float) -> ExitInfo | None:
+        """Wait up to `timeout` seconds; None while the sandbox still runs."""
+        ...
+
+    def stop(self, handle: SandboxHandle, grace: float) -> None:
+        """SIGTERM to the sandbox's init, SIGKILL after `grace` seconds."""
+        ...
+
+    def kill(self, handle: SandboxHandle) -> None: ...
+
+    def remove(self, handle: SandboxHandle) -> None:
+        """Remove the sandbox; never raises if it is already gone."""
+        ...
+
+    def logs(self, handle: SandboxHandle) -> bytes: ...
+
+    def facts(self, handle: SandboxHandle, *, stats: bool = False) -> SandboxFacts: ...
+
+    def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
+        """Sandboxes carrying all the given labels (and the owner label)."""
+        ...
+
+
+class RuntimeError_(Exception):
+    """Root of runtime failures."""
+
+
+class RuntimeUnavailable(RuntimeError_):
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"container engine unavailable: {detail}")
+
+
+class ImageMissing(RuntimeError_):
+    def __init__(self, image: str) -> None:
+        self.image = image
+        super().__init__(f"image not found: {image}")
+
+
+class SandboxStartFailed(RuntimeError_):
+    def __init__(self, run_id: str, detail: str) -> None:
+        self.run_id = run_id
+        self.detail = detail
+        super().__init__(f"run_id={run_id} sandbox failed to start: {detail}")
