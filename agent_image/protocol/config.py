@@ -35,7 +35,6 @@ class ShellStep(_Strict):
     shell: str
     timeout: float = Field(default=60.0, gt=0, le=3600)
     save_as: str | None = None
-    background: bool = False
 
 
 class WriteFileStep(_Strict):

@@ -1,0 +1,114 @@
+"""The engine entrypoint: run one spec, write events to the outbox, exit with the run's code."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+
+from ..backends import make_backend
+from ..backends.base import Backend
+from ..protocol.config import RunConfig
+from ..protocol.events import RunFinished
+from ..protocol.result import Reason, exit_code_for
+from ..protocol.spec import RunSpec
+from .clock import Clock, SystemClock
+from .orchestrator import Orchestrator, Outcome
+from .outbox import EVENTS_FILE, EventWriter
+
+ENGINE_DEADLINE_MARGIN_S = 0.5
+_SECRET_ENV = re.compile(r"(API_KEY|_TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
+
+
+def tool_env() -> dict[str, str]:
+    """The environment agents' shell commands get: ours minus anything that looks like a secret."""
+    env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
+    env.setdefault("HOME", "/tmp")
+    return env
+
+
+async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
+    from ..tools import ToolBox  # imported here: keeps `massgen-run --help` light
+
+    clock = clock or SystemClock()
+    config = RunConfig.model_validate(spec.config)
+    workspace = Path(spec.workspace)
+    contexts = [(Path(p), False) for p in spec.context_paths]
+    env = tool_env()
+    orch: Orchestrator | None = None
+    backends: dict[str, Backend] = {}
+    tools = {}
+    for agent in config.agents:
+        ws = workspace / agent.id
+        ws.mkdir(parents=True, exist_ok=True)
+        tools[agent.id] = ToolBox(ws, contexts, env=env)
+
+        def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
+            assert orch is not None
+            return orch.view(aid)
+
+        backends[agent.id] = make_backend(agent, view=view, sleep=clock.sleep, workspace=str(ws))
+    timeout = None
+    if spec.deadline is not None:
+        # Finish (exit 3 from inside) just before the supervisor's own deadline fires.
+        timeout = max(0.1, spec.deadline - clock.now() - ENGINE_DEADLINE_MARGIN_S)
+    orch = Orchestrator(
+        config, spec.question, spec.run_id, writer, backends, tools, sandbox=spec.sandbox, timeout=timeout
+    )
+    try:
+        return await orch.run()
+    finally:
+        for b in backends.values():
+            try:
+                await asyncio.wait_for(b.aclose(), 5)
+            except Exception:  # noqa: BLE001 - closing must not mask the run's outcome
+                pass
+
+
+def run_spec_file(spec_path: Path) -> int:
+    """Run the spec at `spec_path`; returns the process exit code (0-4)."""
+    spec = RunSpec.model_validate_json(spec_path.read_bytes())
+    writer = EventWriter(Path(spec.outbox) / EVENTS_FILE)
+    outcome: Outcome
+
+    async def main() -> Outcome:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        interrupted = []
+
+        def on_signal(signame: str) -> None:
+            # First signal: cancel the run (tools kill their process groups); the finally below
+            # still records the outcome. A second signal is handled the same way: cancel is idempotent.
+            interrupted.append(signame)
+            task.cancel()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        try:
+            return await run_engine(spec, writer)
+        except asyncio.CancelledError:
+            sig = interrupted[0] if interrupted else "cancel"
+            writer.log(f"interrupted by {sig}", "warning")
+            return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {sig}")
+
+    try:
+        outcome = asyncio.run(main())
+    except Exception as exc:  # noqa: BLE001 - the engine must always end with a run_finished event
+        outcome = Outcome(exit_code_for(Reason.AGENT_FAILED), Reason.AGENT_FAILED, f"engine error: {type(exc).__name__}: {exc}")
+    writer.emit(RunFinished, exit_code=outcome.exit_code, reason=str(outcome.reason), detail=outcome.detail[:2000])
+    writer.close()
+    return outcome.exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 2 and argv[0] == "run-spec":
+        return run_spec_file(Path(argv[1]))
+    # Anything else is the in-sandbox `massgen-run` client (nested runs).
+    from ..client import main as client_main
+
+    return client_main(argv)

@@ -1,0 +1,388 @@
+"""`massgen-run`: run a question (automation or human mode) and the ops verbs.
+
+Heavy imports happen inside functions so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+VERBS = ("image", "ps", "status", "logs")
+EPILOG = """\
+examples:
+  massgen-run --automation --config @examples/quickstart "What is 2+2?"
+  massgen-run --config my_run.yaml "Summarise the design"      (live, human-readable)
+  massgen-run image build                                       (build the sandbox images)
+  massgen-run ps | status RUN [--json] | logs RUN [-f]
+
+exit codes: 0 ok, 1 config error, 2 execution error, 3 timeout, 4 interrupted
+"""
+
+
+def _default_logs_root() -> Path:
+    env = os.environ.get("MASSGEN_LOGS_ROOT")
+    return Path(env) if env else Path.cwd() / ".massgen" / "runs"
+
+
+def _ascii(text: str, limit: int | None = None) -> str:
+    one = " ".join(text.split())
+    if limit is not None and len(one) > limit:
+        one = one[:limit] + "..."
+    return one.encode("ascii", "backslashreplace").decode("ascii")
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="massgen-run",
+        description="Run a multi-agent question, each run in its own hardened container.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("question", help="the question for the agents")
+    p.add_argument("--config", required=True, help="config file, or @examples/NAME (see configs/)")
+    p.add_argument("--automation", action="store_true", help="print ~10 parseable lines (LOG_DIR first) and nothing else")
+    p.add_argument(
+        "--sandbox",
+        choices=("docker", "none"),
+        default=os.environ.get("MASSGEN_SANDBOX", "docker"),
+        help="docker (default): the run gets its own container; none: run on this host, unisolated",
+    )
+    p.add_argument("--logs-root", type=Path, default=None, help="where log dirs go (default ./.massgen/runs or $MASSGEN_LOGS_ROOT)")
+    p.add_argument("--image", default=None, help="agent image to use (default: built automatically)")
+    return p
+
+
+class _Printer:
+    """The CLI's listener: automation lines or a live human view."""
+
+    def __init__(self, automation: bool) -> None:
+        self.automation = automation
+        self.t0: float | None = None
+        self.lines = 0
+
+    def out(self, line: str) -> None:
+        print(line if not self.automation else _ascii(line), flush=True)
+        self.lines += 1
+
+    def prepared(self, paths: Any, config: Any, question: str) -> None:
+        import time
+
+        self.t0 = time.time()
+        agents = ", ".join(config.agent_ids) if config is not None else "-"
+        if self.automation:
+            self.out(f"LOG_DIR: {paths.log_dir}")
+            self.out(f"RUN_ID: {paths.run_id}")
+            self.out(f"STATUS_FILE: {paths.status}")
+            if config is not None:
+                self.out(f"AGENTS: {agents}")
+                self.out(f"QUESTION: {_ascii(question)}")
+                self.out("[Coordination in progress - monitor status.json for real-time updates]")
+        else:
+            print(f"run {paths.run_id}\n  log dir: {paths.log_dir}\n  agents:  {agents}", flush=True)
+
+    def event(self, ev: Any) -> None:
+        if self.automation or self.t0 is None:
+            return
+        t = ev.ts - self.t0
+        kind = ev.type
+        msg = None
+        if kind == "turn_started":
+            msg = f"{ev.agent} is working (turn {ev.turn})"
+        elif kind == "tool_called":
+            msg = f"{ev.agent} {ev.summary}"
+        elif kind == "answer":
+            msg = f"{ev.agent} answered {ev.label}: {_ascii(ev.content, 100)}"
+        elif kind == "vote":
+            msg = f"{ev.agent} voted for {ev.target}: {_ascii(ev.reason, 80)}"
+        elif kind == "agent_error":
+            msg = f"{ev.agent} error ({ev.kind}): {_ascii(ev.message, 160)}"
+        elif kind == "agent_failed":
+            msg = f"{ev.agent} FAILED ({ev.reason}): {_ascii(ev.message, 160)}"
+        elif kind == "winner":
+            msg = f"winner: {ev.winner} (votes {ev.votes}){' after a tie' if ev.tie else ''}"
+        elif kind == "model_call":
+            msg = f"{ev.agent} {ev.provider}/{ev.model} {ev.prompt_tokens}+{ev.completion_tokens} tokens {ev.latency_s:.2f}s"
+        if msg:
+            print(f"[{t:6.1f}s] {msg}", flush=True)
+
+    def progress(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    def finish(self, result: Any) -> None:
+        dur = result.duration_s or 0.0
+        final_text = ""
+        if result.answer_file:
+            try:
+                final_text = Path(result.answer_file).read_text(encoding="utf-8")
+            except OSError:
+                final_text = ""
+        if self.automation:
+            if result.exit_code == 0:
+                self.out(f"WINNER: {result.winner}")
+                self.out(f"DURATION: {dur:.1f}s")
+                self.out(f"ANSWER_FILE: {result.answer_file}")
+                self.out(f"ANSWER_PREVIEW: {_ascii(final_text[:200])}")
+                self.out(f"COMPLETED: {self.n_agents} agents, {dur:.1f}s total")
+            else:
+                head = {3: "TIMEOUT", 4: "INTERRUPTED"}.get(result.exit_code, "FAILED")
+                self.out(f"{head}: {result.reason}: {_ascii(result.detail, 300)}")
+            return
+        if result.exit_code == 0:
+            print(f"\nfinal answer ({result.winner}, {dur:.1f}s):\n\n{final_text.rstrip()}\n")
+            print(f"answer file: {result.answer_file}")
+        else:
+            print(f"\nrun ended: exit {result.exit_code} ({result.reason}): {result.detail}")
+        print(f"status:      {result.status_file}")
+
+    n_agents = 0
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _docker_runtime(image: str | None) -> tuple[Any, str]:
+    """The Docker runtime and the agent image, building what is missing (progress on stderr).
+
+    Raises:
+        SystemExit: preflight found a problem (exit 1 with the problems on stderr).
+    """
+    from .images import BuildError, ensure_images, preflight
+    from .runtime.base import RuntimeError_
+    from .runtime.docker import DockerRuntime
+
+    try:
+        runtime = DockerRuntime()
+    except RuntimeError_ as exc:
+        problems = preflight()
+        raise _PreflightFailed(problems or [str(exc)]) from exc
+    if image:
+        return runtime, image
+    problems = preflight(runtime)
+    if problems:
+        raise _PreflightFailed(problems)
+    try:
+        return runtime, ensure_images(runtime, progress=_stderr)
+    except (BuildError, RuntimeError_) as exc:
+        raise _PreflightFailed([f"image build failed: {exc}"]) from exc
+
+
+class _PreflightFailed(Exception):
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(problems))
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = _run_parser().parse_args(argv)
+    import asyncio
+    import signal
+
+    from agent_image.protocol.result import ExitCode
+
+    from .lifecycle import RunControl, RunExecution, RunRequest
+    from .runtime.local import LocalRuntime
+
+    printer = _Printer(args.automation)
+    logs_root = (args.logs_root or _default_logs_root()).absolute()
+    if args.sandbox == "none":
+        _stderr("warning: --sandbox none runs the agents' commands directly on this host, without isolation")
+        runtime: Any = LocalRuntime()
+        image = None
+    else:
+        try:
+            runtime, image = _docker_runtime(args.image)
+        except _PreflightFailed as exc:
+            _stderr("massgen-run: cannot start a sandbox:")
+            for p in exc.problems:
+                _stderr(f"  - {p}")
+            return int(ExitCode.CONFIG)
+    req = RunRequest(question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image)
+
+    class _L:
+        def prepared(self, paths: Any, config: Any, question: str) -> None:
+            printer.n_agents = len(config.agents) if config is not None else 0
+            printer.prepared(paths, config, question)
+
+        def event(self, ev: Any) -> None:
+            printer.event(ev)
+
+        def progress(self, message: str) -> None:
+            printer.progress(message)
+
+    async def main() -> Any:
+        control = RunControl()
+        loop = asyncio.get_running_loop()
+
+        def on_signal(name: str) -> None:
+            if control.interrupt.is_set():
+                control.force.set()  # second signal: no more grace
+            else:
+                control.interrupt_reason = f"interrupted by {name}"
+                control.interrupt.set()
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+        return await RunExecution(req, runtime, _L(), control).run()
+
+    result = asyncio.run(main())
+    printer.finish(result)
+    return int(result.exit_code)
+
+
+# -- ops verbs (read the log dirs; the daemon adds live control later) -----------------------
+
+
+def _runs(logs_root: Path) -> list[Path]:
+    if not logs_root.is_dir():
+        return []
+    return sorted((p for p in logs_root.iterdir() if p.name.startswith("log_") and p.is_dir()), key=lambda p: p.name)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _find_run(logs_root: Path, run: str) -> Path:
+    p = Path(run)
+    if p.is_dir() and (p / "status.json").exists():
+        return p
+    matches = [d for d in _runs(logs_root) if d.name == run or d.name.endswith(run)]
+    if len(matches) != 1:
+        raise SystemExit(f"massgen-run: {'no run' if not matches else 'more than one run'} matches {run!r} under {logs_root}")
+    return matches[0]
+
+
+def cmd_ps(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="massgen-run ps", description="List runs under the logs root.")
+    p.add_argument("--all", action="store_true", help="include finished runs")
+    p.add_argument("--json", action="store_true", help="one JSON array")
+    p.add_argument("--logs-root", type=Path, default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for d in _runs(args.logs_root or _default_logs_root()):
+        st = _read_json(d / "status.json") or {}
+        run = st.get("run", {})
+        if not args.all and run.get("state") == "finished":
+            continue
+        rows.append(
+            {
+                "run_id": d.name,
+                "state": run.get("state", "unknown"),
+                "phase": st.get("coordination", {}).get("phase"),
+                "exit_code": run.get("exit_code"),
+                "reason": run.get("reason"),
+                "elapsed_s": st.get("meta", {}).get("elapsed_seconds"),
+                "depth": run.get("depth", 0),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'RUN ID':40} {'STATE':9} {'PHASE':13} {'EXIT':>4} {'ELAPSED':>8}")
+    for r in rows:
+        ex = "" if r["exit_code"] is None else str(r["exit_code"])
+        el = "" if r["elapsed_s"] is None else f"{r['elapsed_s']:.1f}s"
+        print(f"{r['run_id']:40} {r['state']:9} {str(r['phase']):13} {ex:>4} {el:>8}")
+    return 0
+
+
+def cmd_status(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="massgen-run status", description="Show one run's status.json.")
+    p.add_argument("run", help="run id (or a unique suffix) or a log dir")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--logs-root", type=Path, default=None)
+    args = p.parse_args(argv)
+    d = _find_run(args.logs_root or _default_logs_root(), args.run)
+    st = _read_json(d / "status.json")
+    if st is None:
+        print(f"massgen-run: {d}/status.json is missing or unreadable", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    run, co, res = st["run"], st["coordination"], st["results"]
+    print(f"run:      {d.name}  state={run['state']} exit={run['exit_code']} reason={run['reason']}")
+    print(f"phase:    {co['phase']} {co['completion_percentage']}%")
+    for aid, a in st["agents"].items():
+        print(f"  {aid:16} {a['anon']:8} {a['status']:10} answers={a['answer_count']} turns={a['turns']}")
+    print(f"winner:   {res['winner']}")
+    return 0
+
+
+def cmd_logs(argv: list[str]) -> int:
+    import time
+
+    p = argparse.ArgumentParser(prog="massgen-run logs", description="Print a run's massgen.log.")
+    p.add_argument("run")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run finishes")
+    p.add_argument("--logs-root", type=Path, default=None)
+    args = p.parse_args(argv)
+    d = _find_run(args.logs_root or _default_logs_root(), args.run)
+    pos = 0
+    while True:
+        try:
+            with open(d / "massgen.log", "rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+                pos += len(chunk)
+                sys.stdout.write(chunk.decode("utf-8", "replace"))
+                sys.stdout.flush()
+        except FileNotFoundError:
+            pass
+        if not args.follow:
+            return 0
+        st = _read_json(d / "status.json") or {}
+        if st.get("run", {}).get("state") == "finished" and (d / "result.json").exists():
+            return 0
+        time.sleep(0.5)
+
+
+def cmd_image(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="massgen-run image", description="Build the sandbox images offline.")
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="build the base and agent images (what is missing)")
+    b.add_argument("--force", action="store_true", help="rebuild even when present")
+    args = p.parse_args(argv)
+    from .images import BuildError, ensure_images, preflight
+    from .runtime.base import RuntimeError_
+    from .runtime.docker import DockerRuntime
+
+    try:
+        runtime = DockerRuntime()
+    except RuntimeError_ as exc:
+        for prob in preflight() or [str(exc)]:
+            _stderr(f"massgen-run image build: {prob}")
+        return 1
+    problems = preflight(runtime)
+    if problems:
+        for prob in problems:
+            _stderr(f"massgen-run image build: {prob}")
+        return 1
+    try:
+        tag = ensure_images(runtime, progress=_stderr, force=args.force)
+    except (BuildError, RuntimeError_) as exc:
+        _stderr(f"massgen-run image build: {exc}")
+        return 2
+    print(tag)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in VERBS:
+        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs}[argv[0]](argv[1:])
+    return cmd_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

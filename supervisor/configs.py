@@ -1,0 +1,58 @@
+"""Find a run config: a file path or `@examples/NAME` from the bundled configs/ folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from agent_image.protocol.config import RunConfig
+from agent_image.protocol.loader import ConfigError, ConfigProblem, load_config
+
+
+def examples_dir() -> Path:
+    env = os.environ.get("MASSGEN_EXAMPLES_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "configs"
+
+
+def list_examples() -> dict[str, Path]:
+    root = examples_dir()
+    out: dict[str, Path] = {}
+    for p in sorted(root.rglob("*.yaml")):
+        rel = p.relative_to(root).with_suffix("").as_posix()
+        out[rel] = p
+        out.setdefault(p.stem, p)
+    return out
+
+
+def find_example(name: str) -> Path:
+    """`@examples/quickstart` or `@examples/meta/self_analysis`: exact names, never substrings.
+
+    Raises:
+        ConfigError: no such example, or the short name is ambiguous.
+    """
+    root = examples_dir()
+    name = name.removesuffix(".yaml")
+    exact = root / f"{name}.yaml"
+    if exact.is_file() and ".." not in Path(name).parts:
+        return exact
+    matches = sorted(p for p in root.rglob(f"{Path(name).name}.yaml") if p.stem == Path(name).name)
+    if len(matches) == 1:
+        return matches[0]
+    names = sorted({p.relative_to(root).with_suffix("").as_posix() for p in root.rglob("*.yaml")})
+    why = "is ambiguous" if matches else "not found"
+    raise ConfigError(
+        [ConfigProblem(f"@examples/{name}", "", None, f"example {why}; available: {', '.join(names)}")],
+        "config_missing",
+    )
+
+
+def resolve_config(source: str) -> tuple[RunConfig, dict[str, Any], str]:
+    """Load and validate a config.
+
+    Raises:
+        ConfigError: missing or invalid config (reason config_missing / config_invalid).
+    """
+    path = find_example(source.split("/", 1)[1]) if source.startswith("@examples/") else Path(source).expanduser()
+    config, raw = load_config(path)
+    return config, raw, str(path)

@@ -1,0 +1,353 @@
+"""One run from request to result.json: prepare, start the sandbox, follow, enforce, finalize."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_image.protocol.config import RunConfig
+from agent_image.protocol.loader import ConfigError, ConfigProblem, dump_config
+from agent_image.protocol.result import Reason, RunResult, exit_code_for
+from agent_image.protocol.spec import RunSpec
+from agent_image.protocol.status import ContainerSection, RunState
+
+from .configs import resolve_config
+from .logdir import RunPaths, atomic_write, create_run_dirs
+from .materializer import Materializer, OutboxTailer
+from .runtime.base import (
+    LABEL_DEADLINE,
+    LABEL_LOG_DIR,
+    LABEL_OWNER,
+    LABEL_PARENT,
+    LABEL_RUN,
+    LABEL_SUPERVISOR,
+    ImageMissing,
+    Mount,
+    Runtime,
+    RuntimeError_,
+    SandboxHandle,
+    SandboxSpec,
+)
+
+log = logging.getLogger(__name__)
+
+OUTBOX_IN_SANDBOX = "/run/massgen/outbox"
+CHILDREN_IN_SANDBOX = "/run/massgen/children"
+WORKSPACE_IN_SANDBOX = "/workspace"
+SANDBOX_UID = 10001
+POLL_S = 0.5
+REMOVE_TIMEOUT_S = 30.0
+KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    question: str
+    config_source: str  # a path or @examples/NAME
+    logs_root: Path
+    sandbox: str = "docker"  # "docker" | "none"
+    image: str | None = None
+    supervisor_id: str = "embedded"
+    parent_run_id: str | None = None
+    depth: int = 0
+
+
+@dataclass
+class RunControl:
+    """How a caller steers a running run: interrupt (graceful stop) and force (kill now)."""
+
+    interrupt: asyncio.Event = field(default_factory=asyncio.Event)
+    force: asyncio.Event = field(default_factory=asyncio.Event)
+    interrupt_reason: str = "interrupted"
+
+
+class Listener:
+    """Callbacks for a caller that prints progress (the CLI); all optional."""
+
+    def prepared(self, paths: RunPaths, config: RunConfig | None, question: str) -> None: ...
+
+    def event(self, ev: Any) -> None: ...
+
+    def progress(self, message: str) -> None: ...
+
+
+def _key_problems(config: RunConfig, source: str) -> list[ConfigProblem]:
+    problems = []
+    for i, agent in enumerate(config.agents):
+        names = KEY_VARS.get(agent.backend.type, ())
+        if names and not any(os.environ.get(n) for n in names):
+            problems.append(
+                ConfigProblem(source, f"agents.{i}.backend.type", None, f"backend {agent.backend.type!r} needs {' or '.join(names)} in the environment")
+            )
+    return problems
+
+
+def _context_paths(config: RunConfig, source: str) -> tuple[list[Path], list[ConfigProblem]]:
+    paths, problems = [], []
+    base = Path(source).parent if not source.startswith("@") else Path.cwd()
+    for i, cp in enumerate(config.orchestrator.context_paths):
+        p = Path(cp.path).expanduser()
+        p = (Path.cwd() / p) if not p.is_absolute() else p
+        if not p.exists():
+            problems.append(ConfigProblem(source, f"orchestrator.context_paths.{i}.path", None, f"path does not exist: {p}"))
+            continue
+        paths.append(p.resolve())
+    del base
+    return paths, problems
+
+
+def _container_section(facts: Any) -> ContainerSection:
+    return ContainerSection(
+        id=facts.id,
+        image=facts.image,
+        runtime=facts.runtime,
+        state=facts.state,
+        exit_code=facts.exit_code,
+        oom_killed=facts.oom_killed,
+        cpu_percent=facts.cpu_percent,
+        memory_bytes=facts.memory_bytes,
+        pids=facts.pids,
+    )
+
+
+class RunExecution:
+    """Executes one run; the owner of its sandbox from start until removal."""
+
+    def __init__(self, req: RunRequest, runtime: Runtime, listener: Listener | None = None, control: RunControl | None = None) -> None:
+        self.req = req
+        self.runtime = runtime
+        self.listener = listener or Listener()
+        self.control = control or RunControl()
+        self.paths: RunPaths | None = None
+        self.mat: Materializer | None = None
+
+    async def run(self) -> RunResult:
+        req = self.req
+        workspaces_root = req.logs_root.parent / "workspaces"
+        self.paths = paths = create_run_dirs(req.logs_root, workspaces_root)
+        self.mat = mat = Materializer(paths)
+        mat.set_run(state=RunState.STARTING, sandbox=req.sandbox, parent_run_id=req.parent_run_id, depth=req.depth)
+        mat.status.meta.question = req.question
+        mat.log(f"run {paths.run_id} prepared: sandbox={req.sandbox} config={req.config_source}")
+        try:
+            try:
+                config, raw, source = resolve_config(req.config_source)
+            except ConfigError as exc:
+                self.listener.prepared(paths, None, req.question)
+                for p in exc.problems:
+                    mat.log(f"config error: {p}", "error")
+                return self._end(exit_code_for(exc.reason), exc.reason, str(exc))
+            self.listener.prepared(paths, config, req.question)
+            atomic_write(paths.config, dump_config(raw))
+            contexts, problems = _context_paths(config, source)
+            if problems:
+                return self._end(exit_code_for(Reason.PATH_MISSING), Reason.PATH_MISSING, str(ConfigError(problems)))
+            if req.sandbox == "docker" and config.needs_models():
+                msg = f"{source}: backends {sorted(config.needs_models())} need the model gateway, which containers do not have yet; use --sandbox none"
+                return self._end(exit_code_for(Reason.CONFIG_INVALID), Reason.CONFIG_INVALID, msg)
+            key_problems = _key_problems(config, source)
+            if key_problems:
+                return self._end(exit_code_for(Reason.KEY_MISSING), Reason.KEY_MISSING, str(ConfigError(key_problems)))
+            return await self._execute(config, raw, contexts)
+        except asyncio.CancelledError:
+            self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, "cancelled before the run finished")
+            raise
+        finally:
+            mat.close()
+
+    def _end(self, code: int, reason: str, detail: str, container_exit: int | None = None) -> RunResult:
+        assert self.mat is not None
+        return self.mat.finalize(code, str(reason), detail, container_exit=container_exit)
+
+    def _sandbox_spec(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path], deadline: float) -> SandboxSpec:
+        req, paths = self.req, self.paths
+        assert paths is not None
+        labels = {
+            LABEL_OWNER: "1",
+            LABEL_SUPERVISOR: req.supervisor_id,
+            LABEL_RUN: paths.run_id,
+            LABEL_PARENT: req.parent_run_id or "",
+            LABEL_DEADLINE: f"{deadline:.3f}",
+            LABEL_LOG_DIR: str(paths.log_dir),
+        }
+        sb = config.sandbox
+        if req.sandbox == "none":
+            spec = RunSpec(
+                run_id=paths.run_id, question=req.question, config=raw, outbox=str(paths.sandbox),
+                workspace=str(paths.workspace), context_paths=[str(p) for p in contexts], sandbox="none",
+                deadline=deadline, parent_run_id=req.parent_run_id, depth=req.depth,
+            )
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            command: tuple[str, ...] = ("-m", "agent_image", "run-spec", str(paths.sandbox / "spec.json"))
+            mounts: tuple[Mount, ...] = ()
+            workdir = str(paths.workspace)
+            user = f"{os.getuid()}:{os.getgid()}"
+        else:
+            spec = RunSpec(
+                run_id=paths.run_id, question=req.question, config=raw, outbox=OUTBOX_IN_SANDBOX,
+                workspace=WORKSPACE_IN_SANDBOX, context_paths=[str(p) for p in contexts], sandbox="docker",
+                deadline=deadline, parent_run_id=req.parent_run_id, depth=req.depth,
+            )
+            env = {"MASSGEN_RUN_ID": paths.run_id, "MASSGEN_IN_SANDBOX": "1", "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+            command = ("python3", "-m", "agent_image", "run-spec", f"{OUTBOX_IN_SANDBOX}/spec.json")
+            mounts = (
+                Mount(paths.sandbox, OUTBOX_IN_SANDBOX, read_only=False),
+                Mount(paths.workspace, WORKSPACE_IN_SANDBOX, read_only=False),
+                Mount(paths.children, CHILDREN_IN_SANDBOX, read_only=True),
+                *(Mount(p, str(p), read_only=True) for p in contexts),
+            )
+            workdir = WORKSPACE_IN_SANDBOX
+            if os.getuid() == 0:
+                user = f"{SANDBOX_UID}:{SANDBOX_UID}"
+                for d in (paths.sandbox, paths.workspace):
+                    os.chown(d, SANDBOX_UID, SANDBOX_UID)
+            else:
+                user = f"{os.getuid()}:{os.getgid()}"
+        atomic_write(paths.sandbox / "spec.json", spec.model_dump_json())
+        if os.getuid() == 0 and req.sandbox == "docker":
+            os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
+        return SandboxSpec(
+            run_id=paths.run_id, image=req.image or "", command=command, mounts=mounts, env=env, labels=labels,
+            workdir=workdir, user=user, memory_bytes=sb.memory_bytes, nano_cpus=int(sb.cpus * 1e9),
+            pids_limit=sb.pids, network=sb.network, runtime=sb.runtime,
+        )
+
+    async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:
+        paths, mat, runtime = self.paths, self.mat, self.runtime
+        assert paths is not None and mat is not None
+        timeout = config.effective_timeout()
+        t0 = time.time()
+        deadline = t0 + timeout
+        grace = config.sandbox.stop_grace_seconds
+        spec = self._sandbox_spec(config, raw, contexts, deadline)
+        mat.set_run(deadline=deadline)
+        mat.write_status(force=True)
+        try:
+            handle = await asyncio.to_thread(runtime.start, spec)
+        except ImageMissing as exc:
+            return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
+        except RuntimeError_ as exc:
+            return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+        try:
+            return await self._follow(handle, deadline, grace)
+        finally:
+            # Whoever created the sandbox removes it, whatever happened above.
+            await asyncio.shield(self._remove(handle))
+
+    async def _remove(self, handle: SandboxHandle) -> None:
+        try:
+            await asyncio.wait_for(asyncio.to_thread(self.runtime.remove, handle), REMOVE_TIMEOUT_S)
+        except Exception as exc:  # noqa: BLE001 - log and move on; reconciliation reaps by label
+            log.warning("run_id=%s remove failed: %s", self.req, exc)
+
+    async def _follow(self, handle: SandboxHandle, deadline: float, grace: float) -> RunResult:
+        paths, mat, runtime, ctl = self.paths, self.mat, self.runtime, self.control
+        assert paths is not None and mat is not None
+        facts = await asyncio.to_thread(runtime.facts, handle)
+        mat.set_container(_container_section(facts))
+        mat.set_run(state=RunState.RUNNING)
+        mat.log(f"sandbox started: id={facts.id} image={facts.image} runtime={facts.runtime}")
+        mat.listeners.append(self.listener.event)
+        tailer = OutboxTailer(paths.sandbox / "events.jsonl")
+        wake = asyncio.Event()
+        observer = _watch(paths.sandbox, wake)
+        exit_task = asyncio.create_task(self._wait_exit(handle))
+        stop_task: asyncio.Task[None] | None = None
+        stopped_for: str | None = None
+        try:
+            while not exit_task.done():
+                remaining = deadline - time.time()
+                waits = [exit_task, asyncio.ensure_future(wake.wait()), asyncio.ensure_future(ctl.interrupt.wait())]
+                done, pending = await asyncio.wait(waits, timeout=max(0.0, min(POLL_S, remaining)), return_when=asyncio.FIRST_COMPLETED)
+                for p in waits[1:]:
+                    p.cancel()
+                wake.clear()
+                mat.drain(tailer)
+                mat.write_status()
+                if stop_task is None:
+                    if ctl.interrupt.is_set():
+                        stopped_for = ctl.interrupt_reason
+                    elif time.time() >= deadline:
+                        stopped_for = "timeout"
+                    if stopped_for is not None:
+                        mat.log(f"stopping sandbox: {stopped_for} (grace {grace:g}s)", "warning")
+                        stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, grace))
+                if ctl.force.is_set() and stop_task is not None:
+                    await asyncio.to_thread(runtime.kill, handle)
+            info = exit_task.result()
+        finally:
+            if observer is not None:
+                observer.stop()
+            if not exit_task.done():
+                exit_task.cancel()
+        if stop_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(stop_task, grace + 10)
+        mat.drain(tailer)
+        tailer.close()
+        output = await asyncio.to_thread(runtime.logs, handle)
+        if output.strip():
+            mat.log("---- sandbox output ----\n" + output.decode("utf-8", "replace").rstrip() + "\n---- end of sandbox output ----")
+        facts = await asyncio.to_thread(runtime.facts, handle)
+        mat.set_container(_container_section(facts))
+        code, reason, detail = self._verdict(info, facts, stopped_for)
+        return self._end(code, reason, detail, container_exit=info.exit_code)
+
+    async def _wait_exit(self, handle: SandboxHandle) -> Any:
+        while True:
+            info = await asyncio.to_thread(self.runtime.wait, handle, 5.0)
+            if info is not None:
+                return info
+
+    def _verdict(self, info: Any, facts: Any, stopped_for: str | None) -> tuple[int, str, str]:
+        mat = self.mat
+        assert mat is not None
+        fin = mat.finished_event
+        if stopped_for == "timeout":
+            if fin is not None and fin.reason == Reason.TIMEOUT:
+                return fin.exit_code, fin.reason, fin.detail
+            return exit_code_for(Reason.TIMEOUT), Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor"
+        if stopped_for is not None:
+            return exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"stopped: {stopped_for}"
+        if fin is not None:
+            return fin.exit_code, fin.reason, fin.detail
+        if info.oom_killed or facts.oom_killed:
+            return exit_code_for(Reason.OOM), Reason.OOM, f"sandbox killed for exceeding its memory limit (exit {info.exit_code})"
+        return (
+            exit_code_for(Reason.CONTAINER_CRASHED),
+            Reason.CONTAINER_CRASHED,
+            f"sandbox exited with code {info.exit_code} before the run finished",
+        )
+
+
+def _watch(directory: Path, wake: asyncio.Event) -> Any:
+    """Wake the follower when the outbox changes (watchdog); the poll timeout is the fallback."""
+    try:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+    except ImportError:  # pragma: no cover - watchdog is a dependency; the poll still works
+        return None
+    loop = asyncio.get_running_loop()
+
+    class _Handler(FileSystemEventHandler):
+        def on_any_event(self, event: Any) -> None:
+            loop.call_soon_threadsafe(wake.set)
+
+    observer = Observer()
+    try:
+        observer.schedule(_Handler(), str(directory), recursive=False)
+        observer.daemon = True
+        observer.start()
+    except OSError as exc:  # inotify limits: fall back to polling
+        print(f"warning: file watching unavailable ({exc}); polling", file=sys.stderr)
+        return None
+    return observer

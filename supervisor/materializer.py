@@ -1,0 +1,263 @@
+"""The host-side single writer of a run's log dir: validates events and materializes them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from agent_image.protocol.events import (
+    MAX_EVENT_BYTES,
+    AnswerSubmitted,
+    Event,
+    FinalAnswer,
+    LogLine,
+    RunFinished,
+    RunStarted,
+    parse_event,
+)
+from agent_image.protocol.reducer import StatusReducer
+from agent_image.protocol.result import RunResult
+from agent_image.protocol.status import ContainerSection, RunState, Status
+
+from .logdir import LABEL_RE, SAFE_NAME_RE, RunPaths, atomic_write, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+MIN_STATUS_INTERVAL_S = 0.25
+MAX_STATUS_INTERVAL_S = 2.0
+READ_CHUNK = 1 << 20
+
+
+class OutboxTailer:
+    """Reads new complete lines of the sandbox's events file from a saved offset.
+
+    The file lives in a directory the sandbox can write, so it is untrusted: opened with
+    O_NOFOLLOW|O_NONBLOCK and accepted only if it is a regular file; the descriptor is kept,
+    so replacing the file with a symlink later changes nothing for us.
+    """
+
+    def __init__(self, path: Path, offset: int = 0, max_line: int = MAX_EVENT_BYTES) -> None:
+        self.path = path
+        self.offset = offset
+        self.max_line = max_line
+        self._fd: int | None = None
+        self._buf = b""
+        self._skipping = False
+        self.warnings: list[str] = []
+
+    def _open(self) -> bool:
+        if self._fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:  # ELOOP: a symlink was planted
+            self.warnings.append(f"refusing outbox events file: {exc.strerror}")
+            return False
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            self.warnings.append("refusing outbox events file: not a regular file")
+            return False
+        self._fd = fd
+        return True
+
+    def read_lines(self) -> list[bytes]:
+        if not self._open():
+            return []
+        assert self._fd is not None
+        lines: list[bytes] = []
+        while True:
+            chunk = os.pread(self._fd, READ_CHUNK, self.offset)
+            if not chunk:
+                break
+            self.offset += len(chunk)
+            data = self._buf + chunk
+            parts = data.split(b"\n")
+            self._buf = parts.pop()
+            for part in parts:
+                if self._skipping:
+                    self._skipping = False  # the tail of an oversized line
+                    continue
+                if len(part) > self.max_line:
+                    self.warnings.append(f"dropped an oversized event line ({len(part)} bytes)")
+                    continue
+                lines.append(part)
+            if len(self._buf) > self.max_line:
+                self.warnings.append(f"dropped an oversized event line (>{self.max_line} bytes)")
+                self._buf = b""
+                self._skipping = True
+        return lines
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Materializer:
+    """Turns validated events into status.json, answers, final/, massgen.log and result.json."""
+
+    def __init__(self, paths: RunPaths, *, clock: Callable[[], float] = time.time) -> None:
+        self.paths = paths
+        self.clock = clock
+        self.reducer = StatusReducer(paths.run_id, str(paths.log_dir))
+        self.status.run.state = RunState.STARTING
+        self._events = open(paths.events, "ab")  # noqa: SIM115 - kept open for the run's life
+        self._log = open(paths.log, "a", encoding="utf-8")  # noqa: SIM115
+        self._agents: set[str] = set()
+        self._last_seq = -1
+        self._dirty = True
+        self._last_write = 0.0
+        self.finished_event: RunFinished | None = None
+        self.final_file: Path | None = None
+        self.event_count = 0
+        self.listeners: list[Callable[[Event], None]] = []
+
+    @property
+    def status(self) -> Status:
+        return self.reducer.status
+
+    # -- logging -------------------------------------------------------------------------
+
+    def log(self, message: str, level: str = "info", ts: float | None = None) -> None:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or self.clock()))
+        for line in message.splitlines() or [""]:
+            self._log.write(f"{stamp} {level.upper():7} {line}\n")
+        self._log.flush()
+
+    # -- events ----------------------------------------------------------------------------
+
+    def feed(self, raw: bytes) -> Event | None:
+        """Validate and apply one line; malformed lines become warnings, never exceptions."""
+        if not raw.strip():
+            return None
+        try:
+            ev = parse_event(raw)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            self.log(f"ignored malformed event line: {where}: {first['msg']}", "warning")
+            return None
+        if ev.seq <= self._last_seq:
+            return None  # already seen (replay after restart)
+        if ev.seq != self._last_seq + 1:
+            self.log(f"event sequence gap: expected {self._last_seq + 1}, got {ev.seq}", "warning")
+        self._last_seq = ev.seq
+        self._events.write(raw.rstrip(b"\n") + b"\n")
+        self._events.flush()
+        self.event_count += 1
+        self._side_effects(ev)
+        self.reducer.apply(ev)
+        self._dirty = True
+        for fn in self.listeners:
+            fn(ev)
+        return ev
+
+    def _side_effects(self, ev: Event) -> None:
+        if isinstance(ev, RunStarted):
+            self._agents = {a.id for a in ev.agents if SAFE_NAME_RE.match(a.id)}
+            self.log(f"run started: question={ev.question[:200]!r}", ts=ev.ts)
+        elif isinstance(ev, AnswerSubmitted):
+            if ev.agent in self._agents and LABEL_RE.match(ev.label):
+                target = self.paths.answer_file(ev.agent, ev.label)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, ev.content)
+            else:
+                self.log(f"answer from unknown agent/label {ev.agent!r}/{ev.label!r} not written", "warning")
+        elif isinstance(ev, FinalAnswer):
+            if ev.agent in self._agents:
+                target = self.paths.final_file(ev.agent)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(target, ev.content)
+                self.final_file = target
+                self.status.results.answer_file = str(target)
+        elif isinstance(ev, LogLine):
+            self.log(ev.message, ev.level, ts=ev.ts)
+        elif isinstance(ev, RunFinished):
+            self.finished_event = ev
+
+    def drain(self, tailer: OutboxTailer) -> int:
+        n = 0
+        for line in tailer.read_lines():
+            if self.feed(line) is not None:
+                n += 1
+        for w in tailer.warnings:
+            self.log(w, "warning")
+        tailer.warnings.clear()
+        return n
+
+    # -- supervisor facts --------------------------------------------------------------------
+
+    def set_run(self, **fields: object) -> None:
+        for k, v in fields.items():
+            setattr(self.status.run, k, v)
+        self._dirty = True
+
+    def set_container(self, section: ContainerSection) -> None:
+        self.status.container = section
+        self._dirty = True
+
+    # -- status.json -------------------------------------------------------------------------
+
+    def write_status(self, *, force: bool = False) -> bool:
+        """Coalesced: at most one write per 0.25 s, at least one per 2 s while running."""
+        now = self.clock()
+        since = now - self._last_write
+        if not force:
+            if since < MIN_STATUS_INTERVAL_S:
+                return False
+            if not self._dirty and since < MAX_STATUS_INTERVAL_S:
+                return False
+        st = self.status
+        st.meta.last_updated = now
+        if st.meta.start_time is not None and st.run.state != RunState.FINISHED:
+            st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
+        atomic_write_json(self.paths.status, st.model_dump(mode="json"))
+        self._last_write = now
+        self._dirty = False
+        return True
+
+    def finalize(self, exit_code: int, reason: str, detail: str, *, container_exit: int | None = None) -> RunResult:
+        """Record the run's end in status.json and result.json (called exactly once)."""
+        now = self.clock()
+        ev = self.finished_event
+        if ev is None or (ev.exit_code, ev.reason) != (exit_code, reason):
+            # The supervisor's verdict (deadline, interrupt, crash) overrides or completes the
+            # engine's; it goes to status, never into events.jsonl (that holds only what the sandbox wrote).
+            self.reducer.apply(RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail))
+        st = self.status
+        if st.meta.start_time is not None:
+            st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
+        winner = st.results.winner if exit_code == 0 else None
+        started = st.run.started_at
+        result = RunResult(
+            run_id=self.paths.run_id,
+            exit_code=exit_code,
+            reason=reason,
+            detail=detail,
+            winner=winner,
+            answer_file=str(self.final_file) if (self.final_file and exit_code == 0) else None,
+            status_file=str(self.paths.status),
+            log_dir=str(self.paths.log_dir),
+            started_at=started,
+            finished_at=now,
+            duration_s=round(now - started, 3) if started else None,
+            container_exit_code=container_exit,
+            container_id=st.container.id if st.container else None,
+        )
+        self.log(f"run finished: exit_code={exit_code} reason={reason} {detail}".rstrip())
+        self.write_status(force=True)
+        atomic_write_json(self.paths.result, json.loads(result.model_dump_json()))
+        return result
+
+    def close(self) -> None:
+        self._events.close()
+        self._log.close()
