@@ -164,7 +164,6 @@ class Materializer:
     def _side_effects(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
             self._agents = {a.id for a in ev.agents if SAFE_NAME_RE.match(a.id)}
-            self.log(f"run started: question={ev.question[:200]!r}", ts=ev.ts)
         elif isinstance(ev, AnswerSubmitted):
             if ev.agent in self._agents and LABEL_RE.match(ev.label):
                 target = self.paths.answer_file(ev.agent, ev.label)

@@ -29,13 +29,13 @@ class EventWriter:
         if path is not None:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
 
-    def emit(self, kind: type[Any], **fields: Any) -> Event:
+    def emit(self, event_type: type[Any], /, **fields: Any) -> Event:
         with self._lock:
-            ev = kind(seq=self._seq, ts=self._clock.now(), **fields)
+            ev = event_type(seq=self._seq, ts=self._clock.now(), **fields)
             line = ev.model_dump_json().encode() + b"\n"
             if len(line) > MAX_EVENT_BYTES:
                 # Never let one oversized payload (a huge answer) poison the stream.
-                ev = self._shrink(kind, fields, len(line))
+                ev = self._shrink(event_type, fields)
                 line = ev.model_dump_json().encode() + b"\n"
             self._seq += 1
             if self._fd is not None:
@@ -43,14 +43,14 @@ class EventWriter:
             self.events.append(EVENT_ADAPTER.validate_python(ev))
             return ev
 
-    def _shrink(self, kind: type[Any], fields: dict[str, Any], size: int) -> Any:
+    def _shrink(self, event_type: type[Any], fields: dict[str, Any]) -> Any:
         budget = MAX_EVENT_BYTES // 2
         trimmed = dict(fields)
         for key in ("content", "message", "reason", "detail", "summary"):
             val = trimmed.get(key)
             if isinstance(val, str) and len(val) > budget:
                 trimmed[key] = val[:budget] + f"\n[truncated: {len(val)} chars in total]"
-        return kind(seq=self._seq, ts=self._clock.now(), **trimmed)
+        return event_type(seq=self._seq, ts=self._clock.now(), **trimmed)
 
     def log(self, message: str, level: str = "info") -> None:
         self.emit(LogLine, level=level, message=message[:8000])
