@@ -262,7 +262,7 @@ class ToolBox:
             return await handler(args)
         except (_BadArguments, FileToolError) as exc:
             return _failure(name, str(exc))
-        except UnicodeError as exc:
+        except UnicodeEncodeError as exc:
             # JSON allows lone surrogates ("\ud800"); no file or argv can hold them.
             return _failure(name, f"argument text cannot be encoded as UTF-8: {exc.reason}")
         except OSError as exc:
