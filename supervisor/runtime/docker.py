@@ -1,0 +1,572 @@
+"""The Docker implementation of the runtime seam: the only supervisor module that imports docker."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import docker.types
+import requests.exceptions
+
+from supervisor.runtime.base import (
+    LABEL_OWNER,
+    LABEL_RUN,
+    ExitInfo,
+    ImageMissing,
+    RuntimeError_,
+    RuntimeUnavailable,
+    SandboxFacts,
+    SandboxHandle,
+    SandboxSpec,
+    SandboxStartFailed,
+)
+
+__all__ = ["DockerHandle", "DockerRuntime", "ImageBuildFailed", "RuntimeCallFailed"]
+
+log = logging.getLogger(__name__)
+
+_OWNER_VALUE = "1"
+# Reported when the engine can no longer tell an exit code (the container vanished).
+_UNKNOWN_EXIT = -1
+
+
+class RuntimeCallFailed(RuntimeError_):
+    """The engine answered but refused or failed an operation on an existing sandbox or image."""
+
+    def __init__(self, op: str, target: str, detail: str) -> None:
+        self.op = op
+        self.target = target
+        self.detail = detail
+        super().__init__(f"op={op} target={target} failed: {detail}")
+
+
+class ImageBuildFailed(RuntimeError_):
+    """`docker build` (or import) of an image failed; `log_tail` holds the last build output."""
+
+    def __init__(self, tag: str, detail: str, log_tail: str = "") -> None:
+        self.tag = tag
+        self.detail = detail
+        self.log_tail = log_tail
+        super().__init__(f"image={tag} build failed: {detail}")
+
+
+@dataclass
+class DockerHandle:
+    """A started sandbox; `id` is the full container id."""
+
+    id: str
+
+
+def _is_read_timeout(exc: BaseException) -> bool:
+    # Over the unix-socket adapter a read timeout can surface as ConnectionError wrapping
+    # urllib3's ReadTimeoutError instead of requests' ReadTimeout.
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return True
+    return "read timed out" in str(exc).lower()
+
+
+def _explain(exc: Exception) -> str:
+    explanation = getattr(exc, "explanation", None)
+    return str(explanation or exc).strip() or type(exc).__name__
+
+
+class DockerRuntime:
+    """`Runtime` over the Docker Engine API, plus the image operations the builder needs.
+
+    The client is created on first use so that constructing the runtime never needs an engine;
+    every engine call is bounded by `timeout` seconds (long waits pass their own bound).
+    """
+
+    name = "docker"
+
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        *,
+        timeout: float = 60.0,
+        max_pool_size: int = 32,
+        environment: Mapping[str, str] | None = None,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout
+        self._max_pool_size = max_pool_size
+        self._environment = dict(environment) if environment is not None else None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_env(cls, *, timeout: float = 60.0) -> DockerRuntime:
+        """A runtime for the engine named by DOCKER_HOST (default: the local unix socket)."""
+        return cls(timeout=timeout)
+
+    # -- plumbing ---------------------------------------------------------------------------
+
+    @property
+    def _docker(self) -> docker.DockerClient:
+        with self._lock:
+            if self._client is None:
+                try:
+                    self._client = docker.from_env(
+                        timeout=int(math.ceil(self._timeout)),
+                        max_pool_size=self._max_pool_size,
+                        environment=self._environment,
+                    )
+                except docker.errors.DockerException as exc:
+                    raise RuntimeUnavailable(_explain(exc)) from exc
+            return self._client
+
+    @property
+    def _api(self) -> docker.APIClient:
+        return self._docker.api
+
+    @contextmanager
+    def _engine(self, op: str, target: str) -> Iterator[None]:
+        """Map engine-level failures of one call to our errors; callers handle NotFound first."""
+        try:
+            yield
+        except RuntimeError_:
+            raise
+        except docker.errors.APIError as exc:
+            raise RuntimeCallFailed(op, target, _explain(exc)) from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise RuntimeUnavailable(f"op={op} target={target}: {_explain(exc)}") from exc
+
+    def ping(self) -> None:
+        """Check that the engine answers.
+
+        Raises:
+            RuntimeUnavailable: it does not.
+        """
+        with self._engine("ping", "engine"):
+            self._api.ping()
+
+    def available_runtimes(self) -> frozenset[str]:
+        """OCI runtimes the engine has registered (e.g. runc, runsc)."""
+        with self._engine("info", "engine"):
+            info = self._api.info()
+        return frozenset((info.get("Runtimes") or {}).keys())
+
+    # -- Runtime protocol -------------------------------------------------------------------
+
+    def start(self, spec: SandboxSpec) -> DockerHandle:
+        """Create and start a hardened container for `spec` (DESIGN 4.3).
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            ImageMissing: the image does not exist locally (nothing is ever pulled).
+            SandboxStartFailed: the engine refused to create or start the container.
+        """
+        labels = dict(spec.labels)
+        labels[LABEL_OWNER] = _OWNER_VALUE
+        labels.setdefault(LABEL_RUN, spec.run_id)
+        mounts = [
+            docker.types.Mount(
+                target=m.target, source=str(m.source), type="bind", read_only=m.read_only
+            )
+            for m in spec.mounts
+        ]
+        tmpfs_opts = f"rw,nosuid,nodev,size={spec.tmpfs_bytes},mode=1777"
+        kwargs: dict[str, Any] = {
+            "image": spec.image,
+            "command": list(spec.command),
+            "user": spec.user,
+            "working_dir": spec.workdir,
+            "environment": dict(spec.env),
+            "labels": labels,
+            "mounts": mounts,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "read_only": True,
+            "tmpfs": {"/tmp": tmpfs_opts},
+            "init": True,
+            "pids_limit": spec.pids_limit,
+            "mem_limit": spec.memory_bytes,
+            # Equal to mem_limit: no swap, so a memory hog is OOM-killed instead of thrashing.
+            "memswap_limit": spec.memory_bytes,
+            "nano_cpus": spec.nano_cpus,
+            "network_mode": spec.network,
+            "runtime": spec.runtime,
+            "auto_remove": False,
+        }
+        try:
+            container = self._docker.containers.create(**kwargs)
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(spec.image) from exc
+        except docker.errors.APIError as exc:
+            raise SandboxStartFailed(spec.run_id, f"create: {_explain(exc)}") from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise RuntimeUnavailable(_explain(exc)) from exc
+        handle = DockerHandle(container.id)
+        try:
+            with self._engine("start", handle.id):
+                container.start()
+        except RuntimeError_ as exc:
+            # A created-but-never-started container would only be found later by label; drop it.
+            self._remove_quietly(handle)
+            if isinstance(exc, RuntimeCallFailed):
+                raise SandboxStartFailed(spec.run_id, f"start: {exc.detail}") from exc
+            raise
+        log.info("sandbox started run_id=%s container=%s", spec.run_id, handle.id[:12])
+        return handle
+
+    def wait(self, handle: SandboxHandle, timeout: float) -> ExitInfo | None:
+        """Wait up to `timeout` seconds for the sandbox to exit; None while it still runs.
+
+        A sandbox removed behind our back reports exit code -1 with an `error`.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        error: str | None = None
+        if timeout > 0:
+            try:
+                result = self._api.wait(handle.id, timeout=timeout)
+            except docker.errors.NotFound:
+                return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
+            except docker.errors.APIError as exc:
+                raise RuntimeCallFailed("wait", handle.id, _explain(exc)) from exc
+            except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+                if _is_read_timeout(exc):
+                    return None
+                raise RuntimeUnavailable(f"op=wait target={handle.id}: {_explain(exc)}") from exc
+            err = (result or {}).get("Error") or {}
+            error = err.get("Message") or None
+        state = self._inspect_state(handle)
+        if state is None:
+            return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
+        if state.get("Running") or state.get("Status") in ("created", "restarting"):
+            return None
+        return ExitInfo(
+            exit_code=int(state.get("ExitCode", _UNKNOWN_EXIT)),
+            oom_killed=bool(state.get("OOMKilled", False)),
+            error=error or (state.get("Error") or None),
+        )
+
+    def stop(self, handle: SandboxHandle, grace: float) -> None:
+        """SIGTERM to the sandbox's init (which forwards it), SIGKILL after `grace` seconds.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused.
+        """
+        # The engine takes whole seconds; rounding up never kills earlier than asked.
+        seconds = max(0, math.ceil(grace))
+        try:
+            with self._engine("stop", handle.id):
+                self._api.stop(handle.id, timeout=seconds)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return
+            raise
+
+    def kill(self, handle: SandboxHandle) -> None:
+        """SIGKILL the sandbox; a sandbox that is already stopped or gone is fine.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused.
+        """
+        try:
+            with self._engine("kill", handle.id):
+                self._api.kill(handle.id)
+        except RuntimeCallFailed as exc:
+            if _gone(exc) or "is not running" in exc.detail:
+                return
+            raise
+
+    def remove(self, handle: SandboxHandle) -> None:
+        """Force-remove the sandbox; never raises if it is already gone.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused.
+        """
+        try:
+            with self._engine("remove", handle.id):
+                self._api.remove_container(handle.id, force=True, v=True)
+        except RuntimeCallFailed as exc:
+            # "removal already in progress" is a 409 that means the same as success here.
+            if _gone(exc) or "already in progress" in exc.detail:
+                return
+            raise
+
+    def logs(self, handle: SandboxHandle) -> bytes:
+        """stdout and stderr of the sandbox so far, interleaved; empty if it is gone.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        try:
+            with self._engine("logs", handle.id):
+                out = self._api.logs(handle.id, stdout=True, stderr=True, stream=False)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return b""
+            raise
+        return out if isinstance(out, bytes) else bytes(out)
+
+    def facts(self, handle: SandboxHandle, *, stats: bool = False) -> SandboxFacts:
+        """Inspect the sandbox; with `stats`, add one stats sample (takes about a second).
+
+        A removed sandbox reports state "removed".
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        try:
+            with self._engine("inspect", handle.id):
+                info = self._api.inspect_container(handle.id)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return SandboxFacts(id=handle.id, image="", runtime="", state="removed")
+            raise
+        facts = _facts_from_inspect(info)
+        if not stats or facts.state != "running":
+            return facts
+        sample = self._stats_sample(handle)
+        if sample is None:
+            return facts
+        return SandboxFacts(
+            id=facts.id,
+            image=facts.image,
+            runtime=facts.runtime,
+            state=facts.state,
+            exit_code=facts.exit_code,
+            oom_killed=facts.oom_killed,
+            cpu_percent=_cpu_percent(sample),
+            memory_bytes=_memory_bytes(sample),
+            pids=(sample.get("pids_stats") or {}).get("current"),
+            labels=facts.labels,
+        )
+
+    def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
+        """Sandboxes (any state) carrying the owner label and all of `labels`; never by name.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        wanted = {**labels, LABEL_OWNER: _OWNER_VALUE}
+        filters = {"label": [f"{k}={v}" for k, v in sorted(wanted.items())]}
+        with self._engine("list", "containers"):
+            rows = self._api.containers(all=True, filters=filters)
+        found = []
+        for row in rows:
+            facts = self.facts(DockerHandle(row["Id"]))
+            if facts.state != "removed":
+                found.append(facts)
+        return found
+
+    # -- images -----------------------------------------------------------------------------
+
+    def image_exists(self, tag: str) -> bool:
+        """Whether `tag` exists locally.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        return self.image_labels(tag) is not None
+
+    def image_labels(self, tag: str) -> dict[str, str] | None:
+        """The labels of image `tag`, or None when it does not exist locally.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        try:
+            with self._engine("inspect-image", tag):
+                info = self._api.inspect_image(tag)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return None
+            raise
+        return dict((info.get("Config") or {}).get("Labels") or {})
+
+    def build_image(
+        self,
+        context_dir: Path,
+        tag: str,
+        buildargs: Mapping[str, str] | None = None,
+        dockerfile: str = "Dockerfile",
+        *,
+        nocache: bool = False,
+        labels: Mapping[str, str] | None = None,
+        on_line: Callable[[str], None] | None = None,
+        timeout: float = 1800.0,
+    ) -> str:
+        """Build `context_dir` into `tag` with the build's network off; returns the image id.
+
+        Nothing is pulled: the FROM image must exist locally. `on_line` gets every build
+        output line; `timeout` bounds the silence between two lines.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            ImageBuildFailed: a build step failed.
+        """
+        tail: list[str] = []
+        image_id = ""
+        try:
+            stream = self._api.build(
+                path=str(context_dir),
+                tag=tag,
+                dockerfile=dockerfile,
+                buildargs=dict(buildargs or {}),
+                labels=dict(labels or {}),
+                network_mode="none",
+                pull=False,
+                rm=True,
+                forcerm=True,
+                nocache=nocache,
+                decode=True,
+                timeout=int(math.ceil(timeout)),
+            )
+            for chunk in stream:
+                if "error" in chunk or "errorDetail" in chunk:
+                    detail = (chunk.get("errorDetail") or {}).get("message") or chunk.get("error")
+                    raise ImageBuildFailed(tag, str(detail).strip(), "".join(tail[-40:]))
+                if "aux" in chunk and "ID" in chunk["aux"]:
+                    image_id = chunk["aux"]["ID"]
+                text = chunk.get("stream")
+                if text:
+                    tail.append(text)
+                    del tail[:-200]
+                    if on_line is not None:
+                        for line in text.splitlines():
+                            if line.strip():
+                                on_line(line.rstrip())
+        except ImageBuildFailed:
+            raise
+        except docker.errors.APIError as exc:
+            raise ImageBuildFailed(tag, _explain(exc), "".join(tail[-40:])) from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise RuntimeUnavailable(f"op=build target={tag}: {_explain(exc)}") from exc
+        if not image_id:
+            labels_now = self.image_labels(tag)
+            if labels_now is None:
+                raise ImageBuildFailed(tag, "build ended without an image", "".join(tail[-40:]))
+        return image_id
+
+    def import_rootfs(self, tar_path: Path, tag: str, changes: Sequence[str] = ()) -> None:
+        """`docker import` a root filesystem tarball as `tag`, applying Dockerfile `changes`.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            ImageBuildFailed: the engine rejected the tarball.
+        """
+        repository, _, version = tag.rpartition(":")
+        if not repository or "/" in version:
+            repository, version = tag, "latest"
+        try:
+            self._api.import_image(
+                src=str(tar_path),
+                repository=repository,
+                tag=version,
+                changes=list(changes) or None,
+            )
+        except docker.errors.APIError as exc:
+            raise ImageBuildFailed(tag, f"import {tar_path}: {_explain(exc)}") from exc
+        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
+            raise RuntimeUnavailable(f"op=import target={tag}: {_explain(exc)}") from exc
+        if not self.image_exists(tag):
+            raise ImageBuildFailed(tag, f"import of {tar_path} produced no image")
+
+    def remove_image(self, tag: str, *, force: bool = False) -> None:
+        """Remove image `tag`; a missing image is fine.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused (e.g. a container still uses it).
+        """
+        try:
+            with self._engine("remove-image", tag):
+                self._api.remove_image(tag, force=force)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return
+            raise
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _inspect_state(self, handle: SandboxHandle) -> dict[str, Any] | None:
+        try:
+            with self._engine("inspect", handle.id):
+                info = self._api.inspect_container(handle.id)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return None
+            raise
+        return dict(info.get("State") or {})
+
+    def _stats_sample(self, handle: SandboxHandle) -> dict[str, Any] | None:
+        # stream=False without one_shot makes the engine take two readings (about 1 s apart),
+        # which fills precpu_stats so a cpu percentage can be computed.
+        try:
+            with self._engine("stats", handle.id):
+                sample = self._api.stats(handle.id, stream=False)
+        except RuntimeCallFailed as exc:
+            if _gone(exc):
+                return None
+            raise
+        return sample if isinstance(sample, dict) else None
+
+    def _remove_quietly(self, handle: SandboxHandle) -> None:
+        try:
+            self.remove(handle)
+        except RuntimeError_ as exc:
+            log.warning("cleanup failed container=%s error=%s", handle.id[:12], exc)
+
+
+def _gone(exc: RuntimeCallFailed) -> bool:
+    cause = exc.__cause__
+    if isinstance(cause, docker.errors.NotFound):
+        return True
+    return isinstance(cause, docker.errors.APIError) and cause.status_code == 404
+
+
+def _facts_from_inspect(info: Mapping[str, Any]) -> SandboxFacts:
+    state = info.get("State") or {}
+    config = info.get("Config") or {}
+    host = info.get("HostConfig") or {}
+    status = str(state.get("Status") or "unknown")
+    exit_code = state.get("ExitCode") if status in ("exited", "dead") else None
+    return SandboxFacts(
+        id=str(info.get("Id", "")),
+        image=str(config.get("Image") or info.get("Image") or ""),
+        runtime=str(host.get("Runtime") or ""),
+        state=status,
+        exit_code=int(exit_code) if exit_code is not None else None,
+        oom_killed=bool(state.get("OOMKilled", False)),
+        labels=dict(config.get("Labels") or {}),
+    )
+
+
+def _cpu_percent(sample: Mapping[str, Any]) -> float | None:
+    cpu = sample.get("cpu_stats") or {}
+    pre = sample.get("precpu_stats") or {}
+    try:
+        cpu_delta = cpu["cpu_usage"]["total_usage"] - pre["cpu_usage"]["total_usage"]
+        system_delta = cpu["system_cpu_usage"] - pre["system_cpu_usage"]
+    except (KeyError, TypeError):
+        return None
+    if system_delta <= 0 or cpu_delta < 0:
+        return None
+    online = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or ()) or 1
+    return round(cpu_delta / system_delta * online * 100.0, 2)
+
+
+def _memory_bytes(sample: Mapping[str, Any]) -> int | None:
+    mem = sample.get("memory_stats") or {}
+    usage = mem.get("usage")
+    if usage is None:
+        return None
+    extra = mem.get("stats") or {}
+    # Same as `docker stats`: page cache is reclaimable, so it is not the sandbox's footprint
+    # (cgroup v1 reports it as total_inactive_file, v2 as inactive_file).
+    cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
+    return max(0, int(usage) - int(cache))
