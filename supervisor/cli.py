@@ -45,14 +45,18 @@ def _run_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("question", help="the question for the agents")
     p.add_argument("--config", required=True, help="config file, or @examples/NAME (see configs/)")
-    p.add_argument("--automation", action="store_true", help="print ~10 parseable lines (LOG_DIR first) and nothing else")
+    p.add_argument(
+        "--automation", action="store_true", help="print ~10 parseable lines (LOG_DIR first) and nothing else"
+    )
     p.add_argument(
         "--sandbox",
         choices=("docker", "none"),
         default=os.environ.get("MASSGEN_SANDBOX", "docker"),
         help="docker (default): the run gets its own container; none: run on this host, unisolated",
     )
-    p.add_argument("--logs-root", type=Path, default=None, help="where log dirs go (default ./.massgen/runs or $MASSGEN_LOGS_ROOT)")
+    p.add_argument(
+        "--logs-root", type=Path, default=None, help="where log dirs go (default ./.massgen/runs or $MASSGEN_LOGS_ROOT)"
+    )
     p.add_argument("--image", default=None, help="agent image to use (default: built automatically)")
     return p
 
@@ -202,7 +206,9 @@ def cmd_run(argv: list[str]) -> int:
             for p in exc.problems:
                 _stderr(f"  - {p}")
             return int(ExitCode.CONFIG)
-    req = RunRequest(question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image)
+    req = RunRequest(
+        question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image
+    )
 
     class _L:
         def prepared(self, paths: Any, config: Any, question: str) -> None:
@@ -258,7 +264,9 @@ def _find_run(logs_root: Path, run: str) -> Path:
         return p
     matches = [d for d in _runs(logs_root) if d.name == run or d.name.endswith(run)]
     if len(matches) != 1:
-        raise SystemExit(f"massgen-run: {'no run' if not matches else 'more than one run'} matches {run!r} under {logs_root}")
+        raise SystemExit(
+            f"massgen-run: {'no run' if not matches else 'more than one run'} matches {run!r} under {logs_root}"
+        )
     return matches[0]
 
 

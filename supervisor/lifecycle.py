@@ -8,7 +8,6 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,7 +84,12 @@ def _key_problems(config: RunConfig, source: str) -> list[ConfigProblem]:
         names = KEY_VARS.get(agent.backend.type, ())
         if names and not any(os.environ.get(n) for n in names):
             problems.append(
-                ConfigProblem(source, f"agents.{i}.backend.type", None, f"backend {agent.backend.type!r} needs {' or '.join(names)} in the environment")
+                ConfigProblem(
+                    source,
+                    f"agents.{i}.backend.type",
+                    None,
+                    f"backend {agent.backend.type!r} needs {' or '.join(names)} in the environment",
+                )
             )
     return problems
 
@@ -97,7 +101,9 @@ def _context_paths(config: RunConfig, source: str) -> tuple[list[Path], list[Con
         p = Path(cp.path).expanduser()
         p = (Path.cwd() / p) if not p.is_absolute() else p
         if not p.exists():
-            problems.append(ConfigProblem(source, f"orchestrator.context_paths.{i}.path", None, f"path does not exist: {p}"))
+            problems.append(
+                ConfigProblem(source, f"orchestrator.context_paths.{i}.path", None, f"path does not exist: {p}")
+            )
             continue
         paths.append(p.resolve())
     del base
@@ -121,7 +127,9 @@ def _container_section(facts: Any) -> ContainerSection:
 class RunExecution:
     """Executes one run; the owner of its sandbox from start until removal."""
 
-    def __init__(self, req: RunRequest, runtime: Runtime, listener: Listener | None = None, control: RunControl | None = None) -> None:
+    def __init__(
+        self, req: RunRequest, runtime: Runtime, listener: Listener | None = None, control: RunControl | None = None
+    ) -> None:
         self.req = req
         self.runtime = runtime
         self.listener = listener or Listener()
@@ -167,7 +175,9 @@ class RunExecution:
         assert self.mat is not None
         return self.mat.finalize(code, str(reason), detail, container_exit=container_exit)
 
-    def _sandbox_spec(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path], deadline: float) -> SandboxSpec:
+    def _sandbox_spec(
+        self, config: RunConfig, raw: dict[str, Any], contexts: list[Path], deadline: float
+    ) -> SandboxSpec:
         req, paths = self.req, self.paths
         assert paths is not None
         labels = {
@@ -181,23 +191,45 @@ class RunExecution:
         sb = config.sandbox
         if req.sandbox == "none":
             spec = RunSpec(
-                run_id=paths.run_id, question=req.question, config=raw, outbox=str(paths.sandbox),
-                workspace=str(paths.workspace), context_paths=[str(p) for p in contexts], sandbox="none",
-                deadline=deadline, parent_run_id=req.parent_run_id, depth=req.depth,
+                run_id=paths.run_id,
+                question=req.question,
+                config=raw,
+                outbox=str(paths.sandbox),
+                workspace=str(paths.workspace),
+                context_paths=[str(p) for p in contexts],
+                sandbox="none",
+                deadline=deadline,
+                parent_run_id=req.parent_run_id,
+                depth=req.depth,
             )
             env = dict(os.environ)
-            env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
+            ).rstrip(os.pathsep)
             command: tuple[str, ...] = ("-m", "agent_image", "run-spec", str(paths.sandbox / "spec.json"))
             mounts: tuple[Mount, ...] = ()
             workdir = str(paths.workspace)
             user = f"{os.getuid()}:{os.getgid()}"
         else:
             spec = RunSpec(
-                run_id=paths.run_id, question=req.question, config=raw, outbox=OUTBOX_IN_SANDBOX,
-                workspace=WORKSPACE_IN_SANDBOX, context_paths=[str(p) for p in contexts], sandbox="docker",
-                deadline=deadline, parent_run_id=req.parent_run_id, depth=req.depth,
+                run_id=paths.run_id,
+                question=req.question,
+                config=raw,
+                outbox=OUTBOX_IN_SANDBOX,
+                workspace=WORKSPACE_IN_SANDBOX,
+                context_paths=[str(p) for p in contexts],
+                sandbox="docker",
+                deadline=deadline,
+                parent_run_id=req.parent_run_id,
+                depth=req.depth,
             )
-            env = {"MASSGEN_RUN_ID": paths.run_id, "MASSGEN_IN_SANDBOX": "1", "HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+            env = {
+                "MASSGEN_RUN_ID": paths.run_id,
+                "MASSGEN_IN_SANDBOX": "1",
+                "HOME": "/tmp",
+                "PYTHONUNBUFFERED": "1",
+                "PYTHONDONTWRITEBYTECODE": "1",
+            }
             command = ("python3", "-m", "agent_image", "run-spec", f"{OUTBOX_IN_SANDBOX}/spec.json")
             mounts = (
                 Mount(paths.sandbox, OUTBOX_IN_SANDBOX, read_only=False),
@@ -216,9 +248,19 @@ class RunExecution:
         if os.getuid() == 0 and req.sandbox == "docker":
             os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
         return SandboxSpec(
-            run_id=paths.run_id, image=req.image or "", command=command, mounts=mounts, env=env, labels=labels,
-            workdir=workdir, user=user, memory_bytes=sb.memory_bytes, nano_cpus=int(sb.cpus * 1e9),
-            pids_limit=sb.pids, network=sb.network, runtime=sb.runtime,
+            run_id=paths.run_id,
+            image=req.image or "",
+            command=command,
+            mounts=mounts,
+            env=env,
+            labels=labels,
+            workdir=workdir,
+            user=user,
+            memory_bytes=sb.memory_bytes,
+            nano_cpus=int(sb.cpus * 1e9),
+            pids_limit=sb.pids,
+            network=sb.network,
+            runtime=sb.runtime,
         )
 
     async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:
@@ -267,7 +309,9 @@ class RunExecution:
             while not exit_task.done():
                 remaining = deadline - time.time()
                 waits = [exit_task, asyncio.ensure_future(wake.wait()), asyncio.ensure_future(ctl.interrupt.wait())]
-                done, pending = await asyncio.wait(waits, timeout=max(0.0, min(POLL_S, remaining)), return_when=asyncio.FIRST_COMPLETED)
+                done, pending = await asyncio.wait(
+                    waits, timeout=max(0.0, min(POLL_S, remaining)), return_when=asyncio.FIRST_COMPLETED
+                )
                 for p in waits[1:]:
                     p.cancel()
                 wake.clear()
@@ -296,7 +340,11 @@ class RunExecution:
         tailer.close()
         output = await asyncio.to_thread(runtime.logs, handle)
         if output.strip():
-            mat.log("---- sandbox output ----\n" + output.decode("utf-8", "replace").rstrip() + "\n---- end of sandbox output ----")
+            mat.log(
+                "---- sandbox output ----\n"
+                + output.decode("utf-8", "replace").rstrip()
+                + "\n---- end of sandbox output ----"
+            )
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
         code, reason, detail = self._verdict(info, facts, stopped_for)
@@ -321,7 +369,11 @@ class RunExecution:
         if fin is not None:
             return fin.exit_code, fin.reason, fin.detail
         if info.oom_killed or facts.oom_killed:
-            return exit_code_for(Reason.OOM), Reason.OOM, f"sandbox killed for exceeding its memory limit (exit {info.exit_code})"
+            return (
+                exit_code_for(Reason.OOM),
+                Reason.OOM,
+                f"sandbox killed for exceeding its memory limit (exit {info.exit_code})",
+            )
         return (
             exit_code_for(Reason.CONTAINER_CRASHED),
             Reason.CONTAINER_CRASHED,

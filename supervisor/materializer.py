@@ -231,7 +231,9 @@ class Materializer:
         if ev is None or (ev.exit_code, ev.reason) != (exit_code, reason):
             # The supervisor's verdict (deadline, interrupt, crash) overrides or completes the
             # engine's; it goes to status, never into events.jsonl (that holds only what the sandbox wrote).
-            self.reducer.apply(RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail))
+            self.reducer.apply(
+                RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail)
+            )
         st = self.status
         if st.meta.start_time is not None:
             st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)

@@ -9,7 +9,9 @@ from ..protocol.config import AgentConfig
 from .base import Backend, BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 
-def make_backend(agent: AgentConfig, *, view: Callable[[], Any], sleep: Callable[[float], Any], workspace: str) -> Backend:
+def make_backend(
+    agent: AgentConfig, *, view: Callable[[], Any], sleep: Callable[[float], Any], workspace: str
+) -> Backend:
     cfg = agent.backend
     if cfg.type == "scripted":
         from .scripted import ScriptedBackend

@@ -35,7 +35,9 @@ def template_names(text: str) -> list[str]:
 class ScriptedBackend:
     provider = "scripted"
 
-    def __init__(self, cfg: BackendConfig, view: Callable[[], Any], sleep: Callable[[float], Any], workspace: str) -> None:
+    def __init__(
+        self, cfg: BackendConfig, view: Callable[[], Any], sleep: Callable[[float], Any], workspace: str
+    ) -> None:
         self.steps = list(cfg.steps)
         self.final = cfg.final
         self._view = view
@@ -79,7 +81,9 @@ class ScriptedBackend:
     def _call(self, name: str, **arguments: Any) -> Completion:
         self._n += 1
         return Completion(
-            message=Message(role="assistant", tool_calls=(ToolCall(id=f"call_{self._n}", name=name, arguments=arguments),)),
+            message=Message(
+                role="assistant", tool_calls=(ToolCall(id=f"call_{self._n}", name=name, arguments=arguments),)
+            ),
             model="scripted",
         )
 
@@ -125,10 +129,14 @@ class ScriptedBackend:
             elif isinstance(step, RawStep):
                 self._n += 1
                 calls = tuple(
-                    ToolCall(id=f"call_{self._n}_{i}", name=str(c.get("name", "")), arguments=dict(c.get("arguments", {})))
+                    ToolCall(
+                        id=f"call_{self._n}_{i}", name=str(c.get("name", "")), arguments=dict(c.get("arguments", {}))
+                    )
                     for i, c in enumerate(step.raw_tool_calls)
                 )
-                return Completion(message=Message(role="assistant", content=step.text, tool_calls=calls), model="scripted")
+                return Completion(
+                    message=Message(role="assistant", content=step.text, tool_calls=calls), model="scripted"
+                )
         # Script exhausted: keep voting the way it last did (or for the first answer).
         return self._vote(self._last_vote or VoteStep(vote="auto"), view)
 

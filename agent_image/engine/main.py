@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import re
 import signal
 import sys
 from pathlib import Path
@@ -20,14 +18,6 @@ from .orchestrator import Orchestrator, Outcome
 from .outbox import EVENTS_FILE, EventWriter
 
 ENGINE_DEADLINE_MARGIN_S = 0.5
-_SECRET_ENV = re.compile(r"(API_KEY|_TOKEN|SECRET|PASSWORD|CREDENTIAL)", re.IGNORECASE)
-
-
-def tool_env() -> dict[str, str]:
-    """The environment agents' shell commands get: ours minus anything that looks like a secret."""
-    env = {k: v for k, v in os.environ.items() if not _SECRET_ENV.search(k)}
-    env.setdefault("HOME", "/tmp")
-    return env
 
 
 async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
@@ -37,14 +27,13 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
     config = RunConfig.model_validate(spec.config)
     workspace = Path(spec.workspace)
     contexts = [(Path(p), False) for p in spec.context_paths]
-    env = tool_env()
     orch: Orchestrator | None = None
     backends: dict[str, Backend] = {}
     tools = {}
     for agent in config.agents:
         ws = workspace / agent.id
         ws.mkdir(parents=True, exist_ok=True)
-        tools[agent.id] = ToolBox(ws, contexts, env=env)
+        tools[agent.id] = ToolBox(ws, contexts)  # default env: an allowlist, never secrets
 
         def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
             assert orch is not None
@@ -98,7 +87,9 @@ def run_spec_file(spec_path: Path) -> int:
     try:
         outcome = asyncio.run(main())
     except Exception as exc:  # noqa: BLE001 - the engine must always end with a run_finished event
-        outcome = Outcome(exit_code_for(Reason.AGENT_FAILED), Reason.AGENT_FAILED, f"engine error: {type(exc).__name__}: {exc}")
+        outcome = Outcome(
+            exit_code_for(Reason.AGENT_FAILED), Reason.AGENT_FAILED, f"engine error: {type(exc).__name__}: {exc}"
+        )
     writer.emit(RunFinished, exit_code=outcome.exit_code, reason=str(outcome.reason), detail=outcome.detail[:2000])
     writer.close()
     return outcome.exit_code

@@ -215,7 +215,9 @@ class Orchestrator:
             return None
 
         async with asyncio.timeout(self.config.timeout_settings.agent_timeout_seconds):
-            return await s.runner.coordinate(messages, prompts.workflow_specs(sorted(answers)), sorted(answers), may_answer)
+            return await s.runner.coordinate(
+                messages, prompts.workflow_specs(sorted(answers)), sorted(answers), may_answer
+            )
 
     def _tool_names(self, s: AgentState) -> list[str]:
         return [t.name for t in s.runner.tools.specs()]
@@ -273,14 +275,18 @@ class Orchestrator:
         self.phase = "present"
         messages = [
             Message(role="system", content=prompts.system_prompt(s.system_message, s.anon, self._tool_names(s))),
-            Message(role="user", content=prompts.presentation_prompt(self.question, self.answers_by_anon(), s.anon, votes)),
+            Message(
+                role="user", content=prompts.presentation_prompt(self.question, self.answers_by_anon(), s.anon, votes)
+            ),
         ]
         try:
             async with asyncio.timeout(self.config.timeout_settings.agent_timeout_seconds):
                 text = await s.runner.present(messages)
         except (BackendError, AgentGaveUp, TimeoutError) as exc:
             detail = str(exc) or type(exc).__name__
-            self.writer.emit(AgentError, agent=winner, kind=ErrorKind.BACKEND, message=f"presentation failed: {detail}"[:4000])
+            self.writer.emit(
+                AgentError, agent=winner, kind=ErrorKind.BACKEND, message=f"presentation failed: {detail}"[:4000]
+            )
             self.writer.log(f"presentation by {winner} failed ({detail}); using its latest answer", "warning")
             return stored
         if not text.strip():

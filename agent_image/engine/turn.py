@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from ..backends.base import Backend, Completion, Message, ToolCall, ToolSpec
 from ..protocol.events import AgentError, ErrorKind, ModelCall, ToolCalled
 from .outbox import EventWriter
-from .prompts import ENFORCEMENT, NEW_ANSWER, VOTE, WORKFLOW_TOOLS
+from .prompts import ENFORCEMENT, NEW_ANSWER, WORKFLOW_TOOLS
 
 
 class ToolRunner(Protocol):

@@ -6,7 +6,17 @@ import re
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -67,7 +77,41 @@ class RawStep(_Strict):
     text: str = ""
 
 
-ScriptStep = ShellStep | WriteFileStep | ReadFileStep | SleepStep | AnswerStep | VoteStep | RawStep
+_STEP_KINDS: dict[str, type[_Strict]] = {
+    "shell": ShellStep,
+    "write_file": WriteFileStep,
+    "read_file": ReadFileStep,
+    "sleep": SleepStep,
+    "answer": AnswerStep,
+    "vote": VoteStep,
+    "raw_tool_calls": RawStep,
+    "text": RawStep,
+}
+
+
+def _step_kind(value: Any) -> str | None:
+    # Pick the member by its key so a bad step reports one error against the kind the user
+    # meant, not one per union member; tags are class names, which the loader strips from locs.
+    if isinstance(value, dict):
+        return next((cls.__name__ for key, cls in _STEP_KINDS.items() if key in value), None)
+    return type(value).__name__ if isinstance(value, tuple(_STEP_KINDS.values())) else None
+
+
+ScriptStep = Annotated[
+    Annotated[ShellStep, Tag("ShellStep")]
+    | Annotated[WriteFileStep, Tag("WriteFileStep")]
+    | Annotated[ReadFileStep, Tag("ReadFileStep")]
+    | Annotated[SleepStep, Tag("SleepStep")]
+    | Annotated[AnswerStep, Tag("AnswerStep")]
+    | Annotated[VoteStep, Tag("VoteStep")]
+    | Annotated[RawStep, Tag("RawStep")],
+    Discriminator(
+        _step_kind,
+        custom_error_type="unknown_step",
+        custom_error_message="unknown step kind; expected one of: shell, write_file, read_file, "
+        "sleep, answer, vote, raw_tool_calls",
+    ),
+]
 
 
 class BackendConfig(_Strict):
@@ -193,9 +237,19 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _unique_ids(self) -> RunConfig:
         seen: set[str] = set()
-        for a in self.agents:
+        for i, a in enumerate(self.agents):
             if a.id in seen:
-                raise ValueError(f"duplicate agent id {a.id!r}")
+                # A ValidationError keeps its location, so the error points at the duplicate id.
+                raise ValidationError.from_exception_data(
+                    "RunConfig",
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError("duplicate_id", "duplicate agent id '{id}'", {"id": a.id}),
+                            loc=("agents", i, "id"),
+                            input=a.id,
+                        )
+                    ],
+                )
             seen.add(a.id)
         return self
 

@@ -26,7 +26,12 @@ class ConfigProblem:
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
         key = f" key={self.key}" if self.key else ""
-        return f"{where}:{key} {self.message}"
+        return _one_line(f"{where}:{key} {self.message}")
+
+
+def _one_line(text: str) -> str:
+    # Keys and values come from the user's file; a newline in one must not split the message.
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
 class ConfigError(ValueError):
@@ -83,17 +88,16 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", 1, "config must be a YAML mapping with an 'agents' list")])
     index = _line_index(node) if node is not None else {}
-    if "agent" in data and "agents" not in data:
-        # keep line lookups working after the single-agent alias is rewritten
-        for p, line in list(index.items()):
-            if p[:1] == ("agent",):
-                index.setdefault(("agents", 0) + p[1:], line)
+    alias = "agent" in data and "agents" not in data
     try:
         return RunConfig.model_validate(data), data
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             loc = _clean_loc(tuple(err["loc"]))
+            if alias and loc[:2] == ("agents", 0):
+                # name the key as the user wrote it: MassGen's single `agent:` mapping
+                loc = ("agent",) + loc[2:]
             key = ".".join(str(p) for p in loc)
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":

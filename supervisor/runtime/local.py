@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -61,10 +62,8 @@ class LocalRuntime:
         return ExitInfo(exit_code=128 - code if code < 0 else code)
 
     def _signal_group(self, handle: LocalHandle, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(handle.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def stop(self, handle: LocalHandle, grace: float) -> None:
         if handle.proc.poll() is not None:
@@ -85,10 +84,8 @@ class LocalRuntime:
     def remove(self, handle: LocalHandle) -> None:
         if handle.proc.poll() is None:
             self.kill(handle)
-        try:
+        with contextlib.suppress(FileNotFoundError):
             handle.output.unlink()
-        except FileNotFoundError:
-            pass
         handle.removed = True
 
     def logs(self, handle: LocalHandle) -> bytes:

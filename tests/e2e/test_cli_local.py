@@ -25,8 +25,19 @@ def test_quickstart_prints_the_contract_lines_and_exits_0(tmp_path: Path) -> Non
     assert len(lines) <= 20
     assert p.stdout.isascii() and "\x1b" not in p.stdout
     keys = [line.split(":", 1)[0] for line in lines]
-    assert keys == ["LOG_DIR", "RUN_ID", "STATUS_FILE", "AGENTS", "QUESTION", "[Coordination in progress - monitor status.json for real-time updates]",
-                    "WINNER", "DURATION", "ANSWER_FILE", "ANSWER_PREVIEW", "COMPLETED"]
+    assert keys == [
+        "LOG_DIR",
+        "RUN_ID",
+        "STATUS_FILE",
+        "AGENTS",
+        "QUESTION",
+        "[Coordination in progress - monitor status.json for real-time updates]",
+        "WINNER",
+        "DURATION",
+        "ANSWER_FILE",
+        "ANSWER_PREVIEW",
+        "COMPLETED",
+    ]
     f = parse_lines(p.stdout)
     log_dir = Path(f["LOG_DIR"])
     assert log_dir.is_absolute() and log_dir.name == f["RUN_ID"]
@@ -135,7 +146,11 @@ def test_signal_to_the_cli_interrupts_with_exit_4(tmp_path: Path, write_config, 
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", str(cfg), "q"],
-        cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     first = proc.stdout.readline()

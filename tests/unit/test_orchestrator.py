@@ -31,7 +31,9 @@ def scripted(aid: str, *steps: dict[str, Any], final: str | None = None) -> dict
 
 
 def run(tmp_path: Path, config: dict[str, Any], question: str = "Q?") -> tuple[Any, EventWriter]:
-    spec = RunSpec(run_id="log_test", question=question, config=config, outbox=str(tmp_path), workspace=str(tmp_path / "ws"))
+    spec = RunSpec(
+        run_id="log_test", question=question, config=config, outbox=str(tmp_path), workspace=str(tmp_path / "ws")
+    )
     writer = EventWriter(tmp_path / "events.jsonl", SystemClock())
     outcome = asyncio.run(run_engine(spec, writer, SystemClock()))
     return outcome, writer
