@@ -17,10 +17,21 @@ fi
 if [[ -f /var/run/docker.pid ]] && ! pgrep -x dockerd >/dev/null; then rm -f /var/run/docker.pid; fi
 if [[ -S /run/containerd/containerd.sock ]] && ! pgrep -x containerd >/dev/null; then rm -f /run/containerd/containerd.sock; fi
 mkdir -p /etc/docker
-if [[ ! -f /etc/docker/daemon.json ]] && command -v runsc >/dev/null; then
-  cat >/etc/docker/daemon.json <<JSON
-{"runtimes": {"runsc": {"path": "$(command -v runsc)", "runtimeArgs": ["--platform=ptrace", "--network=none", "--host-uds=open"]}}}
-JSON
+# Register gVisor as runtime "runsc" (ptrace works without KVM; no network of its own; host
+# unix sockets allowed, for the per-run supervisor socket), keeping any other settings.
+if command -v runsc >/dev/null; then
+  RUNSC_PATH=$(command -v runsc) python3 - <<'PY'
+import json, os, pathlib
+path = pathlib.Path("/etc/docker/daemon.json")
+config = json.loads(path.read_text() or "{}") if path.exists() else {}
+runtimes = config.setdefault("runtimes", {})
+if "runsc" not in runtimes:
+    runtimes["runsc"] = {
+        "path": os.environ["RUNSC_PATH"],
+        "runtimeArgs": ["--platform=ptrace", "--network=none", "--host-uds=open"],
+    }
+    path.write_text(json.dumps(config) + "\n")
+PY
 fi
 if ! pgrep -x dockerd >/dev/null; then
   nohup dockerd >/var/log/dockerd.log 2>&1 &

@@ -109,9 +109,7 @@ def agent_source_dir() -> Path:
 
 def _base_recipe() -> str:
     """Hash of everything that decides the base image's content."""
-    recipe = "\n".join(
-        ["minbase", DEBIAN_SUITE, _mirror(), *BASE_PACKAGES, *_base_changes(include_label=False)]
-    )
+    recipe = "\n".join(["minbase", DEBIAN_SUITE, _mirror(), *BASE_PACKAGES, *_base_changes(include_label=False)])
     return hashlib.sha256(recipe.encode()).hexdigest()[:12]
 
 
@@ -191,7 +189,7 @@ def preflight(runtime: ImageStore | None = None, *, cache: Path | None = None) -
         runtime.ping()
         engine_up = True
     except RuntimeError_ as exc:
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        where = getattr(runtime, "endpoint", None) or "the configured engine"
         problems.append(
             f"no container engine answers at {where} ({exc}); start one with "
             "`sudo bash .ci/docker-up.sh` (installs Debian's docker.io and starts dockerd) "
@@ -299,9 +297,7 @@ def _ensure_base(runtime: ImageStore, cache: Path, progress: Progress, *, force:
 def _debootstrap(tarball: Path, progress: Progress) -> None:
     debootstrap = _debootstrap_path()
     if debootstrap is None:
-        raise BuildError(
-            "debootstrap not found; install it with `sudo apt-get install debootstrap`"
-        )
+        raise BuildError("debootstrap not found; install it with `sudo apt-get install debootstrap`")
     if os.geteuid() != 0:
         raise BuildError("debootstrap must run as root to build the base image")
     tarball.parent.mkdir(parents=True, exist_ok=True)
@@ -412,8 +408,7 @@ def _ensure_wheelhouse(source: Path, cache: Path, progress: Progress, *, force: 
         [
             python,
             "-c",
-            "import platform,sys; print(sys.implementation.name, "
-            "'%d.%d' % sys.version_info[:2], platform.machine())",
+            "import platform,sys; print(sys.implementation.name, '%d.%d' % sys.version_info[:2], platform.machine())",
         ],
         capture_output=True,
         text=True,
@@ -476,9 +471,7 @@ def _pip_summary(line: str) -> str | None:
     return None
 
 
-def _build_agent(
-    runtime: ImageStore, source: Path, wheels: Path, tag: str, progress: Progress, *, force: bool
-) -> None:
+def _build_agent(runtime: ImageStore, source: Path, wheels: Path, tag: str, progress: Progress, *, force: bool) -> None:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="agent-build-") as tmp:
         context = Path(tmp)
@@ -495,7 +488,8 @@ def _build_agent(
 
         def on_line(line: str) -> None:
             if line.startswith("Step "):
-                progress(f"build: {line}")
+                step = " ".join(line.split())
+                progress(f"build: {step[:96] + '...' if len(step) > 99 else step}")
 
         runtime.build_image(
             context,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -101,6 +102,12 @@ class DockerRuntime:
         self._environment = dict(environment) if environment is not None else None
         self._lock = threading.Lock()
 
+    @property
+    def endpoint(self) -> str:
+        """Where the engine is expected (DOCKER_HOST, default the local unix socket)."""
+        env = self._environment if self._environment is not None else os.environ
+        return env.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+
     @classmethod
     def from_env(cls, *, timeout: float = 60.0) -> DockerRuntime:
         """A runtime for the engine named by DOCKER_HOST (default: the local unix socket)."""
@@ -167,9 +174,7 @@ class DockerRuntime:
         labels[LABEL_OWNER] = _OWNER_VALUE
         labels.setdefault(LABEL_RUN, spec.run_id)
         mounts = [
-            docker.types.Mount(
-                target=m.target, source=str(m.source), type="bind", read_only=m.read_only
-            )
+            docker.types.Mount(target=m.target, source=str(m.source), type="bind", read_only=m.read_only)
             for m in spec.mounts
         ]
         tmpfs_opts = f"rw,nosuid,nodev,size={spec.tmpfs_bytes},mode=1777"
@@ -557,7 +562,7 @@ def _cpu_percent(sample: Mapping[str, Any]) -> float | None:
     if system_delta <= 0 or cpu_delta < 0:
         return None
     online = cpu.get("online_cpus") or len(cpu["cpu_usage"].get("percpu_usage") or ()) or 1
-    return round(cpu_delta / system_delta * online * 100.0, 2)
+    return round(float(cpu_delta) / float(system_delta) * float(online) * 100.0, 2)
 
 
 def _memory_bytes(sample: Mapping[str, Any]) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,7 @@ def test_read_only_bind_mount_cannot_be_written(sandboxes: Sandboxes, tmp_path: 
 
 def test_no_docker_socket(sandboxes: Sandboxes) -> None:
     """Neither /var/run/docker.sock nor /run/docker.sock exists inside the sandbox."""
-    info, out = sandboxes.run(
-        "sh", "-c", "ls -la /var/run/docker.sock /run/docker.sock 2>&1; exit 0"
-    )
+    info, out = sandboxes.run("sh", "-c", "ls -la /var/run/docker.sock /run/docker.sock 2>&1; exit 0")
     assert info.exit_code == 0
     assert out.count("No such file or directory") == 2, out
 
@@ -113,7 +112,7 @@ def test_no_effective_capabilities_and_no_new_privileges(sandboxes: Sandboxes) -
     assert fields["NoNewPrivs"].strip() == "1"
 
 
-def test_environment_comes_from_spec_only(sandboxes: Sandboxes, monkeypatch) -> None:
+def test_environment_comes_from_spec_only(sandboxes: Sandboxes, monkeypatch: pytest.MonkeyPatch) -> None:
     """The sandbox sees the spec's env and nothing from the supervisor's environment."""
     monkeypatch.setenv("MASSGEN_TEST_HOST_SECRET", "leaked")
     info, out = sandboxes.run("env", env={"MASSGEN_TEST_VISIBLE": "yes"})
@@ -141,9 +140,7 @@ def test_memory_hog_is_oom_killed(sandboxes: Sandboxes) -> None:
     assert info.exit_code == 137
 
 
-def test_stop_kills_after_grace_when_sigterm_is_ignored(
-    runtime: DockerRuntime, sandboxes: Sandboxes
-) -> None:
+def test_stop_kills_after_grace_when_sigterm_is_ignored(runtime: DockerRuntime, sandboxes: Sandboxes) -> None:
     """stop(grace) of a sandbox ignoring SIGTERM returns within grace+2 s, the sandbox exited."""
     handle = sandboxes.start("sh", "-c", "trap '' TERM; echo ready; while :; do sleep 1; done")
     sandboxes.wait_for_output(handle, "ready")
@@ -159,9 +156,7 @@ def test_stop_kills_after_grace_when_sigterm_is_ignored(
     assert info is not None and info.exit_code == 137
 
 
-def test_stop_is_prompt_when_the_process_obeys_sigterm(
-    runtime: DockerRuntime, sandboxes: Sandboxes
-) -> None:
+def test_stop_is_prompt_when_the_process_obeys_sigterm(runtime: DockerRuntime, sandboxes: Sandboxes) -> None:
     """init forwards SIGTERM, so a cooperative process exits long before the grace ends."""
     handle = sandboxes.start("sleep", "600")
     assert runtime.wait(handle, timeout=0.3) is None
@@ -199,7 +194,7 @@ def test_labels_and_list_owned(runtime: DockerRuntime, sandboxes: Sandboxes) -> 
     assert runtime.list_owned({LABEL_TEST: "no-such-test"}) == []
 
 
-def test_facts_with_stats_sample(runtime: DockerRuntime, sandboxes: Sandboxes, until) -> None:
+def test_facts_with_stats_sample(runtime: DockerRuntime, sandboxes: Sandboxes, until: Callable[..., None]) -> None:
     """facts(stats=True) of a running sandbox reports memory, pids and a cpu percentage."""
     handle = sandboxes.start("sh", "-c", "sleep 600 & sleep 600 & wait")
     until(lambda: runtime.facts(handle).state == "running", what="running")
@@ -238,9 +233,7 @@ def test_failed_start_leaves_no_container(runtime: DockerRuntime, sandboxes: San
     assert runtime.list_owned({LABEL_TEST: sandboxes.test_id}) == []
 
 
-def test_missing_mount_source_raises_start_failed(
-    runtime: DockerRuntime, sandboxes: Sandboxes, tmp_path: Path
-) -> None:
+def test_missing_mount_source_raises_start_failed(runtime: DockerRuntime, sandboxes: Sandboxes, tmp_path: Path) -> None:
     """A bind mount whose host path does not exist is refused; the engine never creates it."""
     missing = tmp_path / "missing"
     with pytest.raises(SandboxStartFailed):
