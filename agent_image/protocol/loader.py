@@ -66,9 +66,21 @@ def _nearest_line(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> in
         loc = loc[:-1]
 
 
-def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
-    # pydantic inserts union-member tags (e.g. 'ShellStep') into locations; drop them.
-    return tuple(p for p in loc if isinstance(p, int) or not p[:1].isupper())
+def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
+    # pydantic inserts union-member tags ('ShellStep', 'str') into locations; drop every part
+    # that is not a key in the document, except a last one under a mapping (a missing or
+    # unknown key). Matching against the data keeps user keys such as 'Agents' intact.
+    out: list[Any] = []
+    node = data
+    for i, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+        elif not (isinstance(node, dict) and i == len(loc) - 1):
+            continue
+        out.append(part)
+    return tuple(out)
 
 
 def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dict[str, Any]]:
@@ -92,9 +104,10 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
     try:
         return RunConfig.model_validate(data), data
     except ValidationError as exc:
+        validated = {**data, "agents": [data["agent"]]} if alias else data
         problems = []
         for err in exc.errors():
-            loc = _clean_loc(tuple(err["loc"]))
+            loc = _clean_loc(tuple(err["loc"]), validated)
             if alias and loc[:2] == ("agents", 0):
                 # name the key as the user wrote it: MassGen's single `agent:` mapping
                 loc = ("agent",) + loc[2:]
