@@ -256,7 +256,9 @@ def ensure_images(runtime: ImageStore, *, progress: Progress, force: bool = Fals
         except RuntimeUnavailable:
             raise
         except RuntimeError_ as exc:
-            raise BuildError(str(exc)) from exc
+            tail = str(getattr(exc, "log_tail", "")).strip().splitlines()[-15:]
+            detail = str(exc) + "".join(f"\n  {line}" for line in tail)
+            raise BuildError(detail) from exc
     return tag
 
 

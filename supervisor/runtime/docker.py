@@ -228,6 +228,7 @@ class DockerRuntime:
 
         Raises:
             RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused.
         """
         error: str | None = None
         if timeout > 0:

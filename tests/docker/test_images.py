@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from supervisor.images import (
     AGENT_IMAGE_REPO,
+    BASE_IMAGE,
     agent_image_tag,
     agent_source_dir,
     ensure_images,
     preflight,
 )
-from supervisor.runtime.docker import DockerRuntime
+from supervisor.runtime.docker import DockerRuntime, ImageBuildFailed
 from tests.docker.conftest import Sandboxes
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]
@@ -74,3 +76,26 @@ def test_preflight_explains_a_dead_engine(tmp_path: Path) -> None:
     assert len(problems) == 1
     assert f"no container engine answers at unix://{tmp_path}/none.sock" in problems[0]
     assert ".ci/docker-up.sh" in problems[0]
+
+
+def test_build_runs_without_network(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
+    """RUN steps of an image build see only the loopback interface."""
+    (tmp_path / "Dockerfile").write_text(f'FROM {BASE_IMAGE}\nRUN test "$(ls /sys/class/net)" = lo\n')
+    tag = f"massgen-sandbox/test-build:{uuid.uuid4().hex[:8]}"
+    try:
+        runtime.build_image(tmp_path, tag)
+        assert runtime.image_exists(tag)
+    finally:
+        runtime.remove_image(tag, force=True)
+    runtime.remove_image(tag)  # already gone: fine
+    assert not runtime.image_exists(tag)
+
+
+def test_failed_build_step_raises_with_output(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
+    """A failing RUN step raises ImageBuildFailed carrying the step's output."""
+    (tmp_path / "Dockerfile").write_text(f"FROM {BASE_IMAGE}\nRUN echo marker-before-failure && false\n")
+    tag = f"massgen-sandbox/test-build:{uuid.uuid4().hex[:8]}"
+    with pytest.raises(ImageBuildFailed) as caught:
+        runtime.build_image(tmp_path, tag)
+    assert "marker-before-failure" in caught.value.log_tail
+    assert not runtime.image_exists(tag)
