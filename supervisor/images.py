@@ -240,6 +240,9 @@ def ensure_images(runtime: ImageStore, *, progress: Progress, force: bool = Fals
     """
     source = agent_source_dir()
     tag = agent_image_tag(source)
+    if not force and _exists(runtime, tag):
+        progress(f"image {tag} is up to date")  # no cache dir needed: it may not be writable
+        return tag
     cache = cache_dir()
     try:
         cache.mkdir(parents=True, exist_ok=True)
@@ -248,7 +251,7 @@ def ensure_images(runtime: ImageStore, *, progress: Progress, force: bool = Fals
     with _build_lock(cache, progress):
         try:
             if not force and runtime.image_labels(tag) is not None:
-                progress(f"image {tag} is up to date")
+                progress(f"image {tag} was built meanwhile")
                 return tag
             _ensure_base(runtime, cache, progress, force=force)
             wheels = _ensure_wheelhouse(source, cache, progress, force=force)
@@ -260,6 +263,15 @@ def ensure_images(runtime: ImageStore, *, progress: Progress, force: bool = Fals
             detail = str(exc) + "".join(f"\n  {line}" for line in tail)
             raise BuildError(detail) from exc
     return tag
+
+
+def _exists(runtime: ImageStore, tag: str) -> bool:
+    try:
+        return runtime.image_labels(tag) is not None
+    except RuntimeUnavailable:
+        raise
+    except RuntimeError_ as exc:
+        raise BuildError(str(exc)) from exc
 
 
 @contextmanager
