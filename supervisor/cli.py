@@ -110,7 +110,8 @@ class _Printer:
         elif kind == "winner":
             msg = f"winner: {ev.winner} (votes {ev.votes}){' after a tie' if ev.tie else ''}"
         elif kind == "model_call":
-            msg = f"{ev.agent} {ev.provider}/{ev.model} {ev.prompt_tokens}+{ev.completion_tokens} tokens {ev.latency_s:.2f}s"
+            tokens = f"{ev.prompt_tokens}+{ev.completion_tokens} tokens"
+            msg = f"{ev.agent} {ev.provider}/{ev.model} {tokens} {ev.latency_s:.2f}s"
         if msg:
             print(f"[{t:6.1f}s] {msg}", flush=True)
 

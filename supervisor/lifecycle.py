@@ -57,6 +57,8 @@ class RunRequest:
     supervisor_id: str = "embedded"
     parent_run_id: str | None = None
     depth: int = 0
+    # Test seam: run this instead of the engine (e.g. a process that ignores SIGTERM).
+    engine_command: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -159,7 +161,8 @@ class RunExecution:
             if problems:
                 return self._end(exit_code_for(Reason.PATH_MISSING), Reason.PATH_MISSING, str(ConfigError(problems)))
             if req.sandbox == "docker" and config.needs_models():
-                msg = f"{source}: backends {sorted(config.needs_models())} need the model gateway, which containers do not have yet; use --sandbox none"
+                models = sorted(config.needs_models())
+                msg = f"{source}: backends {models} need the model gateway, which containers lack yet; use --sandbox none"
                 return self._end(exit_code_for(Reason.CONFIG_INVALID), Reason.CONFIG_INVALID, msg)
             key_problems = _key_problems(config, source)
             if key_problems:
@@ -247,6 +250,8 @@ class RunExecution:
         atomic_write(paths.sandbox / "spec.json", spec.model_dump_json())
         if os.getuid() == 0 and req.sandbox == "docker":
             os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
+        if req.engine_command is not None:
+            command = req.engine_command
         return SandboxSpec(
             run_id=paths.run_id,
             image=req.image or "",
@@ -366,14 +371,16 @@ class RunExecution:
             return exit_code_for(Reason.TIMEOUT), Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor"
         if stopped_for is not None:
             return exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"stopped: {stopped_for}"
-        if fin is not None:
-            return fin.exit_code, fin.reason, fin.detail
         if info.oom_killed or facts.oom_killed:
+            # Any OOM kill in the sandbox (the engine or an agent's command) makes the run's
+            # results suspect, even when the engine itself went on to finish.
             return (
                 exit_code_for(Reason.OOM),
                 Reason.OOM,
-                f"sandbox killed for exceeding its memory limit (exit {info.exit_code})",
+                f"a process in the sandbox was killed for exceeding the memory limit (exit {info.exit_code})",
             )
+        if fin is not None:
+            return fin.exit_code, fin.reason, fin.detail
         return (
             exit_code_for(Reason.CONTAINER_CRASHED),
             Reason.CONTAINER_CRASHED,

@@ -128,7 +128,11 @@ class Materializer:
     # -- logging -------------------------------------------------------------------------
 
     def log(self, message: str, level: str = "info", ts: float | None = None) -> None:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or self.clock()))
+        try:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or self.clock()))
+        except (OverflowError, OSError, ValueError):
+            # ts comes from the sandbox: a valid event may still be outside time_t's range
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
         for line in message.splitlines() or [""]:
             self._log.write(f"{stamp} {level.upper():7} {line}\n")
         self._log.flush()
@@ -138,6 +142,9 @@ class Materializer:
     def feed(self, raw: bytes) -> Event | None:
         """Validate and apply one line; malformed lines become warnings, never exceptions."""
         if not raw.strip():
+            return None
+        if len(raw) > MAX_EVENT_BYTES:
+            self.log(f"ignored oversized event line ({len(raw)} bytes)", "warning")
             return None
         try:
             ev = parse_event(raw)

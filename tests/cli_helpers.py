@@ -1,4 +1,4 @@
-"""Helpers for running the real `massgen-run` CLI as a subprocess."""
+"""Helpers for running the real `massgen-run` CLI as a subprocess (e2e and docker tests)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -46,11 +45,7 @@ def load(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 
 
-@pytest.fixture
-def write_config(tmp_path: Path):  # noqa: ANN201 - a factory fixture
-    def _write(text: str, name: str = "run.yaml") -> Path:
-        p = tmp_path / name
-        p.write_text(textwrap.dedent(text))
-        return p
-
-    return _write
+def write_config(directory: Path, text: str, name: str = "run.yaml") -> Path:
+    p = directory / name
+    p.write_text(textwrap.dedent(text))
+    return p

@@ -12,7 +12,8 @@ MAX_EVENT_BYTES = 1 << 20  # one line in events.jsonl; larger lines are rejected
 
 
 class _Event(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity would reach status.json as non-standard JSON that strict readers reject
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     v: Literal[1] = EVENT_VERSION
     seq: int = Field(ge=0)

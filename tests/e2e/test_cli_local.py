@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import cli_env, load, massgen_run, parse_lines
+from tests.cli_helpers import cli_env, load, massgen_run, parse_lines, write_config
 
 QUICK = ["--automation", "--sandbox", "none", "--config", "@examples/quickstart", "What is 2+2?"]
 
@@ -101,17 +101,18 @@ def test_missing_config_file_and_unknown_example_exit_1(tmp_path: Path) -> None:
         assert p.stdout.splitlines()[-1].startswith("FAILED: config_missing")
 
 
-def test_missing_api_key_exits_1_naming_the_variable(tmp_path: Path, write_config) -> None:  # noqa: ANN001
+def test_missing_api_key_exits_1_naming_the_variable(tmp_path: Path) -> None:
     """An openai agent without OPENAI_API_KEY fails at once with exit 1 and names the variable."""
-    cfg = write_config("agents:\n  - id: a\n    backend: {type: openai, model: gpt-x}\n")
+    cfg = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: openai, model: gpt-x}\n")
     p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
     assert p.returncode == 1
     assert "OPENAI_API_KEY" in p.stdout.splitlines()[-1]
 
 
-def test_whole_run_timeout_exits_3_with_result(tmp_path: Path, write_config) -> None:  # noqa: ANN001
+def test_whole_run_timeout_exits_3_with_result(tmp_path: Path) -> None:
     """A scripted sleep past the whole-run timeout: exit 3, TIMEOUT line, result.json and final status."""
     cfg = write_config(
+        tmp_path,
         """\
         agents:
           - id: a
@@ -119,7 +120,7 @@ def test_whole_run_timeout_exits_3_with_result(tmp_path: Path, write_config) -> 
               type: scripted
               steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]
         timeout_settings: {orchestrator_timeout_seconds: 1.5}
-        """
+        """,
     )
     t0 = time.monotonic()
     p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
@@ -133,16 +134,17 @@ def test_whole_run_timeout_exits_3_with_result(tmp_path: Path, write_config) -> 
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_to_the_cli_interrupts_with_exit_4(tmp_path: Path, write_config, sig: signal.Signals) -> None:  # noqa: ANN001
+def test_signal_to_the_cli_interrupts_with_exit_4(tmp_path: Path, sig: signal.Signals) -> None:
     """SIGINT or SIGTERM to the CLI mid-run: exit 4, INTERRUPTED line, result.json, no engine left."""
     cfg = write_config(
+        tmp_path,
         """\
         agents:
           - id: a
             backend:
               type: scripted
               steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]
-        """
+        """,
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", str(cfg), "q"],
