@@ -39,6 +39,7 @@ class AgentState:
     vote: str | None = None  # real id of the agent this one's standing vote is for
     failed: bool = False
     fail_reason: str = ""
+    fail_message: str = ""
     turns: int = 0
 
     @property
@@ -160,7 +161,7 @@ class Orchestrator:
     def _all_failed(self) -> Outcome:
         reasons = {s.fail_reason for s in self.agents.values()}
         reason = Reason.BACKEND_ERROR if reasons == {Reason.BACKEND_ERROR.value} else Reason.AGENT_FAILED
-        detail = "; ".join(f"{s.id}: {s.fail_reason}" for s in self.agents.values())
+        detail = "; ".join(f"{s.id}: {s.fail_reason}: {s.fail_message}" for s in self.agents.values())
         return Outcome(exit_code_for(reason), reason, f"all agents failed ({detail})")
 
     def _pick_winner(self) -> tuple[str | None, dict[str, int], bool]:
@@ -226,6 +227,7 @@ class Orchestrator:
         s.failed = True
         s.vote = None
         s.fail_reason = reason
+        s.fail_message = " ".join(message.split())[:300]
         self.writer.emit(AgentFailed, agent=s.id, reason=reason, message=message[:4000])
         self.writer.log(f"agent {s.id} failed: {reason}: {message}", "error")
 
