@@ -50,6 +50,7 @@ class OutboxTailer:
         self._fd: int | None = None
         self._buf = b""
         self._skipping = False
+        self._refused: str | None = None
         self.warnings: list[str] = []
 
     def _open(self) -> bool:
@@ -60,14 +61,19 @@ class OutboxTailer:
         except FileNotFoundError:
             return False
         except OSError as exc:  # ELOOP: a symlink was planted
-            self.warnings.append(f"refusing outbox events file: {exc.strerror}")
-            return False
+            return self._refuse(f"refusing outbox events file: {exc.strerror}")
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             os.close(fd)
-            self.warnings.append("refusing outbox events file: not a regular file")
-            return False
+            return self._refuse("refusing outbox events file: not a regular file")
         self._fd = fd
         return True
+
+    def _refuse(self, warning: str) -> bool:
+        # Every poll retries the open; warn once per cause, or the sandbox could flood massgen.log.
+        if warning != self._refused:
+            self.warnings.append(warning)
+            self._refused = warning
+        return False
 
     def read_lines(self) -> list[bytes]:
         if not self._open():

@@ -513,6 +513,20 @@ def test_tailer_refuses_symlink(outbox: Path, tmp_path: Path) -> None:
     assert (secret.read_bytes(), secret.stat().st_mtime_ns) == before
 
 
+def test_tailer_warns_once_per_refusal(outbox: Path, tmp_path: Path) -> None:
+    """Polling a refused path again and again records one warning, not one per poll."""
+    os.symlink(tmp_path / "elsewhere", outbox)
+    tailer = OutboxTailer(outbox)
+    for _ in range(5):
+        assert tailer.read_lines() == []
+    assert len(tailer.warnings) == 1
+    outbox.unlink()
+    outbox.write_bytes(b"real\n")
+    assert tailer.read_lines() == [b"real"]
+    assert len(tailer.warnings) == 1
+    tailer.close()
+
+
 def test_drain_logs_symlink_refusal(paths: RunPaths, clock: FakeClock, tmp_path: Path) -> None:
     """drain copies the tailer's refusal into massgen.log and applies nothing."""
     secret = tmp_path / "secret.jsonl"
