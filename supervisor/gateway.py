@@ -106,7 +106,12 @@ class Upstream:
 
     @property
     def host(self) -> str:
-        return urlsplit(self.base_url).netloc or self.base_url
+        """host[:port] for messages; never the URL's userinfo, which may hold a credential."""
+        parts = urlsplit(self.base_url)
+        if not parts.hostname:
+            return "(bad base_url)"
+        host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+        return f"{host}:{parts.port}" if parts.port else host
 
 
 def _env_base_url(provider: str, env: Mapping[str, str]) -> str:
@@ -345,10 +350,30 @@ def retry_after_s(headers: Mapping[str, str]) -> float | None:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | asyncio.TimeoutError):
+    if isinstance(exc, TimeoutError):
         return "timed out"
-    cause = exc.__cause__ or exc
-    return f"{type(exc).__name__}: {cause.strerror if isinstance(cause, OSError) and cause.strerror else exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+async def _read_limited(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first `limit` + 1 bytes when it is longer (the caller checks)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            break
+    return b"".join(parts)
+
+
+async def _write(out: web.StreamResponse, data: bytes) -> bool:
+    """False when the sandbox has gone (aiohttp raises a ConnectionResetError subclass)."""
+    try:
+        await out.write(data)
+    except ConnectionError:
+        return False
+    return True
 
 
 class _Redactor:
@@ -439,10 +464,16 @@ class Gateway:
         retry_base_s: float = RETRY_BASE_S,
         max_retry_wait_s: float = MAX_RETRY_WAIT_S,
     ) -> None:
-        """Args:
-        timeout_s: the longest wait for the upstream's next byte (not the whole answer:
-            long generations stream for minutes).
-        allowed_models: per provider, the only models a sandbox may call; absent = any.
+        """Set up; the client session is made on first use, inside the serving loop.
+
+        Args:
+            allowed_models: per provider, the only models a sandbox may call; absent = any.
+            timeout_s: the longest wait for the upstream's next byte (not for the whole answer:
+                long generations stream for minutes).
+            max_retries: retries after a connect error, timeout, 408, 429 or 5xx.
+            connect_timeout_s: the longest wait for a TCP connection to the upstream.
+            retry_base_s: first backoff; doubles per retry, capped at `max_retry_wait_s`.
+            max_retry_wait_s: the longest single wait, also for a server's ``Retry-After``.
         """
         self._upstreams = dict(upstreams)
         self._meter = meter
@@ -586,7 +617,6 @@ class Gateway:
         else:
             headers["x-goog-api-key"] = upstream.api_key
         url = upstream.base_url.rstrip("/") + path
-        recorded = False
         try:
             resp = await self._send(call, upstream, url, query, headers, body)
             if resp is None:
@@ -596,14 +626,12 @@ class Gateway:
             try:
                 call.status = resp.status
                 if resp.status < 400 and resp.content_type == "text/event-stream":
-                    return await self._relay_stream(request, resp, call)
+                    return await self._relay_stream(request, resp, call, upstream)
                 return await self._relay_body(resp, call, upstream)
             finally:
                 resp.release()
         finally:
-            if not recorded:
-                recorded = True
-                self._finish(call)
+            self._finish(call)
 
     async def _send(
         self,
@@ -629,7 +657,7 @@ class Gateway:
                     call.error = None
                     return resp
                 try:
-                    detail = _error_message(await resp.content.read(64 << 10))
+                    detail = _error_message(await _read_limited(resp, 64 << 10))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     detail = _describe(exc)
                 finally:
@@ -659,7 +687,7 @@ class Gateway:
     async def _relay_body(self, resp: aiohttp.ClientResponse, call: _Call, upstream: Upstream) -> web.Response:
         call.ttft_s = time.monotonic() - call.t0
         try:
-            data = await resp.content.read(MAX_RESPONSE_BYTES + 1)
+            data = await _read_limited(resp, MAX_RESPONSE_BYTES)
         except (aiohttp.ClientError, TimeoutError) as exc:
             call.status = 502
             call.error = self._redact.text(f"upstream {upstream.host} broke off its answer: {_describe(exc)}")
@@ -675,47 +703,48 @@ class Gateway:
             except ValueError:
                 call.usage = None
         else:
-            call.error = self._redact.text(f"HTTP {resp.status} from {upstream.host}: {_one_line(_error_message(data))}")
+            detail = _one_line(_error_message(data))
+            call.error = self._redact.text(f"HTTP {resp.status} from {upstream.host}: {detail}")
         return web.Response(body=data, status=resp.status, headers=self._response_headers(resp))
 
     async def _relay_stream(
-        self, request: web.Request, resp: aiohttp.ClientResponse, call: _Call
+        self, request: web.Request, resp: aiohttp.ClientResponse, call: _Call, upstream: Upstream
     ) -> web.StreamResponse:
         out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp))
         await out.prepare(request)
         marker = b'"usageMetadata"' if call.provider == "gemini" else b'"usage"'
         relay = _SseRelay(marker, self._redact)
+        sandbox_gone = False
         try:
             async for chunk in resp.content.iter_any():
                 if call.ttft_s is None:
                     call.ttft_s = time.monotonic() - call.t0
                 data = relay.feed(chunk)
-                if data:
-                    await out.write(data)
-            tail = relay.flush()
-            if tail:
-                await out.write(tail)
+                if data and not await _write(out, data):
+                    sandbox_gone = True
+                    break
+            else:
+                tail = relay.flush()
+                sandbox_gone = bool(tail) and not await _write(out, tail)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone: tell the SDK in-band (both raise on a `data: {"error": ...}` event).
-            call.error = self._redact.text(f"upstream broke off its stream: {_describe(exc)}")
+            # Status and headers are sent: report in-band; both SDKs raise on a `data: {"error": ...}` event.
             call.status = 502
+            call.error = self._redact.text(f"upstream {upstream.host} broke off its stream: {_describe(exc)}")
             event = error_body(call.provider, 502, call.error, "upstream_failed")
-            try:
-                await out.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-            except ConnectionError:
-                pass
-        except ConnectionError:
-            call.error = "sandbox closed the stream"
-            return out
+            # The leading newline ends an event the upstream left open, so this one parses alone.
+            sandbox_gone = not await _write(out, b"\ndata: " + json.dumps(event).encode() + b"\n\n")
         finally:
             if relay.usage_line is not None:
                 try:
                     call.usage = usage_from(call.provider, json.loads(relay.usage_line))
                 except ValueError:
-                    pass
-        try:
-            await out.write_eof()
-        except ConnectionError:
+                    call.usage = None
+        if not sandbox_gone:
+            try:
+                await out.write_eof()
+            except ConnectionError:
+                sandbox_gone = True
+        if sandbox_gone:
             call.error = call.error or "sandbox closed the stream"
         return out
 

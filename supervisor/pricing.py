@@ -46,7 +46,8 @@ def read_data_file(path: str | os.PathLike[str]) -> Any:
             raise DataFileError(str(p), "larger than 1 MiB")
         text = p.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise DataFileError(str(p), f"cannot read: {type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}") from exc
+        reason = getattr(exc, "strerror", None) or exc
+        raise DataFileError(str(p), f"cannot read: {type(exc).__name__}: {reason}") from exc
     # Blank the comment lines instead of dropping them so JSON errors keep the file's line numbers.
     lines = ["" if line.lstrip().startswith("#") else line for line in text.splitlines()]
     try:
@@ -142,7 +143,12 @@ class Pricing:
         if price is None:
             if (provider, model) not in self._warned:
                 self._warned.add((provider, model))
-                log.warning("unpriced model provider=%s model=%s source=%s: cost counted as 0", provider, model, self.source)
+                log.warning(
+                    "unpriced model provider=%s model=%s source=%s: cost counted as 0",
+                    provider,
+                    model,
+                    self.source,
+                )
             return 0.0
         return price.cost(prompt_tokens, completion_tokens, cached_tokens)
 
