@@ -190,7 +190,7 @@ def cmd_run(argv: list[str]) -> int:
 
     from agent_image.protocol.result import ExitCode
 
-    from .lifecycle import RunControl, RunExecution, RunRequest
+    from .lifecycle import RunControl, RunRequest
     from .runtime.local import LocalRuntime
 
     printer = _Printer(args.automation)
@@ -223,6 +223,9 @@ def cmd_run(argv: list[str]) -> int:
             printer.progress(message)
 
     async def main() -> Any:
+        from .api import SocketServices
+        from .core import Supervisor
+
         control = RunControl()
         loop = asyncio.get_running_loop()
 
@@ -235,7 +238,10 @@ def cmd_run(argv: list[str]) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig.name)
-        return await RunExecution(req, runtime, _L(), control).run()
+        sup = Supervisor(runtime, image=image, services=SocketServices, default_sandbox=args.sandbox)
+        record = await sup.submit(req, listener=_L(), control=control)
+        assert record.task is not None
+        return await record.task
 
     result = asyncio.run(main())
     printer.finish(result)
@@ -388,6 +394,11 @@ def cmd_image(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if os.environ.get("MASSGEN_SUPERVISOR_SOCKET"):
+        # Inside a run (also a --sandbox none one): nested runs go through the run's own socket.
+        from agent_image.client import main as client_main
+
+        return client_main(argv)
     if argv and argv[0] in VERBS:
         return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs}[argv[0]](argv[1:])
     return cmd_run(argv)

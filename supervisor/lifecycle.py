@@ -8,12 +8,12 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from agent_image.protocol.config import RunConfig
-from agent_image.protocol.loader import ConfigError, ConfigProblem, dump_config
+from agent_image.protocol.loader import ConfigError, ConfigProblem, dump_config, parse_config_text
 from agent_image.protocol.result import Reason, RunResult, exit_code_for
 from agent_image.protocol.spec import RunSpec
 from agent_image.protocol.status import ContainerSection, RunState
@@ -59,6 +59,42 @@ class RunRequest:
     depth: int = 0
     # Test seam: run this instead of the engine (e.g. a process that ignores SIGTERM).
     engine_command: tuple[str, ...] | None = None
+    workspaces_root: Path | None = None  # default: <logs_root>/../workspaces
+    deadline_cap: float | None = None  # unix time; a child never outlives its parent
+    config_text: str | None = None  # a submitted config (nested runs); config_source then only names it
+
+
+class PolicyError(Exception):
+    """The supervisor refuses to start this run as configured (a limit, a path, a mode)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        self.detail = detail
+        super().__init__(f"{reason}: {detail}")
+
+
+class RunHooks:
+    """What the supervisor adds around one run; the default adds nothing."""
+
+    def context_paths(self, config: RunConfig, source: str) -> list[Path]:
+        """Host paths to mount read-only.
+
+        Raises:
+            PolicyError: a path is missing or not allowed.
+        """
+        contexts, problems = _context_paths(config, source)
+        if problems:
+            raise PolicyError(Reason.PATH_MISSING, str(ConfigError(problems)))
+        return contexts
+
+    def check(self, config: RunConfig, source: str) -> None:
+        """Raise PolicyError to refuse the run before anything starts."""
+
+    async def start_services(self, execution: RunExecution, config: RunConfig, deadline: float) -> tuple[list[Mount], dict[str, str]]:
+        """Start per-run services (the run's socket); returns extra mounts and environment."""
+        return [], {}
+
+    async def stop_services(self, execution: RunExecution) -> None: ...
 
 
 @dataclass
@@ -68,6 +104,8 @@ class RunControl:
     interrupt: asyncio.Event = field(default_factory=asyncio.Event)
     force: asyncio.Event = field(default_factory=asyncio.Event)
     interrupt_reason: str = "interrupted"
+    # When the supervisor stops a run for a reason of its own (budget), the verdict to record.
+    verdict: tuple[int, str, str] | None = None
 
 
 class Listener:
@@ -130,18 +168,35 @@ class RunExecution:
     """Executes one run; the owner of its sandbox from start until removal."""
 
     def __init__(
-        self, req: RunRequest, runtime: Runtime, listener: Listener | None = None, control: RunControl | None = None
+        self,
+        req: RunRequest,
+        runtime: Runtime,
+        listener: Listener | None = None,
+        control: RunControl | None = None,
+        hooks: RunHooks | None = None,
     ) -> None:
         self.req = req
         self.runtime = runtime
         self.listener = listener or Listener()
         self.control = control or RunControl()
+        self.hooks = hooks or RunHooks()
         self.paths: RunPaths | None = None
         self.mat: Materializer | None = None
+        self.config: RunConfig | None = None
+        self.deadline: float | None = None
+        self.contexts: list[Path] = []
+        self.prepared = asyncio.Event()
+
+    def _resolve(self) -> tuple[RunConfig, dict[str, Any], str]:
+        req = self.req
+        if req.config_text is not None:
+            config, raw = parse_config_text(req.config_text, req.config_source)
+            return config, raw, req.config_source
+        return resolve_config(req.config_source)
 
     async def run(self) -> RunResult:
         req = self.req
-        workspaces_root = req.logs_root.parent / "workspaces"
+        workspaces_root = req.workspaces_root or req.logs_root.parent / "workspaces"
         self.paths = paths = create_run_dirs(req.logs_root, workspaces_root)
         self.mat = mat = Materializer(paths)
         mat.set_run(state=RunState.STARTING, sandbox=req.sandbox, parent_run_id=req.parent_run_id, depth=req.depth)
@@ -149,21 +204,23 @@ class RunExecution:
         mat.log(f"run {paths.run_id} prepared: sandbox={req.sandbox} config={req.config_source}")
         try:
             try:
-                config, raw, source = resolve_config(req.config_source)
+                config, raw, source = self._resolve()
             except ConfigError as exc:
+                self.prepared.set()
                 self.listener.prepared(paths, None, req.question)
                 for p in exc.problems:
                     mat.log(f"config error: {p}", "error")
                 return self._end(exit_code_for(exc.reason), exc.reason, str(exc))
+            self.config = config
+            self.prepared.set()
             self.listener.prepared(paths, config, req.question)
             atomic_write(paths.config, dump_config(raw))
-            contexts, problems = _context_paths(config, source)
-            if problems:
-                return self._end(exit_code_for(Reason.PATH_MISSING), Reason.PATH_MISSING, str(ConfigError(problems)))
-            if req.sandbox == "docker" and config.needs_models():
-                models = sorted(config.needs_models())
-                msg = f"{source}: backends {models} need the model gateway, which containers lack yet; use --sandbox none"
-                return self._end(exit_code_for(Reason.CONFIG_INVALID), Reason.CONFIG_INVALID, msg)
+            try:
+                self.hooks.check(config, source)
+                contexts = self.contexts = self.hooks.context_paths(config, source)
+            except PolicyError as exc:
+                mat.log(f"refused: {exc}", "error")
+                return self._end(exit_code_for(exc.reason), exc.reason, exc.detail)
             key_problems = _key_problems(config, source)
             if key_problems:
                 return self._end(exit_code_for(Reason.KEY_MISSING), Reason.KEY_MISSING, str(ConfigError(key_problems)))
@@ -206,6 +263,8 @@ class RunExecution:
                 depth=req.depth,
             )
             env = dict(os.environ)
+            # so that `massgen-run` in the agents' shells is this installation's
+            env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
             env["PYTHONPATH"] = os.pathsep.join(
                 [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]
             ).rstrip(os.pathsep)
@@ -274,27 +333,35 @@ class RunExecution:
         timeout = config.effective_timeout()
         t0 = time.time()
         deadline = t0 + timeout
+        if self.req.deadline_cap is not None:
+            deadline = min(deadline, self.req.deadline_cap)
+        self.deadline = deadline
         grace = config.sandbox.stop_grace_seconds
-        spec = self._sandbox_spec(config, raw, contexts, deadline)
-        mat.set_run(deadline=deadline)
-        mat.write_status(force=True)
         try:
-            handle = await asyncio.to_thread(runtime.start, spec)
-        except ImageMissing as exc:
-            return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
-        except RuntimeError_ as exc:
-            return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
-        try:
-            return await self._follow(handle, deadline, grace)
+            extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+            spec = self._sandbox_spec(config, raw, contexts, deadline)
+            spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
+            mat.set_run(deadline=deadline)
+            mat.write_status(force=True)
+            try:
+                handle = await asyncio.to_thread(runtime.start, spec)
+            except ImageMissing as exc:
+                return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
+            except RuntimeError_ as exc:
+                return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+            try:
+                return await self._follow(handle, deadline, grace)
+            finally:
+                # Whoever created the sandbox removes it, whatever happened above.
+                await asyncio.shield(self._remove(handle))
         finally:
-            # Whoever created the sandbox removes it, whatever happened above.
-            await asyncio.shield(self._remove(handle))
+            await asyncio.shield(self.hooks.stop_services(self))
 
     async def _remove(self, handle: SandboxHandle) -> None:
         try:
             await asyncio.wait_for(asyncio.to_thread(self.runtime.remove, handle), REMOVE_TIMEOUT_S)
         except Exception as exc:  # noqa: BLE001 - log and move on; reconciliation reaps by label
-            log.warning("run_id=%s remove failed: %s", self.req, exc)
+            log.warning("run_id=%s remove failed: %s", self.paths.run_id if self.paths else "?", exc)
 
     async def _follow(self, handle: SandboxHandle, deadline: float, grace: float) -> RunResult:
         paths, mat, runtime, ctl = self.paths, self.mat, self.runtime, self.control
@@ -369,6 +436,8 @@ class RunExecution:
             if fin is not None and fin.reason == Reason.TIMEOUT:
                 return fin.exit_code, fin.reason, fin.detail
             return exit_code_for(Reason.TIMEOUT), Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor"
+        if stopped_for is not None and self.control.verdict is not None:
+            return self.control.verdict
         if stopped_for is not None:
             return exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"stopped: {stopped_for}"
         if info.oom_killed or facts.oom_killed:

@@ -18,6 +18,7 @@ from agent_image.protocol.events import (
     Event,
     FinalAnswer,
     LogLine,
+    ModelCall,
     RunFinished,
     RunStarted,
     parse_event,
@@ -205,6 +206,17 @@ class Materializer:
             self.log(w, "warning")
         tailer.warnings.clear()
         return n
+
+    def record_model_call(self, ev: ModelCall) -> None:
+        """A call metered by the host gateway: into status telemetry and telemetry.jsonl."""
+        self.reducer.apply(ev)
+        with open(self.paths.log_dir / "telemetry.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(ev.model_dump_json() + "\n")
+        self.log(
+            f"model call agent={ev.agent} {ev.provider}/{ev.model} tokens={ev.prompt_tokens}+{ev.completion_tokens}"
+            f" cached={ev.cached_tokens} cost_usd={ev.cost_usd:.6f} latency_s={ev.latency_s:.3f} ok={ev.ok}"
+        )
+        self._dirty = True
 
     # -- supervisor facts --------------------------------------------------------------------
 

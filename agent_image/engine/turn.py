@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -72,7 +73,9 @@ class TurnRunner:
     async def _complete(self, messages: list[Message], specs: list[ToolSpec]) -> Completion:
         t0 = time.monotonic()
         completion = await self.backend.complete(messages, specs)
-        if self.backend.provider != "scripted":
+        # Behind the host gateway the supervisor meters every call itself (trusted); the engine
+        # reports calls only when it talks to models directly (--sandbox none).
+        if self.backend.provider != "scripted" and not os.environ.get("MASSGEN_MODEL_SOCKET"):
             u = completion.usage
             self.writer.emit(
                 ModelCall,

@@ -32,6 +32,12 @@ class Reason(StrEnum):
     NO_ANSWER = "no_answer"
     SUPERVISOR_LOST = "supervisor_lost"
     LIMIT_EXCEEDED = "limit_exceeded"
+    MAX_DEPTH_EXCEEDED = "max_depth_exceeded"
+    MAX_CHILDREN_EXCEEDED = "max_children_exceeded"
+    MAX_TOTAL_CHILDREN_EXCEEDED = "max_total_children_exceeded"
+    PATH_NOT_ALLOWED = "path_not_allowed"
+    WRITE_NOT_ALLOWED = "write_not_allowed"
+    GATEWAY_UNAVAILABLE = "gateway_unavailable"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
 
@@ -51,6 +57,12 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.NO_ANSWER: ExitCode.EXECUTION,
     Reason.SUPERVISOR_LOST: ExitCode.EXECUTION,
     Reason.LIMIT_EXCEEDED: ExitCode.EXECUTION,
+    Reason.MAX_DEPTH_EXCEEDED: ExitCode.EXECUTION,
+    Reason.MAX_CHILDREN_EXCEEDED: ExitCode.EXECUTION,
+    Reason.MAX_TOTAL_CHILDREN_EXCEEDED: ExitCode.EXECUTION,
+    Reason.PATH_NOT_ALLOWED: ExitCode.EXECUTION,
+    Reason.WRITE_NOT_ALLOWED: ExitCode.EXECUTION,
+    Reason.GATEWAY_UNAVAILABLE: ExitCode.EXECUTION,
     Reason.TIMEOUT: ExitCode.TIMEOUT,
     Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }

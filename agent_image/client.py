@@ -1,0 +1,212 @@
+"""`massgen-run` as a client of a supervisor socket: nested runs inside a sandbox, and the host
+CLI when a daemon is running. Same lines, same exit codes as the embedded CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .protocol.automation import head_lines, tail_lines
+
+SOCKET_ENV = "MASSGEN_SUPERVISOR_SOCKET"
+ORIGIN = "http://massgen-supervisor"
+WAIT_STEP_S = 20.0
+STOP_WAIT_S = 90.0
+
+
+class ClientError(Exception):
+    """The supervisor could not be reached or refused the request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+class SupervisorClient:
+    def __init__(self, socket_path: str, timeout: float = 90.0) -> None:
+        import httpx2
+
+        self.socket_path = socket_path
+        self._http = httpx2.Client(
+            base_url=ORIGIN, transport=httpx2.HTTPTransport(uds=socket_path), timeout=timeout
+        )
+
+    def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> tuple[int, Any]:
+        try:
+            resp = self._http.request(method, path, json=body, params=params)
+        except Exception as exc:  # noqa: BLE001 - one message for every transport failure
+            raise ClientError(f"supervisor at {self.socket_path} unreachable: {type(exc).__name__}: {exc}") from exc
+        try:
+            data = resp.json()
+        except ValueError:
+            data = {"error": "bad_response", "detail": resp.text[:200]}
+        if resp.status_code >= 400:
+            raise ClientError(f"{data.get('error', resp.status_code)}: {data.get('detail', '')}", resp.status_code)
+        return resp.status_code, data
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _config_body(config: str) -> dict[str, Any]:
+    if config.startswith("@examples/"):
+        return {"example": config.split("/", 1)[1]}
+    path = Path(config).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ClientError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+    return {"config_text": _absolutize_context_paths(text, path.parent), "config_name": str(path.resolve())}
+
+
+def _absolutize_context_paths(text: str, base: Path) -> str:
+    """Relative context paths mean 'relative to where I am'; the supervisor needs them absolute."""
+    try:
+        import yaml
+
+        data = yaml.safe_load(text)
+        cps = data["orchestrator"]["context_paths"]
+    except Exception:  # noqa: BLE001 - anything odd: send the text as written; the supervisor reports errors
+        return text
+    changed = False
+    for cp in cps if isinstance(cps, list) else []:
+        if isinstance(cp, dict) and isinstance(cp.get("path"), str) and not os.path.isabs(cp["path"]):
+            cp["path"] = os.path.abspath(cp["path"])
+            changed = True
+    return yaml.safe_dump(data, sort_keys=False) if changed else text
+
+
+def _out(line: str) -> None:
+    print(line, flush=True)
+
+
+def run_and_follow(client: SupervisorClient, question: str, config: str, automation: bool) -> int:
+    body = {"question": question, **_config_body(config)}
+    _, info = client.request("POST", "/v1/runs", body)
+    run_id = info["run_id"]
+    if automation:
+        for line in head_lines(info["log_dir"], run_id, info["status_file"], info.get("agents"), question):
+            _out(line)
+    else:
+        _out(f"run {run_id}\n  log dir: {info['log_dir']}\n  agents:  {', '.join(info.get('agents') or [])}")
+    stopping = {"sent": False}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if not stopping["sent"]:
+            stopping["sent"] = True
+            try:
+                client.request("POST", f"/v1/runs/{run_id}/stop")
+            except ClientError as exc:
+                print(f"massgen-run: could not stop {run_id}: {exc}", file=sys.stderr)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        deadline = None
+        while True:
+            status, res = client.request("GET", f"/v1/runs/{run_id}/result", params={"wait": str(WAIT_STEP_S)})
+            if status == 200:
+                break
+            if stopping["sent"]:
+                deadline = deadline or time.monotonic() + STOP_WAIT_S
+                if time.monotonic() > deadline:
+                    raise ClientError(f"run {run_id} did not stop within {STOP_WAIT_S:g}s")
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    answer = ""
+    if res.get("answer_file"):
+        try:
+            answer = Path(res["answer_file"]).read_text(encoding="utf-8")
+        except OSError:
+            answer = ""
+    n_agents = len(info.get("agents") or [])
+    if automation:
+        for line in tail_lines(
+            exit_code=res["exit_code"], reason=res["reason"], detail=res.get("detail", ""), winner=res.get("winner"),
+            duration_s=res.get("duration_s"), answer_file=res.get("answer_file"), answer_text=answer, n_agents=n_agents,
+        ):
+            _out(line)
+    elif res["exit_code"] == 0:
+        _out(f"\nfinal answer ({res.get('winner')}):\n\n{answer.rstrip()}\n\nanswer file: {res.get('answer_file')}")
+    else:
+        _out(f"\nrun ended: exit {res['exit_code']} ({res['reason']}): {res.get('detail', '')}")
+    return int(res["exit_code"])
+
+
+def main(argv: list[str], socket_path: str | None = None) -> int:
+    sock = socket_path or os.environ.get(SOCKET_ENV)
+    if not sock:
+        print(
+            f"massgen-run: no supervisor here ({SOCKET_ENV} is not set); inside a sandbox this command "
+            "starts nested runs through the run's supervisor socket",
+            file=sys.stderr,
+        )
+        return 1
+    verbs = {"ps", "status", "stop", "logs"}
+    try:
+        client = SupervisorClient(sock)
+        if argv and argv[0] in verbs:
+            return _verb(client, argv[0], argv[1:])
+        p = argparse.ArgumentParser(prog="massgen-run", description="Start a nested run through the supervisor.")
+        p.add_argument("question")
+        p.add_argument("--config", required=True, help="config file, or @examples/NAME")
+        p.add_argument("--automation", action="store_true")
+        p.add_argument("--sandbox", choices=("docker", "none"), help="ignored: nested runs use the parent's kind")
+        args = p.parse_args(argv)
+        return run_and_follow(client, args.question, args.config, args.automation)
+    except ClientError as exc:
+        print(f"massgen-run: {exc}", file=sys.stderr)
+        return 2
+
+
+def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"massgen-run {verb}")
+    if verb != "ps":
+        p.add_argument("run")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-f", "--follow", action="store_true")
+    args = p.parse_args(argv)
+    if verb == "ps":
+        _, runs = client.request("GET", "/v1/runs")
+        if args.json:
+            print(json.dumps(runs, indent=2))
+        else:
+            print(f"{'RUN ID':40} {'STATE':9} {'PHASE':13} {'EXIT':>4} DEPTH")
+            for r in runs:
+                ex = "" if r["exit_code"] is None else str(r["exit_code"])
+                print(f"{r['run_id']:40} {r['state']:9} {str(r['phase']):13} {ex:>4} {r['depth']}")
+        return 0
+    if verb == "status":
+        _, st = client.request("GET", f"/v1/runs/{args.run}/status")
+        print(json.dumps(st, indent=2))
+        return 0
+    if verb == "stop":
+        _, info = client.request("POST", f"/v1/runs/{args.run}/stop")
+        print(f"stopping {info['run_id']}")
+        return 0
+    _, info = client.request("GET", f"/v1/runs/{args.run}")
+    log_file = Path(info["log_dir"]) / "massgen.log"
+    pos = 0
+    while True:
+        try:
+            with open(log_file, "rb") as fh:
+                fh.seek(pos)
+                chunk = fh.read()
+            pos += len(chunk)
+            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.flush()
+        except FileNotFoundError:
+            pass
+        if not args.follow:
+            return 0
+        _, info = client.request("GET", f"/v1/runs/{args.run}")
+        if info["state"] == "finished":
+            return 0
+        time.sleep(0.5)

@@ -1,0 +1,361 @@
+"""The supervisor: owns every run of this process, their tree, limits, and per-run services.
+
+Both the daemon and the embedded supervisor of `massgen-run` are a `Supervisor`; a run's
+identity on its own socket is the `RunRecord` that socket was opened for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import posixpath
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent_image.protocol.api import RunInfo
+from agent_image.protocol.config import RunConfig
+from agent_image.protocol.result import RunResult
+from agent_image.protocol.status import ChildEntry, RunState
+
+from .lifecycle import (
+    CHILDREN_IN_SANDBOX,
+    WORKSPACE_IN_SANDBOX,
+    Listener,
+    PolicyError,
+    RunControl,
+    RunExecution,
+    RunHooks,
+    RunRequest,
+)
+from .logdir import RunPaths
+from .runtime.base import Mount, Runtime
+
+log = logging.getLogger(__name__)
+
+SOCKET_IN_SANDBOX_DIR = "/run/massgen/api"
+SOCKET_NAME = "api.sock"
+DEFAULT_MAX_TOTAL_CHILDREN = 16
+STOP_SUBTREE_REASON = "parent run ended"
+
+
+def socket_root() -> Path:
+    """Short base dir for per-run sockets (unix socket paths are limited to ~107 bytes)."""
+    env = os.environ.get("MASSGEN_SOCKET_DIR")
+    if env:
+        return Path(env)
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
+    return base / "runs"
+
+
+@dataclass
+class RunRecord:
+    """One run known to this supervisor."""
+
+    execution: RunExecution
+    parent: RunRecord | None
+    control: RunControl
+    task: asyncio.Task[RunResult] | None = None
+    result: RunResult | None = None
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    children: list[RunRecord] = field(default_factory=list)
+    socket_dir: Path | None = None
+    server: Any = None  # the per-run socket server (supervisor.api.RunSocketServer)
+    seq: int = 0  # submission order within this supervisor
+
+    @property
+    def run_id(self) -> str:
+        assert self.execution.paths is not None
+        return self.execution.paths.run_id
+
+    @property
+    def paths(self) -> RunPaths:
+        assert self.execution.paths is not None
+        return self.execution.paths
+
+    @property
+    def depth(self) -> int:
+        return self.execution.req.depth
+
+    @property
+    def sandbox(self) -> str:
+        return self.execution.req.sandbox
+
+    @property
+    def live(self) -> bool:
+        return not self.done.is_set()
+
+    def ancestors(self) -> Iterator[RunRecord]:
+        node = self.parent
+        while node is not None:
+            yield node
+            node = node.parent
+
+    def descendants(self) -> Iterator[RunRecord]:
+        for c in self.children:
+            yield c
+            yield from c.descendants()
+
+    # -- the run's view of the filesystem (for its children's paths) ---------------------------
+
+    def view_roots(self) -> list[tuple[str, Path]]:
+        """(path as this run's sandbox sees it, host path) for everything mounted in it."""
+        paths = self.paths
+        if self.sandbox == "none":
+            roots = [(str(paths.workspace), paths.workspace), (str(paths.children), paths.children)]
+        else:
+            roots = [(WORKSPACE_IN_SANDBOX, paths.workspace), (CHILDREN_IN_SANDBOX, paths.children)]
+        roots += [(str(p), p) for p in self.execution.contexts]
+        return roots
+
+    def view_of(self, host_path: Path) -> str:
+        """A host path (inside this run's children/) as this run's sandbox sees it."""
+        if self.sandbox == "none":
+            return str(host_path)
+        rel = host_path.relative_to(self.paths.children)
+        return posixpath.join(CHILDREN_IN_SANDBOX, rel.as_posix())
+
+
+def translate_path(record: RunRecord, requested: str) -> Path:
+    """Map a path from a run's view to the host path behind it, refusing escapes.
+
+    Raises:
+        PolicyError: path_not_allowed when it is not under anything the run can see (after
+            resolving `..` and symlinks on the host), path_missing when it does not exist.
+    """
+    if not posixpath.isabs(requested):
+        raise PolicyError("path_not_allowed", f"{requested}: child context paths must be absolute")
+    norm = posixpath.normpath(requested)
+    for view, host in record.view_roots():
+        if norm == view or norm.startswith(view.rstrip("/") + "/"):
+            rel = posixpath.relpath(norm, view)
+            candidate = host / rel if rel != "." else host
+            real_root = Path(os.path.realpath(host))
+            real = Path(os.path.realpath(candidate))
+            if real != real_root and real_root not in real.parents:
+                raise PolicyError("path_not_allowed", f"{requested}: resolves outside what this run can see")
+            if not real.exists():
+                raise PolicyError("path_missing", f"{requested}: does not exist")
+            return real
+    raise PolicyError("path_not_allowed", f"{requested}: not visible to the parent run")
+
+
+class ChildHooks(RunHooks):
+    """Policy for a nested run: paths only from the parent's view, read-only; limits."""
+
+    def __init__(self, sup: Supervisor, parent: RunRecord, services: RunHooks) -> None:
+        self.sup = sup
+        self.parent = parent
+        self.services = services
+
+    def check(self, config: RunConfig, source: str) -> None:
+        parent = self.parent
+        pcfg = parent.execution.config
+        assert pcfg is not None
+        max_depth = pcfg.sandbox.max_depth
+        if parent.depth + 1 > max_depth:
+            raise PolicyError("max_depth_exceeded", f"nesting depth {parent.depth + 1} exceeds max_depth={max_depth}")
+        me = self.record_ref
+        assert me is not None
+        # FIFO: only live children submitted before this one count against the limits.
+        others = [c for c in parent.children if c.live and c.seq < me.seq]
+        if len(others) >= pcfg.sandbox.max_children:
+            raise PolicyError(
+                "max_children_exceeded", f"{len(others)} live children already; max_children={pcfg.sandbox.max_children}"
+            )
+        root = parent
+        while root.parent is not None:
+            root = root.parent
+        total = sum(1 for d in root.descendants() if d.live and d.seq < me.seq)
+        if total >= self.sup.max_total_children:
+            raise PolicyError(
+                "max_total_children_exceeded", f"{total} live nested runs in this tree; limit {self.sup.max_total_children}"
+            )
+        for i, cp in enumerate(config.orchestrator.context_paths):
+            if cp.permission != "read":
+                raise PolicyError(
+                    "write_not_allowed", f"orchestrator.context_paths.{i}: nested runs get read-only context paths only"
+                )
+        if config.needs_models() and not self.sup.gateway_available:
+            raise PolicyError("gateway_unavailable", "model backends need the gateway")
+
+    record_ref: RunRecord | None = None
+
+    def context_paths(self, config: RunConfig, source: str) -> list[Path]:
+        return [translate_path(self.parent, cp.path) for cp in config.orchestrator.context_paths]
+
+    async def start_services(self, execution: RunExecution, config: RunConfig, deadline: float) -> tuple[list[Mount], dict[str, str]]:
+        return await self.services.start_services(execution, config, deadline)
+
+    async def stop_services(self, execution: RunExecution) -> None:
+        await self.services.stop_services(execution)
+
+
+class Supervisor:
+    """Registry and policy for every run this process supervises."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        supervisor_id: str = "embedded",
+        image: str | None = None,
+        max_total_children: int = DEFAULT_MAX_TOTAL_CHILDREN,
+        services: Callable[[Supervisor, RunRecord], RunHooks] | None = None,
+        gateway_available: bool = True,
+        default_sandbox: str = "docker",
+    ) -> None:
+        self.default_sandbox = default_sandbox
+        self.runtime = runtime
+        self.supervisor_id = supervisor_id
+        self.image = image
+        self.max_total_children = max_total_children
+        self.records: dict[str, RunRecord] = {}
+        self._services = services
+        self.gateway_available = gateway_available
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._seq = 0
+
+    # -- submission -------------------------------------------------------------------------
+
+    async def submit(
+        self,
+        req: RunRequest,
+        *,
+        parent: RunRecord | None = None,
+        listener: Listener | None = None,
+        control: RunControl | None = None,
+    ) -> RunRecord:
+        """Start a run; returns once its log dir exists and its config is resolved (or failed)."""
+        control = control or RunControl()
+        execution = RunExecution(req, self.runtime, listener, control)
+        self._seq += 1
+        record = RunRecord(execution=execution, parent=parent, control=control, seq=self._seq)
+        services = self._services(self, record) if self._services is not None else RunHooks()
+        if parent is not None:
+            hooks = ChildHooks(self, parent, services)
+            hooks.record_ref = record
+            execution.hooks = hooks
+            parent.children.append(record)
+        else:
+            execution.hooks = services
+        record.task = asyncio.create_task(self._run(record), name="run")
+        self._tasks.add(record.task)
+        record.task.add_done_callback(self._tasks.discard)
+        waiter = asyncio.ensure_future(execution.prepared.wait())
+        await asyncio.wait([waiter, record.task], return_when=asyncio.FIRST_COMPLETED)
+        waiter.cancel()
+        if execution.paths is None:  # failed before it had a log dir
+            await record.task
+        self.records[record.run_id] = record
+        self._note_child(record)
+        return record
+
+    async def _run(self, record: RunRecord) -> RunResult:
+        try:
+            record.result = await record.execution.run()
+            return record.result
+        finally:
+            record.done.set()
+            await self._stop_subtree(record)
+            self._note_child(record)
+
+    async def _stop_subtree(self, record: RunRecord) -> None:
+        live = [d for d in record.descendants() if d.live]
+        for d in live:
+            d.control.interrupt_reason = STOP_SUBTREE_REASON
+            d.control.interrupt.set()
+        if live:
+            await asyncio.wait([d.task for d in live if d.task is not None], timeout=60)
+
+    def _note_child(self, record: RunRecord) -> None:
+        """Mirror a child's state into its parent's status.json `children`."""
+        parent = record.parent
+        if parent is None or parent.execution.mat is None or record.execution.paths is None:
+            return
+        mat = parent.execution.mat
+        entry = ChildEntry(run_id=record.run_id, log_dir=parent.view_of(record.paths.log_dir))
+        if record.result is not None:
+            entry.state = RunState.FINISHED
+            entry.exit_code = record.result.exit_code
+            entry.reason = record.result.reason
+        else:
+            entry.state = RunState.RUNNING
+        children = [c for c in mat.status.children if c.run_id != entry.run_id]
+        mat.status.children = [*children, entry]
+        with contextlib.suppress(Exception):
+            mat.set_run()  # marks dirty; the parent's follow loop writes it
+            mat.write_status()
+
+    # -- queries and control ----------------------------------------------------------------
+
+    def visible_to(self, caller: RunRecord | None) -> list[RunRecord]:
+        if caller is None:
+            return list(self.records.values())
+        return list(caller.descendants())
+
+    def lookup(self, caller: RunRecord | None, run_id: str) -> RunRecord | None:
+        rec = self.records.get(run_id)
+        if rec is None:
+            return None
+        if caller is not None and caller not in rec.ancestors():
+            return None  # not a descendant: indistinguishable from not existing
+        return rec
+
+    def info(self, rec: RunRecord, caller: RunRecord | None) -> RunInfo:
+        mat = rec.execution.mat
+        st = mat.status if mat is not None else None
+        log_dir = rec.paths.log_dir
+        view_dir = caller.view_of(log_dir) if caller is not None else str(log_dir)
+        cfg = rec.execution.config
+        res = rec.result
+        return RunInfo(
+            run_id=rec.run_id,
+            parent_run_id=rec.parent.run_id if rec.parent else None,
+            depth=rec.depth,
+            state=res and "finished" or (st.run.state.value if st else "starting"),
+            phase=st.coordination.phase.value if st else None,
+            exit_code=res.exit_code if res else None,
+            reason=res.reason if res else None,
+            detail=res.detail if res else None,
+            log_dir=view_dir,
+            status_file=posixpath.join(view_dir, "status.json"),
+            agents=cfg.agent_ids if cfg is not None else None,
+            question=rec.execution.req.question,
+            elapsed_s=st.meta.elapsed_seconds if st else None,
+        )
+
+    def view_path(self, caller: RunRecord | None, host_path: str | None) -> str | None:
+        if host_path is None or caller is None:
+            return host_path
+        return caller.view_of(Path(host_path))
+
+    async def stop(self, rec: RunRecord, reason: str = "interrupted") -> None:
+        rec.control.interrupt_reason = reason
+        rec.control.interrupt.set()
+
+    async def wait(self, rec: RunRecord, timeout: float | None = None) -> RunResult | None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await rec.done.wait()
+        return rec.result
+
+    async def shutdown(self, grace: float = 30) -> None:
+        """Interrupt every live run and wait for them (bounded)."""
+        live = [r for r in self.records.values() if r.live]
+        for r in live:
+            await self.stop(r, "supervisor shutting down")
+        tasks = [r.task for r in live if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+
+
+def short_socket_dir(run_id: str) -> Path:
+    digest = hashlib.sha256(f"{run_id}{time.time_ns()}".encode()).hexdigest()[:12]
+    return socket_root() / digest
