@@ -182,6 +182,15 @@ class ChildHooks(RunHooks):
                 raise PolicyError(
                     "write_not_allowed", f"orchestrator.context_paths.{i}: nested runs get read-only context paths only"
                 )
+        # The gateway sends the host's real key to the upstream: a child (whose config an agent
+        # wrote) may not point it anywhere its parent did not already use.
+        parent_urls = {a.backend.type: a.backend.base_url for a in pcfg.agents if a.backend.base_url}
+        for i, agent in enumerate(config.agents):
+            url = agent.backend.base_url
+            if url is not None and url != parent_urls.get(agent.backend.type):
+                raise PolicyError(
+                    "base_url_not_allowed", f"agents.{i}.backend.base_url: nested runs may only use their parent's upstream"
+                )
         if config.needs_models() and not self.sup.gateway_available:
             raise PolicyError("gateway_unavailable", "model backends need the gateway")
 

@@ -17,7 +17,7 @@ class _Event(BaseModel):
 
     v: Literal[1] = EVENT_VERSION
     seq: int = Field(ge=0)
-    ts: float
+    ts: float = Field(ge=0, le=1e11)  # bounded so sums and dates stay finite (year ~5000)
 
 
 class AgentInfo(BaseModel):
@@ -51,7 +51,7 @@ class ToolCalled(_Event):
     tool: str
     summary: str = Field(max_length=500)
     ok: bool = True
-    duration_s: float = 0.0
+    duration_s: float = Field(default=0.0, ge=0, le=1e7)
 
 
 class AnswerSubmitted(_Event):
@@ -95,12 +95,12 @@ class ModelCall(_Event):
     agent: str
     provider: str
     model: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    latency_s: float = 0.0
-    ttft_s: float | None = None
-    cost_usd: float = 0.0
+    prompt_tokens: int = Field(default=0, ge=0, le=10**12)
+    completion_tokens: int = Field(default=0, ge=0, le=10**12)
+    cached_tokens: int = Field(default=0, ge=0, le=10**12)
+    latency_s: float = Field(default=0.0, ge=0, le=1e7)
+    ttft_s: float | None = Field(default=None, ge=0, le=1e7)
+    cost_usd: float = Field(default=0.0, ge=0, le=1e9)
     ok: bool = True
 
 

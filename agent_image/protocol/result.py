@@ -38,6 +38,7 @@ class Reason(StrEnum):
     PATH_NOT_ALLOWED = "path_not_allowed"
     WRITE_NOT_ALLOWED = "write_not_allowed"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
+    BASE_URL_NOT_ALLOWED = "base_url_not_allowed"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
 
@@ -63,6 +64,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.PATH_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.WRITE_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.GATEWAY_UNAVAILABLE: ExitCode.EXECUTION,
+    Reason.BASE_URL_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.TIMEOUT: ExitCode.TIMEOUT,
     Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }

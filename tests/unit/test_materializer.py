@@ -227,18 +227,14 @@ def test_answer_with_bad_label_writes_nothing(mat: Materializer, tmp_path: Path,
 
 
 def test_extreme_timestamp_does_not_crash_logging(mat: Materializer, paths: RunPaths) -> None:
-    """A log event whose ts is valid but outside time_t's range is still logged."""
+    """Timestamps outside the schema's range (far future/past) are rejected with a warning, never a crash."""
     mat.feed(started())
-    assert mat.feed(line(type="log", seq=1, ts=1e20, message="far future")) is not None
-    assert mat.feed(line(type="log", seq=2, ts=-1e18, message="far past")) is not None
+    assert mat.feed(line(type="log", seq=1, ts=1e20, message="far future")) is None
+    assert mat.feed(line(type="log", seq=1, ts=-1e18, message="far past")) is None
     text = paths.log.read_text()
-    assert "far future" in text and "far past" in text
+    assert "far future" not in text and "ignored malformed event line" in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="event floats are unbounded: finite ts/cost values whose sums overflow reach status.json as Infinity",
-)
 def test_overflowing_cost_keeps_status_json_standard(mat: Materializer, paths: RunPaths) -> None:
     """Two huge but finite costs must not produce Infinity in status.json."""
     mat.feed(started())
