@@ -158,7 +158,13 @@ class ChildHooks(RunHooks):
         parent = self.parent
         pcfg = parent.execution.config
         assert pcfg is not None
-        max_depth = pcfg.sandbox.max_depth
+        # Depth is counted from the root, and a child's config is written by an agent: every
+        # ancestor's max_depth binds, so a nested config can lower the limit but never raise it.
+        max_depth = min(
+            r.execution.config.sandbox.max_depth
+            for r in (parent, *parent.ancestors())
+            if r.execution.config is not None
+        )
         if parent.depth + 1 > max_depth:
             raise PolicyError("max_depth_exceeded", f"nesting depth {parent.depth + 1} exceeds max_depth={max_depth}")
         me = self.record_ref
