@@ -19,6 +19,7 @@ SOCKET_ENV = "MASSGEN_SUPERVISOR_SOCKET"
 ORIGIN = "http://massgen-supervisor"
 WAIT_STEP_S = 20.0
 STOP_WAIT_S = 90.0
+RECONNECT_S = float(os.environ.get("MASSGEN_RECONNECT_SECONDS", "60"))
 
 
 class ClientError(Exception):
@@ -34,11 +35,11 @@ class SupervisorClient:
         import httpx2
 
         self.socket_path = socket_path
-        self._http = httpx2.Client(
-            base_url=ORIGIN, transport=httpx2.HTTPTransport(uds=socket_path), timeout=timeout
-        )
+        self._http = httpx2.Client(base_url=ORIGIN, transport=httpx2.HTTPTransport(uds=socket_path), timeout=timeout)
 
-    def request(self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None) -> tuple[int, Any]:
+    def request(
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         try:
             resp = self._http.request(method, path, json=body, params=params)
         except Exception as exc:  # noqa: BLE001 - one message for every transport failure
@@ -87,8 +88,10 @@ def _out(line: str) -> None:
     print(line, flush=True)
 
 
-def run_and_follow(client: SupervisorClient, question: str, config: str, automation: bool) -> int:
-    body = {"question": question, **_config_body(config)}
+def run_and_follow(
+    client: SupervisorClient, question: str, config: str, automation: bool, extra: dict[str, Any] | None = None
+) -> int:
+    body = {"question": question, **_config_body(config), **(extra or {})}
     _, info = client.request("POST", "/v1/runs", body)
     run_id = info["run_id"]
     if automation:
@@ -109,8 +112,22 @@ def run_and_follow(client: SupervisorClient, question: str, config: str, automat
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         deadline = None
+        lost_since: float | None = None
         while True:
-            status, res = client.request("GET", f"/v1/runs/{run_id}/result", params={"wait": str(WAIT_STEP_S)})
+            try:
+                status, res = client.request("GET", f"/v1/runs/{run_id}/result", params={"wait": str(WAIT_STEP_S)})
+            except ClientError as exc:
+                if exc.status is not None:
+                    raise
+                # The supervisor went away (a daemon restart): keep trying to reattach; a
+                # restarted daemon re-adopts the run and answers for it again.
+                lost_since = lost_since or time.monotonic()
+                if time.monotonic() - lost_since > RECONNECT_S:
+                    res = {"exit_code": 2, "reason": "supervisor_lost", "detail": str(exc)}
+                    break
+                time.sleep(0.5)
+                continue
+            lost_since = None
             if status == 200:
                 break
             if stopping["sent"]:
@@ -129,8 +146,14 @@ def run_and_follow(client: SupervisorClient, question: str, config: str, automat
     n_agents = len(info.get("agents") or [])
     if automation:
         for line in tail_lines(
-            exit_code=res["exit_code"], reason=res["reason"], detail=res.get("detail", ""), winner=res.get("winner"),
-            duration_s=res.get("duration_s"), answer_file=res.get("answer_file"), answer_text=answer, n_agents=n_agents,
+            exit_code=res["exit_code"],
+            reason=res["reason"],
+            detail=res.get("detail", ""),
+            winner=res.get("winner"),
+            duration_s=res.get("duration_s"),
+            answer_file=res.get("answer_file"),
+            answer_text=answer,
+            n_agents=n_agents,
         ):
             _out(line)
     elif res["exit_code"] == 0:

@@ -7,11 +7,13 @@ descendants, and paths in answers are valid inside that run's sandbox. On the da
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import os
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ from agent_image.protocol.api import ErrorBody, SubmitRun
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.events import ModelCall
 from agent_image.protocol.result import Reason, exit_code_for
+from agent_image.protocol.status import RunState
 
 from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, short_socket_dir
 from .lifecycle import PolicyError, RunExecution, RunHooks, RunRequest
@@ -86,8 +89,8 @@ class RunsApi:
             return _error(400, "invalid_body", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
         caller = self.caller
         if caller is not None:
-            if body.config_path is not None:
-                return _error(400, "invalid_body", "config_path is not accepted here; send config_text")
+            if body.config_path is not None or body.logs_root is not None:
+                return _error(400, "invalid_body", "config_path and logs_root are not accepted here; send config_text")
             if caller.execution.deadline is None:
                 return _error(409, "not_running", "the run is not running yet")
         sources = [x for x in (body.config_text, body.example, body.config_path) if x is not None]
@@ -101,11 +104,16 @@ class RunsApi:
             source = body.config_name
         if caller is None:
             assert self.logs_root is not None
+            logs_root = self.logs_root
+            if body.logs_root is not None:
+                if not os.path.isabs(body.logs_root) or ".." in Path(body.logs_root).parts:
+                    return _error(400, "invalid_body", "logs_root must be an absolute path without '..'")
+                logs_root = Path(body.logs_root)
             req = RunRequest(
                 question=body.question,
                 config_source=source,
                 config_text=body.config_text,
-                logs_root=self.logs_root,
+                logs_root=logs_root,
                 sandbox=self.sup.default_sandbox,
                 image=self.sup.image,
                 supervisor_id=self.sup.supervisor_id,
@@ -212,10 +220,18 @@ class SocketServices(RunHooks):
 
         def on_record(call: CallRecord) -> None:
             ev = ModelCall(
-                seq=0, ts=mat.clock(), agent=call.agent[:40], provider=call.provider, model=call.model[:200],
-                prompt_tokens=call.prompt_tokens, completion_tokens=call.completion_tokens,
-                cached_tokens=call.cached_tokens, latency_s=call.latency_s, ttft_s=call.ttft_s,
-                cost_usd=call.cost_usd, ok=call.ok,
+                seq=0,
+                ts=mat.clock(),
+                agent=call.agent[:40],
+                provider=call.provider,
+                model=call.model[:200],
+                prompt_tokens=call.prompt_tokens,
+                completion_tokens=call.completion_tokens,
+                cached_tokens=call.cached_tokens,
+                latency_s=call.latency_s,
+                ttft_s=call.ttft_s,
+                cost_usd=call.cost_usd,
+                ok=call.ok,
             )
             mat.record_model_call(ev)
             # Nested runs spend their ancestors' budgets too (their telemetry stays their own).
@@ -231,7 +247,9 @@ class SocketServices(RunHooks):
             self.record.control.interrupt.set()
 
         meter = ChainMeter(
-            BudgetMeter(budget.max_tokens, budget.max_cost_usd, budget.max_calls, on_record=on_record, on_exceeded=on_exceeded),
+            BudgetMeter(
+                budget.max_tokens, budget.max_cost_usd, budget.max_calls, on_record=on_record, on_exceeded=on_exceeded
+            ),
             [getattr(anc.server, "meter", None) for anc in self.record.ancestors()],
         )
         upstreams = upstreams_from_env()
@@ -241,16 +259,22 @@ class SocketServices(RunHooks):
                 allowed.setdefault(agent.backend.type, set()).add(agent.backend.model)
                 if agent.backend.base_url and agent.backend.type in upstreams:
                     up = upstreams[agent.backend.type]
-                    upstreams[agent.backend.type] = type(up)(up.provider, agent.backend.base_url.rstrip("/"), up.api_key)
+                    upstreams[agent.backend.type] = type(up)(
+                        up.provider, agent.backend.base_url.rstrip("/"), up.api_key
+                    )
         log.info("run_id=%s gateway upstreams=%s", run_id, {k: v.base_url for k, v in upstreams.items()})
         self.meter = meter
         return Gateway(upstreams, meter=meter, pricing=Pricing.load(), allowed_models=allowed)
 
-    async def start_services(self, execution: RunExecution, config: RunConfig, deadline: float) -> tuple[list[Mount], dict[str, str]]:
+    async def start_services(
+        self, execution: RunExecution, config: RunConfig, deadline: float
+    ) -> tuple[list[Mount], dict[str, str]]:
         self.socket_dir = short_socket_dir(self.record.run_id)
-        self.socket_dir.mkdir(parents=True, mode=0o755)
+        self.socket_dir.mkdir(parents=True, mode=0o755, exist_ok=True)
         os.chmod(self.socket_dir, 0o755)
         path = self.socket_dir / SOCKET_NAME
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # a stale socket from a supervisor that died
         routes = RunsApi(self.sup, self.record).routes()
         docker = execution.req.sandbox == "docker"
         if docker:
@@ -268,6 +292,11 @@ class SocketServices(RunHooks):
             }
         return [], {"MASSGEN_SUPERVISOR_SOCKET": str(path)}
 
+    def admission(self) -> contextlib.AbstractAsyncContextManager[None]:
+        if self.record.parent is not None or self.sup.slots is None:
+            return contextlib.nullcontext()
+        return _admitted(self.sup.slots, self.record)
+
     async def stop_services(self, execution: RunExecution) -> None:
         if self.server is not None:
             await self.server.close()
@@ -276,6 +305,19 @@ class SocketServices(RunHooks):
                 await self.gateway.aclose()
         if self.socket_dir is not None:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def _admitted(slots: asyncio.Semaphore, record: RunRecord) -> AsyncIterator[None]:
+    mat = record.execution.mat
+    if slots.locked() and mat is not None:
+        mat.set_run(state=RunState.QUEUED)
+        mat.log("queued: the supervisor's concurrency limit is reached")
+        mat.write_status(force=True)
+    async with slots:
+        if mat is not None:
+            mat.set_run(state=RunState.STARTING)
+        yield
 
 
 class ChainMeter:

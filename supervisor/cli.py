@@ -177,6 +177,26 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
         raise _PreflightFailed([f"image build failed: {exc}"]) from exc
 
 
+def _daemon_client() -> Any:
+    """A client of the running daemon, or None when no daemon answers (then we embed one)."""
+    if os.environ.get("MASSGEN_NO_DAEMON"):
+        return None
+    from .daemon import default_socket
+
+    sock = default_socket()
+    if not sock.exists():
+        return None
+    from agent_image.client import ClientError, SupervisorClient
+
+    client = SupervisorClient(str(sock), timeout=90)
+    try:
+        client.request("GET", "/v1/health")
+    except ClientError:
+        client.close()
+        return None
+    return client
+
+
 class _PreflightFailed(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
@@ -195,6 +215,17 @@ def cmd_run(argv: list[str]) -> int:
 
     printer = _Printer(args.automation)
     logs_root = (args.logs_root or _default_logs_root()).absolute()
+    daemon = _daemon_client() if args.sandbox == "docker" and not args.image else None
+    if daemon is not None:
+        from agent_image.client import ClientError, run_and_follow
+
+        try:
+            return run_and_follow(daemon, args.question, args.config, args.automation, {"logs_root": str(logs_root)})
+        except ClientError as exc:
+            _stderr(f"massgen-run: {exc}")
+            return int(ExitCode.EXECUTION)
+        finally:
+            daemon.close()
     if args.sandbox == "none":
         _stderr("warning: --sandbox none runs the agents' commands directly on this host, without isolation")
         runtime: Any = LocalRuntime()

@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import posixpath
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from agent_image.protocol.status import ChildEntry, RunState
 from .lifecycle import (
     CHILDREN_IN_SANDBOX,
     WORKSPACE_IN_SANDBOX,
+    Detached,
     Listener,
     PolicyError,
     RunControl,
@@ -173,7 +173,8 @@ class ChildHooks(RunHooks):
         others = [c for c in parent.children if c.live and c.seq < me.seq]
         if len(others) >= pcfg.sandbox.max_children:
             raise PolicyError(
-                "max_children_exceeded", f"{len(others)} live children already; max_children={pcfg.sandbox.max_children}"
+                "max_children_exceeded",
+                f"{len(others)} live children already; max_children={pcfg.sandbox.max_children}",
             )
         root = parent
         while root.parent is not None:
@@ -181,7 +182,8 @@ class ChildHooks(RunHooks):
         total = sum(1 for d in root.descendants() if d.live and d.seq < me.seq)
         if total >= self.sup.max_total_children:
             raise PolicyError(
-                "max_total_children_exceeded", f"{total} live nested runs in this tree; limit {self.sup.max_total_children}"
+                "max_total_children_exceeded",
+                f"{total} live nested runs in this tree; limit {self.sup.max_total_children}",
             )
         for i, cp in enumerate(config.orchestrator.context_paths):
             if cp.permission != "read":
@@ -195,7 +197,8 @@ class ChildHooks(RunHooks):
             url = agent.backend.base_url
             if url is not None and url != parent_urls.get(agent.backend.type):
                 raise PolicyError(
-                    "base_url_not_allowed", f"agents.{i}.backend.base_url: nested runs may only use their parent's upstream"
+                    "base_url_not_allowed",
+                    f"agents.{i}.backend.base_url: nested runs may only use their parent's upstream",
                 )
         if config.needs_models() and not self.sup.gateway_available:
             raise PolicyError("gateway_unavailable", "model backends need the gateway")
@@ -205,7 +208,9 @@ class ChildHooks(RunHooks):
     def context_paths(self, config: RunConfig, source: str) -> list[Path]:
         return [translate_path(self.parent, cp.path) for cp in config.orchestrator.context_paths]
 
-    async def start_services(self, execution: RunExecution, config: RunConfig, deadline: float) -> tuple[list[Mount], dict[str, str]]:
+    async def start_services(
+        self, execution: RunExecution, config: RunConfig, deadline: float
+    ) -> tuple[list[Mount], dict[str, str]]:
         return await self.services.start_services(execution, config, deadline)
 
     async def stop_services(self, execution: RunExecution) -> None:
@@ -225,8 +230,13 @@ class Supervisor:
         services: Callable[[Supervisor, RunRecord], RunHooks] | None = None,
         gateway_available: bool = True,
         default_sandbox: str = "docker",
+        max_concurrent: int | None = None,
     ) -> None:
         self.default_sandbox = default_sandbox
+        # FIFO admission for top-level runs (nested runs are bounded by the tree limits instead:
+        # a child queued behind its own parent's slot would deadlock until the deadline).
+        self.slots = asyncio.Semaphore(max_concurrent) if max_concurrent else None
+        self.max_concurrent = max_concurrent
         self.runtime = runtime
         self.supervisor_id = supervisor_id
         self.image = image
@@ -272,14 +282,19 @@ class Supervisor:
         self._note_child(record)
         return record
 
-    async def _run(self, record: RunRecord) -> RunResult:
+    async def _run(self, record: RunRecord) -> RunResult | None:
+        detached = False
         try:
             record.result = await record.execution.run()
             return record.result
+        except Detached:
+            detached = True
+            return None
         finally:
             record.done.set()
-            await self._stop_subtree(record)
-            self._note_child(record)
+            if not detached:
+                await self._stop_subtree(record)
+                self._note_child(record)
 
     async def _stop_subtree(self, record: RunRecord) -> None:
         live = [d for d in record.descendants() if d.live]
@@ -361,6 +376,54 @@ class Supervisor:
                 await rec.done.wait()
         return rec.result
 
+    async def adopt(
+        self, execution: RunExecution, paths: RunPaths, handle: Any, deadline: float, parent: RunRecord | None
+    ) -> RunRecord:
+        """Register a run found running (or exited) after a restart and follow it to its end."""
+        self._seq += 1
+        record = RunRecord(execution=execution, parent=parent, control=execution.control, seq=self._seq)
+        execution.paths = paths
+        if parent is not None:
+            parent.children.append(record)
+        services = self._services(self, record) if self._services is not None else RunHooks()
+        execution.hooks = services
+        self.records[paths.run_id] = record
+
+        async def follow() -> RunResult:
+            try:
+                if execution.config is None:
+                    with contextlib.suppress(Exception):
+                        from agent_image.protocol.loader import parse_config_text
+
+                        execution.config, _ = parse_config_text(paths.config.read_text(), str(paths.config))
+                # re-bind the run's socket at the path its sandbox mounted
+                if execution.config is not None and self._services is not None:
+                    with contextlib.suppress(Exception):
+                        await services.start_services(execution, execution.config, deadline)
+                try:
+                    record.result = await execution.adopt(paths, handle, deadline)
+                finally:
+                    await asyncio.shield(services.stop_services(execution))
+                return record.result
+            finally:
+                record.done.set()
+                await self._stop_subtree(record)
+                self._note_child(record)
+
+        record.task = asyncio.create_task(follow(), name=f"adopted-{paths.run_id}")
+        self._tasks.add(record.task)
+        record.task.add_done_callback(self._tasks.discard)
+        return record
+
+    async def detach_all(self, grace: float = 10) -> None:
+        """Graceful daemon shutdown: stop following; sandboxes keep running for the next start."""
+        live = [r for r in self.records.values() if r.live]
+        for r in live:
+            r.control.detach.set()
+        tasks = [r.task for r in live if r.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
+
     async def shutdown(self, grace: float = 30) -> None:
         """Interrupt every live run and wait for them (bounded)."""
         live = [r for r in self.records.values() if r.live]
@@ -372,5 +435,6 @@ class Supervisor:
 
 
 def short_socket_dir(run_id: str) -> Path:
-    digest = hashlib.sha256(f"{run_id}{time.time_ns()}".encode()).hexdigest()[:12]
+    """Deterministic per run, so a restarted supervisor re-binds the socket its sandbox mounted."""
+    digest = hashlib.sha256(run_id.encode()).hexdigest()[:12]
     return socket_root() / digest

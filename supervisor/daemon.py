@@ -1,13 +1,343 @@
-"""`massgen-supervisor`: the long-running daemon (not built yet; massgen-run embeds a supervisor)."""
+"""`massgen-supervisor`: the long-running daemon serving the runs API on a unix socket.
+
+First SIGTERM/SIGINT: graceful — stop accepting, let go of running sandboxes (they keep
+running and are re-adopted on the next start). Second: forced — exit at once.
+"""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import signal
 import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+log = logging.getLogger("supervisor.daemon")
+
+EXIT_FORCED = 130
 
 
-def main() -> int:
-    print(
-        "massgen-supervisor: the daemon is not implemented yet; massgen-run runs an embedded supervisor",
-        file=sys.stderr,
+def default_socket() -> Path:
+    env = os.environ.get("MASSGEN_DAEMON_SOCKET")
+    if env:
+        return Path(env)
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    base = Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
+    return base / "supervisor.sock"
+
+
+def default_logs_root() -> Path:
+    env = os.environ.get("MASSGEN_LOGS_ROOT")
+    return Path(env) if env else Path.home() / ".massgen" / "runs"
+
+
+def supervisor_id_for(socket_path: Path) -> str:
+    """Stable across restarts of the daemon on the same socket: how it recognises its containers."""
+    return "daemon-" + hashlib.sha256(str(socket_path.absolute()).encode()).hexdigest()[:10]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="massgen-supervisor",
+        description="Supervise massgen runs, each in its own container, behind an HTTP API on a unix socket.",
     )
-    return 1
+    p.add_argument(
+        "--socket",
+        type=Path,
+        default=None,
+        help="API socket (default $MASSGEN_DAEMON_SOCKET or a per-user runtime dir)",
+    )
+    p.add_argument(
+        "--logs-root", type=Path, default=None, help="default log root ($MASSGEN_LOGS_ROOT or ~/.massgen/runs)"
+    )
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=int(os.environ.get("MASSGEN_MAX_CONCURRENT", "4")),
+        help="containers running at once; later runs queue FIFO (default 4)",
+    )
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.add_argument("--image", default=None, help="agent image (default: built when missing)")
+    p.add_argument("--log-level", default=os.environ.get("MASSGEN_LOG_LEVEL", "INFO"))
+    return p
+
+
+OPENAPI: dict[str, Any] = {
+    "openapi": "3.0.3",
+    "info": {"title": "massgen-supervisor", "version": "1"},
+    "paths": {
+        "/v1/health": {"get": {"responses": {"200": {"description": "alive"}}}},
+        "/v1/runs": {
+            "get": {
+                "responses": {
+                    "200": {
+                        "description": "runs",
+                        "content": {
+                            "application/json": {
+                                "schema": {"type": "array", "items": {"$ref": "#/components/schemas/RunInfo"}}
+                            }
+                        },
+                    }
+                }
+            },
+            "post": {
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SubmitRun"}}},
+                },
+                "responses": {
+                    "201": {
+                        "description": "started",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunInfo"}}},
+                    },
+                    "400": {
+                        "description": "bad request",
+                        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+                    },
+                    "413": {"description": "body too large"},
+                },
+            },
+        },
+        "/v1/runs/{run_id}": {
+            "get": {
+                "parameters": [{"$ref": "#/components/parameters/RunId"}],
+                "responses": {
+                    "200": {"description": "run"},
+                    "400": {"description": "bad id"},
+                    "404": {"description": "unknown run"},
+                },
+            }
+        },
+        "/v1/runs/{run_id}/status": {
+            "get": {
+                "parameters": [{"$ref": "#/components/parameters/RunId"}],
+                "responses": {
+                    "200": {"description": "status.json"},
+                    "400": {"description": "bad id"},
+                    "404": {"description": "unknown run"},
+                    "409": {"description": "not ready"},
+                },
+            }
+        },
+        "/v1/runs/{run_id}/result": {
+            "get": {
+                "parameters": [
+                    {"$ref": "#/components/parameters/RunId"},
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "number", "minimum": 0, "maximum": 60},
+                    },
+                ],
+                "responses": {
+                    "200": {"description": "result.json"},
+                    "202": {"description": "still running"},
+                    "400": {"description": "bad input"},
+                    "404": {"description": "unknown run"},
+                },
+            }
+        },
+        "/v1/runs/{run_id}/stop": {
+            "post": {
+                "parameters": [{"$ref": "#/components/parameters/RunId"}],
+                "responses": {
+                    "202": {"description": "stopping"},
+                    "400": {"description": "bad id"},
+                    "404": {"description": "unknown run"},
+                },
+            }
+        },
+    },
+    "components": {
+        "parameters": {
+            "RunId": {
+                "name": "run_id",
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "pattern": "^log_[0-9]{8}_[0-9]{6}_[0-9]{6}_[0-9a-f]{6}$"},
+            }
+        },
+        "schemas": {},
+    },
+}
+
+
+def openapi_doc() -> dict[str, Any]:
+    from agent_image.protocol.api import ErrorBody, RunInfo, SubmitRun
+
+    doc = json.loads(json.dumps(OPENAPI))
+    for model in (SubmitRun, RunInfo, ErrorBody):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        doc["components"]["schemas"][model.__name__] = schema
+    return doc
+
+
+async def reconcile(sup: Any, runtime: Any, logs_root: Path) -> dict[str, int]:
+    """Re-adopt our containers, finish runs whose container exited, fail runs whose container vanished."""
+    from agent_image.protocol.result import Reason, exit_code_for
+
+    from .lifecycle import RunExecution, RunRequest
+    from .logdir import RunPaths
+    from .materializer import Materializer
+    from .runtime.base import LABEL_DEADLINE, LABEL_LOG_DIR, LABEL_PARENT, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
+    from .runtime.docker import DockerHandle
+
+    counts = {"adopted": 0, "lost": 0}
+    found = await asyncio.to_thread(runtime.list_owned, {LABEL_SUPERVISOR: sup.supervisor_id})
+    by_id = {f.labels.get(LABEL_RUN, ""): f for f in found}
+    adopted: dict[str, Any] = {}
+
+    def depth_of(run_id: str) -> int:
+        d, cur = 0, by_id[run_id]
+        while cur.labels.get(LABEL_PARENT) in by_id and d < 16:
+            cur = by_id[cur.labels[LABEL_PARENT]]
+            d += 1
+        return d
+
+    for run_id in sorted(by_id, key=depth_of):
+        facts = by_id[run_id]
+        labels = facts.labels
+        try:
+            log_dir = Path(labels[LABEL_LOG_DIR])
+            deadline = float(labels[LABEL_DEADLINE])
+        except (KeyError, ValueError):
+            log.warning("container %s has incomplete labels; leaving it alone", facts.id[:12])
+            continue
+        workspace = Path(labels.get(LABEL_WORKSPACE) or log_dir)
+        paths = RunPaths(run_id, log_dir, workspace)
+        parent = adopted.get(labels.get(LABEL_PARENT, ""))
+        req = RunRequest(
+            question="",
+            config_source=str(paths.config),
+            logs_root=log_dir.parent,
+            supervisor_id=sup.supervisor_id,
+            image=facts.image,
+            parent_run_id=labels.get(LABEL_PARENT) or None,
+            depth=parent.depth + 1 if parent else 0,
+        )
+        execution = RunExecution(req, runtime)
+        record = await sup.adopt(execution, paths, DockerHandle(facts.id), deadline, parent)
+        adopted[run_id] = record
+        counts["adopted"] += 1
+        if labels.get(LABEL_PARENT) and parent is None:
+            # its parent is gone: a subtree never outlives its root
+            await sup.stop(record, "parent run lost")
+    # log dirs that say "running" but have no container: the supervisor lost them
+    for status_file in logs_root.rglob("status.json") if logs_root.is_dir() else []:
+        log_dir = status_file.parent
+        if log_dir.name in adopted or (log_dir / "result.json").exists():
+            continue
+        try:
+            st = json.loads(status_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        run = st.get("run", {})
+        if run.get("state") == "finished" or run.get("supervisor_id") != sup.supervisor_id:
+            continue
+        mat = Materializer(RunPaths(log_dir.name, log_dir, log_dir), resume=True)
+        try:
+            mat.finalize(
+                exit_code_for(Reason.SUPERVISOR_LOST),
+                Reason.SUPERVISOR_LOST,
+                "the supervisor restarted and the run's container no longer exists",
+            )
+        finally:
+            mat.close()
+        counts["lost"] += 1
+    return counts
+
+
+async def serve(args: argparse.Namespace) -> int:
+    from .api import RunsApi, SocketServices, UnixServer, make_app
+    from .core import Supervisor
+    from .images import ensure_images
+    from .runtime.docker import DockerRuntime
+
+    sock = (args.socket or default_socket()).absolute()
+    logs_root = (args.logs_root or default_logs_root()).absolute()
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    runtime = DockerRuntime()
+    image = args.image or await asyncio.to_thread(ensure_images, runtime, progress=lambda m: log.info("image: %s", m))
+    sup = Supervisor(
+        runtime,
+        supervisor_id=supervisor_id_for(sock),
+        image=image,
+        services=SocketServices,
+        max_concurrent=args.max_concurrent,
+    )
+    counts = await reconcile(sup, runtime, logs_root)
+    log.info("reconciled: adopted=%d lost=%d", counts["adopted"], counts["lost"])
+
+    async def health(_r: web.Request) -> web.Response:
+        live = sum(1 for r in sup.records.values() if r.live)
+        return web.json_response(
+            {"ok": True, "supervisor_id": sup.supervisor_id, "live_runs": live, "logs_root": str(logs_root)}
+        )
+
+    async def openapi(_r: web.Request) -> web.Response:
+        return web.json_response(openapi_doc())
+
+    routes = [
+        web.get("/v1/health", health),
+        web.get("/openapi.json", openapi),
+        *RunsApi(sup, None, logs_root=logs_root).routes(),
+    ]
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    server = UnixServer(make_app(routes), sock, mode=0o600)
+    await server.start()
+    metrics = None
+    if args.metrics_port is not None:
+        from .metrics import serve_metrics
+
+        metrics = await serve_metrics(sup, args.metrics_port)
+    log.info(
+        "massgen-supervisor %s listening on %s (logs %s, max %d containers)",
+        sup.supervisor_id,
+        sock,
+        logs_root,
+        args.max_concurrent,
+    )
+    print(f"SOCKET: {sock}", flush=True)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal(name: str) -> None:
+        if stop.is_set():
+            log.warning("second %s: forced exit", name)
+            os._exit(EXIT_FORCED)  # noqa: SLF001 - the documented forced shutdown
+        log.info("%s: graceful shutdown (sandboxes keep running and are re-adopted on restart)", name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig.name)
+    await stop.wait()
+    await server.close()
+    if metrics is not None:
+        await metrics.cleanup()
+    await sup.detach_all()
+    with contextlib.suppress(FileNotFoundError):
+        sock.unlink()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
+    )
+    return asyncio.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,6 +28,7 @@ from .runtime.base import (
     LABEL_PARENT,
     LABEL_RUN,
     LABEL_SUPERVISOR,
+    LABEL_WORKSPACE,
     ImageMissing,
     Mount,
     Runtime,
@@ -90,11 +91,17 @@ class RunHooks:
     def check(self, config: RunConfig, source: str) -> None:
         """Raise PolicyError to refuse the run before anything starts."""
 
-    async def start_services(self, execution: RunExecution, config: RunConfig, deadline: float) -> tuple[list[Mount], dict[str, str]]:
+    async def start_services(
+        self, execution: RunExecution, config: RunConfig, deadline: float
+    ) -> tuple[list[Mount], dict[str, str]]:
         """Start per-run services (the run's socket); returns extra mounts and environment."""
         return [], {}
 
     async def stop_services(self, execution: RunExecution) -> None: ...
+
+    def admission(self) -> contextlib.AbstractAsyncContextManager[None]:
+        """Held while the run's sandbox exists (a concurrency limit queues runs here)."""
+        return contextlib.nullcontext()
 
 
 @dataclass
@@ -106,6 +113,12 @@ class RunControl:
     interrupt_reason: str = "interrupted"
     # When the supervisor stops a run for a reason of its own (budget), the verdict to record.
     verdict: tuple[int, str, str] | None = None
+    # Set by a supervisor shutting down gracefully: stop following, leave the sandbox running.
+    detach: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Detached(Exception):
+    """The supervisor let go of a running sandbox; a restarted supervisor re-adopts it."""
 
 
 class Listener:
@@ -199,7 +212,13 @@ class RunExecution:
         workspaces_root = req.workspaces_root or req.logs_root.parent / "workspaces"
         self.paths = paths = create_run_dirs(req.logs_root, workspaces_root)
         self.mat = mat = Materializer(paths)
-        mat.set_run(state=RunState.STARTING, sandbox=req.sandbox, parent_run_id=req.parent_run_id, depth=req.depth)
+        mat.set_run(
+            state=RunState.STARTING,
+            sandbox=req.sandbox,
+            parent_run_id=req.parent_run_id,
+            depth=req.depth,
+            supervisor_id=req.supervisor_id,
+        )
         mat.status.meta.question = req.question
         mat.log(f"run {paths.run_id} prepared: sandbox={req.sandbox} config={req.config_source}")
         try:
@@ -225,6 +244,10 @@ class RunExecution:
             if key_problems:
                 return self._end(exit_code_for(Reason.KEY_MISSING), Reason.KEY_MISSING, str(ConfigError(key_problems)))
             return await self._execute(config, raw, contexts)
+        except Detached:
+            mat.log("supervisor detached; the sandbox keeps running and will be re-adopted", "warning")
+            mat.write_status(force=True)
+            raise
         except asyncio.CancelledError:
             self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, "cancelled before the run finished")
             raise
@@ -247,6 +270,7 @@ class RunExecution:
             LABEL_PARENT: req.parent_run_id or "",
             LABEL_DEADLINE: f"{deadline:.3f}",
             LABEL_LOG_DIR: str(paths.log_dir),
+            LABEL_WORKSPACE: str(paths.workspace),
         }
         sb = config.sandbox
         if req.sandbox == "none":
@@ -343,19 +367,53 @@ class RunExecution:
             spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
             mat.set_run(deadline=deadline)
             mat.write_status(force=True)
-            try:
-                handle = await asyncio.to_thread(runtime.start, spec)
-            except ImageMissing as exc:
-                return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
-            except RuntimeError_ as exc:
-                return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
-            try:
-                return await self._follow(handle, deadline, grace)
-            finally:
-                # Whoever created the sandbox removes it, whatever happened above.
-                await asyncio.shield(self._remove(handle))
+            async with self.hooks.admission():
+                try:
+                    handle = await asyncio.to_thread(runtime.start, spec)
+                except ImageMissing as exc:
+                    return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
+                except RuntimeError_ as exc:
+                    return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+                return await self._follow_and_remove(handle, deadline, grace)
         finally:
             await asyncio.shield(self.hooks.stop_services(self))
+
+    async def _follow_and_remove(
+        self, handle: SandboxHandle, deadline: float, grace: float, offset: int = 0
+    ) -> RunResult:
+        detached = False
+        try:
+            return await self._follow(handle, deadline, grace, offset)
+        except Detached:
+            detached = True
+            raise
+        finally:
+            if not detached:
+                # Whoever created (or adopted) the sandbox removes it, whatever happened above.
+                await asyncio.shield(self._remove(handle))
+
+    async def adopt(self, paths: RunPaths, handle: SandboxHandle, deadline: float) -> RunResult:
+        """Take over a sandbox left running (or exited) by a previous supervisor process.
+
+        Raises:
+            Detached: the supervisor is shutting down again.
+        """
+        self.paths = paths
+        self.mat = mat = Materializer(paths, resume=True)
+        self.deadline = deadline
+        self.prepared.set()
+        grace = 5.0
+        try:
+            config, _raw = parse_config_text(paths.config.read_text(encoding="utf-8"), str(paths.config))
+            self.config = config
+            grace = config.sandbox.stop_grace_seconds
+        except (OSError, ConfigError) as exc:
+            mat.log(f"adopted run has no usable config.yaml ({exc}); stop grace {grace:g}s", "warning")
+        mat.log(f"adopted sandbox {handle.id[:12]} (deadline in {deadline - time.time():.1f}s)")
+        try:
+            return await self._follow_and_remove(handle, deadline, grace, mat.resume_offset)
+        finally:
+            mat.close()
 
     async def _remove(self, handle: SandboxHandle) -> None:
         try:
@@ -363,7 +421,7 @@ class RunExecution:
         except Exception as exc:  # noqa: BLE001 - log and move on; reconciliation reaps by label
             log.warning("run_id=%s remove failed: %s", self.paths.run_id if self.paths else "?", exc)
 
-    async def _follow(self, handle: SandboxHandle, deadline: float, grace: float) -> RunResult:
+    async def _follow(self, handle: SandboxHandle, deadline: float, grace: float, offset: int = 0) -> RunResult:
         paths, mat, runtime, ctl = self.paths, self.mat, self.runtime, self.control
         assert paths is not None and mat is not None
         facts = await asyncio.to_thread(runtime.facts, handle)
@@ -371,7 +429,7 @@ class RunExecution:
         mat.set_run(state=RunState.RUNNING)
         mat.log(f"sandbox started: id={facts.id} image={facts.image} runtime={facts.runtime}")
         mat.listeners.append(self.listener.event)
-        tailer = OutboxTailer(paths.sandbox / "events.jsonl")
+        tailer = OutboxTailer(paths.sandbox / "events.jsonl", offset=offset)
         wake = asyncio.Event()
         observer = _watch(paths.sandbox, wake)
         exit_task = asyncio.create_task(self._wait_exit(handle))
@@ -380,7 +438,12 @@ class RunExecution:
         try:
             while not exit_task.done():
                 remaining = deadline - time.time()
-                waits = [exit_task, asyncio.ensure_future(wake.wait()), asyncio.ensure_future(ctl.interrupt.wait())]
+                waits = [
+                    exit_task,
+                    asyncio.ensure_future(wake.wait()),
+                    asyncio.ensure_future(ctl.interrupt.wait()),
+                    asyncio.ensure_future(ctl.detach.wait()),
+                ]
                 done, pending = await asyncio.wait(
                     waits, timeout=max(0.0, min(POLL_S, remaining)), return_when=asyncio.FIRST_COMPLETED
                 )
@@ -389,6 +452,8 @@ class RunExecution:
                 wake.clear()
                 mat.drain(tailer)
                 mat.write_status()
+                if ctl.detach.is_set() and stop_task is None:
+                    raise Detached()
                 if stop_task is None:
                     if ctl.interrupt.is_set():
                         stopped_for = ctl.interrupt_reason

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,6 +10,7 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -103,20 +105,49 @@ class OutboxTailer:
                 self._skipping = True
         return lines
 
+    @property
+    def committed_offset(self) -> int:
+        """Bytes of the file consumed as complete lines (a partial last line is re-read later)."""
+        return self.offset - len(self._buf)
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
+FOLLOW_STATE = ".follow.json"
+
+
+def _trim_partial_line(path: Path) -> None:
+    """A crash mid-append can leave half a line at the end; drop it (it is re-read from the outbox)."""
+    try:
+        with open(path, "rb+") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            if size == 0:
+                return
+            fh.seek(max(0, size - READ_CHUNK))
+            tail = fh.read()
+            if tail.endswith(b"\n"):
+                return
+            cut = tail.rfind(b"\n")
+            fh.truncate(size - len(tail) + cut + 1 if cut >= 0 else max(0, size - len(tail)))
+    except FileNotFoundError:
+        return
+
+
 class Materializer:
     """Turns validated events into status.json, answers, final/, massgen.log and result.json."""
 
-    def __init__(self, paths: RunPaths, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, paths: RunPaths, *, clock: Callable[[], float] = time.time, resume: bool = False) -> None:
         self.paths = paths
         self.clock = clock
         self.reducer = StatusReducer(paths.run_id, str(paths.log_dir))
         self.status.run.state = RunState.STARTING
+        self.resume_offset = 0
+        if resume:
+            _trim_partial_line(paths.events)
         self._events = open(paths.events, "ab")  # noqa: SIM115 - kept open for the run's life
         self._log = open(paths.log, "a", encoding="utf-8")  # noqa: SIM115
         self._agents: set[str] = set()
@@ -127,6 +158,53 @@ class Materializer:
         self.final_file: Path | None = None
         self.event_count = 0
         self.listeners: list[Callable[[Event], None]] = []
+        self._tailer: OutboxTailer | None = None
+        if resume:
+            self._replay()
+
+    def _replay(self) -> None:
+        """Rebuild state after a supervisor restart: events.jsonl, telemetry.jsonl, our own facts."""
+        previous: dict[str, Any] = {}
+        with contextlib.suppress(OSError, ValueError):
+            previous = json.loads(self.paths.status.read_text(encoding="utf-8"))
+        with open(self.paths.events, "rb") as fh:
+            for raw in fh:
+                try:
+                    ev = parse_event(raw)
+                except ValidationError:
+                    continue
+                if ev.seq <= self._last_seq:
+                    continue
+                self._last_seq = ev.seq
+                self.event_count += 1
+                if not isinstance(ev, LogLine):
+                    self._side_effects(ev)
+                self.reducer.apply(ev)
+        try:
+            with open(self.paths.log_dir / "telemetry.jsonl", "rb") as fh:
+                for raw in fh:
+                    with contextlib.suppress(ValidationError):
+                        self.reducer.apply(ModelCall.model_validate_json(raw))
+        except FileNotFoundError:
+            pass
+        st = self.status
+        if previous:
+            with contextlib.suppress(ValidationError):
+                old = Status.model_validate(previous)
+                st.container = old.container
+                st.children = old.children
+                st.run.deadline = old.run.deadline
+                st.run.sandbox = old.run.sandbox
+                st.run.parent_run_id = old.run.parent_run_id
+                st.run.depth = old.run.depth
+                st.run.supervisor_id = old.run.supervisor_id
+                st.meta.question = st.meta.question or old.meta.question
+        try:
+            state = json.loads((self.paths.log_dir / FOLLOW_STATE).read_text(encoding="utf-8"))
+            self.resume_offset = int(state.get("offset", 0))
+        except (OSError, ValueError, TypeError):
+            self.resume_offset = 0
+        self.log(f"supervisor resumed: replayed {self.event_count} events; outbox offset {self.resume_offset}")
 
     @property
     def status(self) -> Status:
@@ -198,6 +276,7 @@ class Materializer:
             self.finished_event = ev
 
     def drain(self, tailer: OutboxTailer) -> int:
+        self._tailer = tailer
         n = 0
         for line in tailer.read_lines():
             if self.feed(line) is not None:
@@ -245,6 +324,12 @@ class Materializer:
         if st.meta.start_time is not None and st.run.state != RunState.FINISHED:
             st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
         atomic_write_json(self.paths.status, st.model_dump(mode="json"))
+        if self._tailer is not None:
+            # Saved after the events it covers were appended: a crash in between re-reads them
+            # from the outbox and the seq check drops the duplicates.
+            atomic_write_json(
+                self.paths.log_dir / FOLLOW_STATE, {"offset": self._tailer.committed_offset, "seq": self._last_seq}
+            )
         self._last_write = now
         self._dirty = False
         return True

@@ -19,6 +19,7 @@ class SubmitRun(_M):
     config_name: str = Field(default="<submitted>", max_length=4096)  # for error messages only
     example: str | None = Field(default=None, max_length=200)
     config_path: str | None = Field(default=None, max_length=4096)  # daemon socket only: a host path
+    logs_root: str | None = Field(default=None, max_length=4096)  # daemon socket only: an absolute host path
 
 
 class RunInfo(_M):

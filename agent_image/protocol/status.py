@@ -60,6 +60,7 @@ class RunSection(_M):
     parent_run_id: str | None = None
     depth: int = 0
     sandbox: str = "none"
+    supervisor_id: str | None = None
 
 
 class Coordination(_M):

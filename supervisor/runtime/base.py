@@ -14,6 +14,7 @@ LABEL_RUN = "io.massgen.run-id"
 LABEL_PARENT = "io.massgen.parent-run-id"
 LABEL_DEADLINE = "io.massgen.deadline"  # unix time, seconds, as a decimal string
 LABEL_LOG_DIR = "io.massgen.log-dir"
+LABEL_WORKSPACE = "io.massgen.workspace"
 
 
 @dataclass(frozen=True)
