@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-VERBS = ("image", "ps", "status", "logs")
+VERBS = ("image", "ps", "status", "logs", "stop")
 EPILOG = """\
 examples:
   massgen-run --automation --config @examples/quickstart "What is 2+2?"
@@ -365,6 +365,49 @@ def cmd_status(argv: list[str]) -> int:
     return 0
 
 
+def cmd_stop(argv: list[str]) -> int:
+    import signal
+
+    p = argparse.ArgumentParser(
+        prog="massgen-run stop", description="Interrupt a running run (it ends with exit 4, INTERRUPTED)."
+    )
+    p.add_argument("run", help="run id (or a unique suffix) or a log dir")
+    p.add_argument("--logs-root", type=Path, default=None)
+    args = p.parse_args(argv)
+    d = _find_run(args.logs_root or _default_logs_root(), args.run)
+    run = (_read_json(d / "status.json") or {}).get("run", {})
+    if run.get("state") == "finished":
+        print(f"{d.name} already finished (exit {run.get('exit_code')})")
+        return 0
+    daemon = _daemon_client()
+    if daemon is not None:
+        from agent_image.client import ClientError
+
+        try:
+            daemon.request("POST", f"/v1/runs/{d.name}/stop")
+            print(f"stopping {d.name}")
+            return 0
+        except ClientError as exc:
+            if exc.status != 404:
+                _stderr(f"massgen-run stop: {exc}")
+                return 2
+        finally:
+            daemon.close()
+    pid = run.get("supervisor_pid")
+    if not isinstance(pid, int):
+        _stderr(f"massgen-run stop: no supervisor is known for {d.name}")
+        return 2
+    try:
+        # The embedded supervisor is the massgen-run process following the run: SIGTERM makes
+        # it stop the sandbox gracefully and record exit 4, exactly like Ctrl+C.
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        _stderr(f"massgen-run stop: the supervising process {pid} of {d.name} is gone")
+        return 2
+    print(f"stopping {d.name}")
+    return 0
+
+
 def cmd_logs(argv: list[str]) -> int:
     import time
 
@@ -431,7 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_main(argv)
     if argv and argv[0] in VERBS:
-        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs}[argv[0]](argv[1:])
+        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](argv[1:])
     return cmd_run(argv)
 
 

@@ -218,6 +218,7 @@ class RunExecution:
             parent_run_id=req.parent_run_id,
             depth=req.depth,
             supervisor_id=req.supervisor_id,
+            supervisor_pid=os.getpid(),
         )
         mat.status.meta.question = req.question
         mat.log(f"run {paths.run_id} prepared: sandbox={req.sandbox} config={req.config_source}")

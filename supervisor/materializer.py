@@ -198,6 +198,7 @@ class Materializer:
                 st.run.parent_run_id = old.run.parent_run_id
                 st.run.depth = old.run.depth
                 st.run.supervisor_id = old.run.supervisor_id
+                st.run.supervisor_pid = os.getpid()
                 st.meta.question = st.meta.question or old.meta.question
         try:
             state = json.loads((self.paths.log_dir / FOLLOW_STATE).read_text(encoding="utf-8"))

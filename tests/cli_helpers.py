@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 def cli_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     env["PYTHONPATH"] = str(REPO)
+    if "MASSGEN_DAEMON_SOCKET" not in extra:
+        # a daemon someone runs on this machine must not pick up tests meant for the embedded one
+        env["MASSGEN_NO_DAEMON"] = "1"
     env.update(extra)
     return env
 

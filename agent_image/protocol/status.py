@@ -61,6 +61,7 @@ class RunSection(_M):
     depth: int = 0
     sandbox: str = "none"
     supervisor_id: str | None = None
+    supervisor_pid: int | None = None
 
 
 class Coordination(_M):

@@ -189,3 +189,34 @@ def test_ps_status_and_logs_read_finished_runs(tmp_path: Path) -> None:
     assert '"winner": "agent_a"' in st.stdout
     logs = massgen_run(["logs", run_id], tmp_path)
     assert "run finished: exit_code=0" in logs.stdout
+
+
+def test_stop_verb_interrupts_a_running_embedded_run(tmp_path: Path) -> None:
+    """`massgen-run stop RUN` makes the supervising CLI stop the run: it exits 4 with INTERRUPTED."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted, steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]}
+        """,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", str(cfg), "q"],
+        cwd=tmp_path,
+        env=cli_env(MASSGEN_NO_DAEMON="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
+    deadline = time.monotonic() + 20
+    while b"turn_started" not in ((log_dir / "events.jsonl").read_bytes() if (log_dir / "events.jsonl").exists() else b""):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stop = massgen_run(["stop", log_dir.name], tmp_path, MASSGEN_NO_DAEMON="1")
+    assert stop.returncode == 0, stop.stderr
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 4, out + err
+    assert load(log_dir / "result.json")["reason"] == "interrupted"
