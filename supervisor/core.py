@@ -320,8 +320,10 @@ class Supervisor:
         children = [c for c in mat.status.children if c.run_id != entry.run_id]
         mat.status.children = [*children, entry]
         with contextlib.suppress(Exception):
-            mat.set_run()  # marks dirty; the parent's follow loop writes it
-            mat.write_status()
+            mat.set_run()
+            # Forced: a coalesced write may be skipped, and once the parent has finished (its
+            # subtree is stopped after its verdict) no follow loop is left to write it later.
+            mat.write_status(force=True)
 
     # -- queries and control ----------------------------------------------------------------
 
