@@ -64,24 +64,9 @@ def _config_body(config: str) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ClientError(f"cannot read config {path}: {exc.strerror or exc}") from exc
-    return {"config_text": _absolutize_context_paths(text, path.parent), "config_name": str(path.resolve())}
+    from .protocol.loader import absolutize_context_paths
 
-
-def _absolutize_context_paths(text: str, base: Path) -> str:
-    """Relative context paths mean 'relative to where I am'; the supervisor needs them absolute."""
-    try:
-        import yaml
-
-        data = yaml.safe_load(text)
-        cps = data["orchestrator"]["context_paths"]
-    except Exception:  # noqa: BLE001 - anything odd: send the text as written; the supervisor reports errors
-        return text
-    changed = False
-    for cp in cps if isinstance(cps, list) else []:
-        if isinstance(cp, dict) and isinstance(cp.get("path"), str) and not os.path.isabs(cp["path"]):
-            cp["path"] = os.path.abspath(cp["path"])
-            changed = True
-    return yaml.safe_dump(data, sort_keys=False) if changed else text
+    return {"config_text": absolutize_context_paths(text), "config_name": str(path.resolve())}
 
 
 def _out(line: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,3 +144,22 @@ def load_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
 
 def dump_config(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+
+
+def absolutize_context_paths(text: str) -> str:
+    """Make relative `orchestrator.context_paths` absolute (against the current directory).
+
+    Relative paths mean "relative to where I am"; a config sent to a supervisor elsewhere needs
+    them absolute. Text that does not parse is returned unchanged (the receiver reports errors).
+    """
+    try:
+        data = yaml.safe_load(text)
+        cps = data["orchestrator"]["context_paths"]
+    except Exception:  # noqa: BLE001 - anything odd: keep the text as written
+        return text
+    changed = False
+    for cp in cps if isinstance(cps, list) else []:
+        if isinstance(cp, dict) and isinstance(cp.get("path"), str) and not os.path.isabs(cp["path"]):
+            cp["path"] = os.path.abspath(cp["path"])
+            changed = True
+    return yaml.safe_dump(data, sort_keys=False) if changed else text
