@@ -20,11 +20,11 @@ def make_backend(
     if cfg.type == "openai":
         from .openai_backend import OpenAIBackend
 
-        return OpenAIBackend(cfg)
+        return OpenAIBackend(cfg, agent_id=agent.id)
     if cfg.type == "gemini":
         from .gemini_backend import GeminiBackend
 
-        return GeminiBackend(cfg)
+        return GeminiBackend(cfg, agent_id=agent.id)
     raise ValueError(f"unknown backend type {cfg.type!r}")
 
 

@@ -10,6 +10,8 @@ from urllib.parse import urlsplit
 log = logging.getLogger(__name__)
 
 MAX_DETAIL = 300
+# Labels a call with its agent in the gateway's telemetry (the gateway treats it as untrusted).
+AGENT_HEADER = "X-Massgen-Agent"
 
 # OpenAI keys (also masked ones like sk-ab***yz), Google API keys, and ?key= query values.
 _KEY_PATTERNS = re.compile(

@@ -9,10 +9,13 @@ Environment (read when a backend is built):
   Default ``https://generativelanguage.googleapis.com/``; the SDK appends its API version.
 - ``MASSGEN_MODEL_SOCKET``: path of the model gateway's unix socket. When set, every request goes
   to ``http://massgen-gateway/gemini`` over that socket with the placeholder key ``sandbox``;
-  the host gateway adds the real key and picks the upstream.
+  the host gateway adds the real key and picks the upstream; ``X-Massgen-Agent`` names the agent
+  for the gateway's per-agent telemetry.
 - ``MASSGEN_MODEL_TIMEOUT``: seconds one HTTP attempt may wait for the next byte (default 120).
 - ``MASSGEN_MODEL_MAX_RETRIES``: retries after 408/429/5xx or a dropped connection (default 3).
   Waits honour ``Retry-After`` or the error's ``RetryInfo``; a wait above 60 s fails at once.
+  An answer carrying ``x-should-retry: false`` (the gateway's own errors, after its retries) is
+  not retried.
 
 The SDK's own retries are off (its backoff ignores ``Retry-After``); this module retries.
 ``google.genai`` is imported only when a backend is built: importing this module is cheap.
@@ -33,7 +36,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..protocol.config import BackendConfig
-from ._http import env_number, redact, upstream_label
+from ._http import AGENT_HEADER, env_number, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 log = logging.getLogger(__name__)
@@ -83,6 +86,12 @@ def retry_after_s(exc: Any) -> float | None:
     return None
 
 
+def _told_not_to_retry(exc: Any) -> bool:
+    """The server said ``x-should-retry: false`` (the model gateway, which has retried already)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    return headers is not None and str(headers.get("x-should-retry", "")).lower() == "false"
+
+
 class GeminiBackend:
     """A `Backend` over the Gemini API (Developer API routes) with function calling."""
 
@@ -99,6 +108,7 @@ class GeminiBackend:
         max_retries: int | None = None,
         retry_base_delay: float = 1.0,
         max_retry_wait: float = 60.0,
+        agent_id: str | None = None,
     ) -> None:
         """Build the SDK client (importing the SDK).
 
@@ -109,6 +119,7 @@ class GeminiBackend:
                 ``MASSGEN_MODEL_MAX_RETRIES`` or 3.
             retry_base_delay: first backoff when the server names no wait; doubles, jittered.
             max_retry_wait: the longest single wait; a server asking for more fails the call.
+            agent_id: sent to the model gateway so its telemetry is per agent.
 
         Raises:
             BackendError: no API key, or the SDK refused the settings.
@@ -134,7 +145,9 @@ class GeminiBackend:
         # A caller's http client stays the caller's to close.
         self._owns_http = http_client is None
         env_keys = (os.environ.get("GOOGLE_API_KEY"), os.environ.get("GEMINI_API_KEY"))
+        headers: dict[str, str] | None = None
         if self._socket:
+            headers = {AGENT_HEADER: agent_id} if agent_id else None
             url = GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
             transport = httpx2.AsyncHTTPTransport(uds=self._socket)
@@ -154,6 +167,7 @@ class GeminiBackend:
         self._http = http_client
         options = types.HttpOptions(
             base_url=url,
+            headers=headers,
             timeout=max(1, int(self._timeout * 1000)),
             httpx_async_client=http_client,
         )
@@ -328,7 +342,7 @@ class GeminiBackend:
         if attempt > self._max_retries:
             return None
         if isinstance(exc, errors.APIError):
-            if exc.code not in RETRY_STATUSES:
+            if exc.code not in RETRY_STATUSES or _told_not_to_retry(exc):
                 return None
             asked = retry_after_s(exc)
             if asked is not None:

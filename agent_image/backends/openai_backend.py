@@ -7,7 +7,8 @@ Environment (read when a backend is built):
   (the SDK reads it; default ``https://api.openai.com/v1``).
 - ``MASSGEN_MODEL_SOCKET``: path of the model gateway's unix socket. When set, every request goes
   to ``http://massgen-gateway/openai/v1`` over that socket with the placeholder key ``sandbox``;
-  the host gateway adds the real key and picks the upstream.
+  the host gateway adds the real key and picks the upstream; ``X-Massgen-Agent`` names the agent
+  for the gateway's per-agent telemetry.
 - ``MASSGEN_MODEL_TIMEOUT``: seconds one HTTP attempt may wait for the next byte (default 120).
 - ``MASSGEN_MODEL_MAX_RETRIES``: retries after 408/409/429/5xx/connection errors (default 3);
   the SDK backs off exponentially and honours ``Retry-After`` up to 120 s.
@@ -24,7 +25,7 @@ import uuid
 from typing import Any
 
 from ..protocol.config import BackendConfig
-from ._http import env_number, redact, upstream_label
+from ._http import AGENT_HEADER, env_number, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 PROVIDER = "openai"
@@ -125,6 +126,7 @@ class OpenAIBackend:
         http_client: Any = None,
         timeout: float | None = None,
         max_retries: int | None = None,
+        agent_id: str | None = None,
     ) -> None:
         """Build the SDK client (importing the SDK).
 
@@ -132,6 +134,7 @@ class OpenAIBackend:
             http_client: an ``httpx2.AsyncClient`` to send through (tests, custom transports).
             timeout: seconds per HTTP attempt; default ``MASSGEN_MODEL_TIMEOUT`` or 120.
             max_retries: SDK retries; default ``MASSGEN_MODEL_MAX_RETRIES`` or 3.
+            agent_id: sent to the model gateway so its telemetry is per agent.
 
         Raises:
             BackendError: no API key, or the SDK refused the settings.
@@ -152,7 +155,9 @@ class OpenAIBackend:
         self._socket = os.environ.get("MASSGEN_MODEL_SOCKET") or None
         # A caller's http client stays the caller's to close.
         self._owns_http = http_client is None
+        headers: dict[str, str] | None = None
         if self._socket:
+            headers = {AGENT_HEADER: agent_id} if agent_id else None
             url: str | None = GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
             if http_client is None:
@@ -171,6 +176,7 @@ class OpenAIBackend:
                 timeout=httpx2.Timeout(self._timeout, connect=min(self._timeout, 10.0)),
                 max_retries=retries,
                 http_client=http_client,
+                default_headers=headers,
             )
         except openai.OpenAIError as exc:
             msg = f"cannot set up client for {self._upstream}: {exc}"
