@@ -27,7 +27,7 @@ from agent_image.protocol.result import Reason, exit_code_for
 from agent_image.protocol.status import RunState
 
 from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, short_socket_dir
-from .lifecycle import PolicyError, RunExecution, RunHooks, RunRequest
+from .lifecycle import InterruptedWhileQueued, PolicyError, RunExecution, RunHooks, RunRequest
 from .logdir import RUN_ID_RE, atomic_write
 from .runtime.base import Mount
 
@@ -314,10 +314,22 @@ async def _admitted(slots: asyncio.Semaphore, record: RunRecord) -> AsyncIterato
         mat.set_run(state=RunState.QUEUED)
         mat.log("queued: the supervisor's concurrency limit is reached")
         mat.write_status(force=True)
-    async with slots:
+    acquire = asyncio.ensure_future(slots.acquire())
+    interrupted = asyncio.ensure_future(record.control.interrupt.wait())
+    try:
+        await asyncio.wait([acquire, interrupted], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+        if not acquire.done():
+            acquire.cancel()
+    if acquire.cancelled() or not acquire.done():
+        raise InterruptedWhileQueued()
+    try:
         if mat is not None:
             mat.set_run(state=RunState.STARTING)
         yield
+    finally:
+        slots.release()
 
 
 class ChainMeter:

@@ -117,6 +117,10 @@ class RunControl:
     detach: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class InterruptedWhileQueued(Exception):
+    """Stopped before a slot to start the sandbox was free."""
+
+
 class Detached(Exception):
     """The supervisor let go of a running sandbox; a restarted supervisor re-adopts it."""
 
@@ -355,27 +359,30 @@ class RunExecution:
     async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:
         paths, mat, runtime = self.paths, self.mat, self.runtime
         assert paths is not None and mat is not None
-        timeout = config.effective_timeout()
-        t0 = time.time()
-        deadline = t0 + timeout
-        if self.req.deadline_cap is not None:
-            deadline = min(deadline, self.req.deadline_cap)
-        self.deadline = deadline
         grace = config.sandbox.stop_grace_seconds
         try:
-            extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
-            spec = self._sandbox_spec(config, raw, contexts, deadline)
-            spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
-            mat.set_run(deadline=deadline)
-            mat.write_status(force=True)
-            async with self.hooks.admission():
-                try:
-                    handle = await asyncio.to_thread(runtime.start, spec)
-                except ImageMissing as exc:
-                    return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
-                except RuntimeError_ as exc:
-                    return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
-                return await self._follow_and_remove(handle, deadline, grace)
+            try:
+                async with self.hooks.admission():
+                    # The clock starts when the run may start: time spent queued is not its time.
+                    deadline = time.time() + config.effective_timeout()
+                    if self.req.deadline_cap is not None:
+                        deadline = min(deadline, self.req.deadline_cap)
+                    self.deadline = deadline
+                    extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+                    spec = self._sandbox_spec(config, raw, contexts, deadline)
+                    spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
+                    mat.set_run(deadline=deadline)
+                    mat.write_status(force=True)
+                    try:
+                        handle = await asyncio.to_thread(runtime.start, spec)
+                    except ImageMissing as exc:
+                        return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
+                    except RuntimeError_ as exc:
+                        return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+                    return await self._follow_and_remove(handle, deadline, grace)
+            except InterruptedWhileQueued:
+                reason = self.control.interrupt_reason
+                return self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"{reason} while queued")
         finally:
             await asyncio.shield(self.hooks.stop_services(self))
 
