@@ -8,7 +8,9 @@ import time
 from collections.abc import Callable, Sequence
 
 
-def time_cmd(cmd: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None, check: bool = True) -> float:
+def time_cmd(
+    cmd: Sequence[str], *, cwd: str | None = None, env: dict[str, str] | None = None, check: bool = True
+) -> float:
     t0 = time.perf_counter()
     p = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True)
     dt = time.perf_counter() - t0
@@ -25,4 +27,6 @@ def median_of(fn: Callable[[], float], n: int, warmup: int = 1) -> tuple[float, 
 
 
 def report(name: str, value: float, baseline: float, target: str) -> None:
-    print(f"{name:44} median {value * 1000:8.1f} ms   baseline {baseline * 1000:8.1f} ms   ratio {value / baseline:5.2f}x   target: {target}")
+    print(
+        f"{name:44} median {value * 1000:8.1f} ms   baseline {baseline * 1000:8.1f} ms   ratio {value / baseline:5.2f}x   target: {target}"
+    )

@@ -30,7 +30,17 @@ def main() -> int:
         base, _ = median_of(lambda: time_cmd([py, "-c", "pass"], env=env), args.n)
         helpt, _ = median_of(lambda: time_cmd([py, "-m", "supervisor.cli", "--help"], env=env), args.n)
         report("massgen-run --help", helpt, base, "< 300 ms")
-        quick = [py, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", "@examples/quickstart", "What is 2+2?"]
+        quick = [
+            py,
+            "-m",
+            "supervisor.cli",
+            "--automation",
+            "--sandbox",
+            "none",
+            "--config",
+            "@examples/quickstart",
+            "What is 2+2?",
+        ]
         qs, _ = median_of(lambda: time_cmd(quick, cwd=work, env=env), args.n)
         report("quickstart --sandbox none (2 agents)", qs, base, "< 1000 ms")
         ok = helpt < 0.3 and qs < 1.0

@@ -46,7 +46,7 @@ async def _errors(request: web.Request, handler: Any) -> web.StreamResponse:
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        if exc.status >= 400 and not exc.text.startswith("{"):
+        if exc.status >= 400 and not (exc.text or "").startswith("{"):
             return _error(exc.status, exc.reason, exc.text or "")
         raise
     except Exception as exc:  # noqa: BLE001 - never a bare 500 page; log it and answer JSON

@@ -210,7 +210,7 @@ def cmd_run(argv: list[str]) -> int:
 
     from agent_image.protocol.result import ExitCode
 
-    from .lifecycle import RunControl, RunRequest
+    from .lifecycle import Listener, RunControl, RunRequest
     from .runtime.local import LocalRuntime
 
     printer = _Printer(args.automation)
@@ -242,7 +242,7 @@ def cmd_run(argv: list[str]) -> int:
         question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image
     )
 
-    class _L:
+    class _L(Listener):
         def prepared(self, paths: Any, config: Any, question: str) -> None:
             printer.n_agents = len(config.agents) if config is not None else 0
             printer.prepared(paths, config, question)
@@ -474,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return client_main(argv)
     if argv and argv[0] in VERBS:
-        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](argv[1:])
+        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](
+            argv[1:]
+        )
     return cmd_run(argv)
 
 

@@ -61,7 +61,7 @@ class RunRecord:
     execution: RunExecution
     parent: RunRecord | None
     control: RunControl
-    task: asyncio.Task[RunResult] | None = None
+    task: asyncio.Task[RunResult | None] | None = None
     result: RunResult | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     children: list[RunRecord] = field(default_factory=list)
@@ -391,7 +391,7 @@ class Supervisor:
         execution.hooks = services
         self.records[paths.run_id] = record
 
-        async def follow() -> RunResult:
+        async def follow() -> RunResult | None:
             try:
                 if execution.config is None:
                     with contextlib.suppress(Exception):

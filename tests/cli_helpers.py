@@ -10,7 +10,6 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -80,9 +80,9 @@ def run_spec_file(spec_path: Path) -> int:
         try:
             return await run_engine(spec, writer)
         except asyncio.CancelledError:
-            sig = interrupted[0] if interrupted else "cancel"
-            writer.log(f"interrupted by {sig}", "warning")
-            return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {sig}")
+            signame = interrupted[0] if interrupted else "cancel"
+            writer.log(f"interrupted by {signame}", "warning")
+            return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {signame}")
 
     try:
         outcome = asyncio.run(main())

@@ -15,7 +15,7 @@ class _Event(BaseModel):
     # NaN/Infinity would reach status.json as non-standard JSON that strict readers reject
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    v: Literal[1] = EVENT_VERSION
+    v: Literal[1] = 1  # EVENT_VERSION
     seq: int = Field(ge=0)
     ts: float = Field(ge=0, le=1e11)  # bounded so sums and dates stay finite (year ~5000)
 

@@ -120,8 +120,10 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
                 msg = "required key is missing"
             problems.append(ConfigProblem(file, key, _nearest_line(index, loc), msg))
         # union errors repeat per member; keep the first of each key
-        seen: set[str] = set()
-        unique = [p for p in problems if not (p.key in seen or seen.add(p.key))]
+        unique: list[ConfigProblem] = []
+        for p in problems:
+            if p.key not in {u.key for u in unique}:
+                unique.append(p)
         raise ConfigError(unique) from exc
 
 
