@@ -27,6 +27,5 @@ def median_of(fn: Callable[[], float], n: int, warmup: int = 1) -> tuple[float, 
 
 
 def report(name: str, value: float, baseline: float, target: str) -> None:
-    print(
-        f"{name:44} median {value * 1000:8.1f} ms   baseline {baseline * 1000:8.1f} ms   ratio {value / baseline:5.2f}x   target: {target}"
-    )
+    figures = f"median {value * 1000:8.1f} ms   baseline {baseline * 1000:8.1f} ms   ratio {value / baseline:5.2f}x"
+    print(f"{name:44} {figures}   target: {target}")

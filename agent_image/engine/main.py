@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -51,10 +52,9 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
         return await orch.run()
     finally:
         for b in backends.values():
-            try:
+            # closing must not mask the run's outcome
+            with contextlib.suppress(Exception):
                 await asyncio.wait_for(b.aclose(), 5)
-            except Exception:  # noqa: BLE001 - closing must not mask the run's outcome
-                pass
 
 
 def run_spec_file(spec_path: Path) -> int:
