@@ -135,10 +135,21 @@ class Listener:
     def progress(self, message: str) -> None: ...
 
 
-def _key_problems(config: RunConfig, source: str) -> list[ConfigProblem]:
+def _key_problems(config: RunConfig, source: str, sandbox: str) -> list[ConfigProblem]:
     problems = []
+    configured: set[str] = set()
+    if sandbox == "docker" and config.needs_models():
+        # The gateway holds the keys: the environment or $MASSGEN_KEYS_FILE.
+        from .gateway import upstreams_from_env
+
+        try:
+            configured = set(upstreams_from_env())
+        except Exception as exc:  # noqa: BLE001 - a broken keys file is a config problem, named
+            return [ConfigProblem(os.environ.get("MASSGEN_KEYS_FILE", "<keys file>"), "", None, str(exc))]
     for i, agent in enumerate(config.agents):
         names = KEY_VARS.get(agent.backend.type, ())
+        if agent.backend.type in configured:
+            continue
         if names and not any(os.environ.get(n) for n in names):
             problems.append(
                 ConfigProblem(
@@ -245,7 +256,7 @@ class RunExecution:
             except PolicyError as exc:
                 mat.log(f"refused: {exc}", "error")
                 return self._end(exit_code_for(exc.reason), exc.reason, exc.detail)
-            key_problems = _key_problems(config, source)
+            key_problems = _key_problems(config, source, req.sandbox)
             if key_problems:
                 return self._end(exit_code_for(Reason.KEY_MISSING), Reason.KEY_MISSING, str(ConfigError(key_problems)))
             return await self._execute(config, raw, contexts)
