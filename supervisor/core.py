@@ -171,10 +171,15 @@ class ChildHooks(RunHooks):
         assert me is not None
         # FIFO: only live children submitted before this one count against the limits.
         others = [c for c in parent.children if c.live and c.seq < me.seq]
-        if len(others) >= pcfg.sandbox.max_children:
+        # Like depth: an agent-written config may lower the fan-out for its subtree, never raise it.
+        max_children = min(
+            r.execution.config.sandbox.max_children
+            for r in (parent, *parent.ancestors())
+            if r.execution.config is not None
+        )
+        if len(others) >= max_children:
             raise PolicyError(
-                "max_children_exceeded",
-                f"{len(others)} live children already; max_children={pcfg.sandbox.max_children}",
+                "max_children_exceeded", f"{len(others)} live children already; max_children={max_children}"
             )
         root = parent
         while root.parent is not None:
