@@ -35,6 +35,7 @@ from .lifecycle import (
 )
 from .logdir import RunPaths
 from .runtime.base import Mount, Runtime
+from .snapshot import SnapshotError, snapshot_dir
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +130,15 @@ def translate_path(record: RunRecord, requested: str) -> Path:
         PolicyError: path_not_allowed when it is not under anything the run can see (after
             resolving `..` and symlinks on the host), path_missing when it does not exist.
     """
+    return resolve_view_path(record, requested)[0]
+
+
+def resolve_view_path(record: RunRecord, requested: str) -> tuple[Path, Path, bool]:
+    """(host path, host root it is under, whether a sandbox can write below that root).
+
+    Raises:
+        PolicyError: as translate_path.
+    """
     if not posixpath.isabs(requested):
         raise PolicyError("path_not_allowed", f"{requested}: child context paths must be absolute")
     norm = posixpath.normpath(requested)
@@ -142,7 +152,8 @@ def translate_path(record: RunRecord, requested: str) -> Path:
                 raise PolicyError("path_not_allowed", f"{requested}: resolves outside what this run can see")
             if not real.exists():
                 raise PolicyError("path_missing", f"{requested}: does not exist")
-            return real
+            user_context = any(host == p for p in record.execution.contexts)
+            return real, real_root, not user_context
     raise PolicyError("path_not_allowed", f"{requested}: not visible to the parent run")
 
 
@@ -211,7 +222,24 @@ class ChildHooks(RunHooks):
     record_ref: RunRecord | None = None
 
     def context_paths(self, config: RunConfig, source: str) -> list[Path]:
-        return [translate_path(self.parent, cp.path) for cp in config.orchestrator.context_paths]
+        me = self.record_ref
+        assert me is not None and me.execution.paths is not None
+        out = []
+        for i, cp in enumerate(config.orchestrator.context_paths):
+            real, root, writable = resolve_view_path(self.parent, cp.path)
+            if not writable:
+                out.append(real)  # a user-given host folder, read-only everywhere: mount it
+                continue
+            # Below a folder some sandbox can write: mount a snapshot, never the live folder.
+            dest = me.execution.paths.log_dir / "context" / str(i)
+            try:
+                snapshot_dir(root, os.path.relpath(real, root), dest)
+            except SnapshotError as exc:
+                raise PolicyError("path_not_allowed", f"{cp.path}: {exc}") from exc
+            except OSError as exc:
+                raise PolicyError("path_not_allowed", f"{cp.path}: cannot snapshot: {exc.strerror}") from exc
+            out.append(dest)
+        return out
 
     async def start_services(
         self, execution: RunExecution, config: RunConfig, deadline: float

@@ -345,7 +345,7 @@ for i in 1 2 3; do echo "$(sed -n 's/^RUN_ID: //p' c$i.txt) $(tail -n 1 c$i.txt)
 def test_allowed_context_path_is_translated_and_read_only(
     runtime: DockerRuntime, agent_image: str, tmp_path: Path, ctx: Path
 ) -> None:
-    """A child's context path in the parent's workspace is mounted at its host path, readable and read-only."""
+    """A child's context path in the parent's workspace is a read-only snapshot (in the child's log dir), never the live folder."""
     script = "mkdir -p data && echo hello > data/note.txt\n" + ONE_CHILD
     _write_child(ctx, (ctx / "reader.yaml").read_text())
     run = _run(tmp_path, agent_image, _parent_config(tmp_path, script))
@@ -354,7 +354,11 @@ def test_allowed_context_path_is_translated_and_read_only(
     child_answer = (run.child(child_id) / "final" / "c" / "answer.txt").read_text().strip()
     seen_as, note, write = child_answer.split("|")
     host_data = tmp_path / ".massgen" / "workspaces" / run.run_id / "agent_a" / "data"
-    assert Path(seen_as) == host_data.resolve()
+    # A sandbox can write the parent's workspace, so mounting it live would race with a symlink
+    # swap; the child gets a snapshot the supervisor copied without following symlinks.
+    snapshot = run.child(child_id) / "context" / "0"
+    assert Path(seen_as) == snapshot
+    assert (snapshot / "note.txt").read_text().strip() == "hello"
     assert (note, write) == ("hello", "DENIED")
     assert not (host_data / "x").exists()
     _assert_no_containers(runtime, run.log_dir)
