@@ -274,6 +274,10 @@ async def serve(args: argparse.Namespace) -> int:
         services=SocketServices,
         max_concurrent=args.max_concurrent,
     )
+    from .metrics import StatsSampler
+
+    sampler = StatsSampler(sup, runtime)
+    sampler.start()
     counts = await reconcile(sup, runtime, logs_root)
     log.info("reconciled: adopted=%d lost=%d", counts["adopted"], counts["lost"])
 
@@ -322,6 +326,7 @@ async def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig.name)
     await stop.wait()
+    await sampler.stop()
     await server.close()
     if metrics is not None:
         await metrics.cleanup()
