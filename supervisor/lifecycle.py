@@ -463,9 +463,9 @@ class RunExecution:
                     asyncio.ensure_future(ctl.interrupt.wait()),
                     asyncio.ensure_future(ctl.detach.wait()),
                 ]
-                done, pending = await asyncio.wait(
-                    waits, timeout=max(0.0, min(POLL_S, remaining)), return_when=asyncio.FIRST_COMPLETED
-                )
+                # Wake for new events, or exactly when a coalesced status write falls due.
+                timeout = max(0.0, min(POLL_S, remaining, max(mat.next_write_in(), 0.01)))
+                done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for p in waits[1:]:
                     p.cancel()
                 wake.clear()

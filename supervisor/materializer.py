@@ -311,6 +311,11 @@ class Materializer:
 
     # -- status.json -------------------------------------------------------------------------
 
+    def next_write_in(self) -> float:
+        """Seconds until write_status would write (0 when due), for followers to sleep exactly that long."""
+        since = self.clock() - self._last_write
+        return max(0.0, (MIN_STATUS_INTERVAL_S if self._dirty else MAX_STATUS_INTERVAL_S) - since)
+
     def write_status(self, *, force: bool = False) -> bool:
         """Coalesced: at most one write per 0.25 s, at least one per 2 s while running."""
         now = self.clock()
