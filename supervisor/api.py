@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -35,6 +36,19 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 2 << 20
 MAX_WAIT_S = 60.0
+# `@examples/NAME` names a file under configs/: no absolute paths, no `..`, no glob characters.
+EXAMPLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+
+
+def _unusable_field(body: SubmitRun) -> str | None:
+    """A field no file system call could take, or an example name that would leave configs/."""
+    for name in ("config_path", "logs_root"):
+        value = getattr(body, name)
+        if value is not None and "\x00" in value:
+            return f"{name}: contains a NUL byte"
+    if body.example is not None and not EXAMPLE_RE.match(body.example):
+        return "example: must be a name from configs/, such as quickstart or meta/self_analysis"
+    return None
 
 
 def _error(status: int, error: str, detail: str = "") -> web.Response:
@@ -87,6 +101,9 @@ class RunsApi:
         except ValidationError as exc:
             first = exc.errors()[0]
             return _error(400, "invalid_body", f"{'.'.join(map(str, first['loc']))}: {first['msg']}")
+        problem = _unusable_field(body)
+        if problem is not None:
+            return _error(400, "invalid_body", problem)
         caller = self.caller
         if caller is not None:
             if body.config_path is not None or body.logs_root is not None:
@@ -118,7 +135,10 @@ class RunsApi:
                 image=self.sup.image,
                 supervisor_id=self.sup.supervisor_id,
             )
-            rec = await self.sup.submit(req)
+            try:
+                rec = await self.sup.submit(req)
+            except OSError as exc:  # the run's directories could not be created under logs_root
+                return _error(400, "logs_root_unusable", f"logs_root: {logs_root}: {exc.strerror or exc}")
         else:
             preq = caller.execution.req
             req = RunRequest(
