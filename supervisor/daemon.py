@@ -327,10 +327,12 @@ async def serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, on_signal, sig.name)
     await stop.wait()
     await sampler.stop()
-    await server.close()
+    # Let go of the runs while the server closes: aiohttp waits for in-flight handlers, and a
+    # client long-polling a result (up to 60 s) would otherwise hold the shutdown open while the
+    # daemon keeps supervising. Detached runs answer those polls at once.
+    await asyncio.gather(server.close(), sup.detach_all())
     if metrics is not None:
         await metrics.cleanup()
-    await sup.detach_all()
     with contextlib.suppress(FileNotFoundError):
         sock.unlink()
     return 0
