@@ -6,6 +6,7 @@ ARG BASE_IMAGE=massgen-sandbox/base:bookworm
 
 # Wheels are installed in a throwaway stage so the final image never carries them.
 FROM ${BASE_IMAGE} AS deps
+LABEL io.massgen.image=supervisor-deps
 COPY wheels/ /build/wheels/
 RUN python3 -m pip install --no-index --find-links /build/wheels --no-cache-dir \
         --disable-pip-version-check --root-user-action=ignore --break-system-packages \

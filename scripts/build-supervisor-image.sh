@@ -74,6 +74,15 @@ done
 rm -rf "$ctx/src"
 
 echo "build-supervisor-image: docker build --network none -t $tag" >&2
+previous=$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
 docker build -q --network none --build-arg "BASE_IMAGE=$base" \
   --label "io.massgen.image=supervisor" -t "$tag" "$ctx" >&2
+# The project wheel differs on every build, so the image replaced under this tag is no cache
+# worth keeping; remove it unless something (a running service) still uses it.
+current=$(docker image inspect -f '{{.Id}}' "$tag")
+if [[ -n $previous && $previous != "$current" ]]; then
+  docker image rm "$previous" >/dev/null 2>&1 || true
+fi
+# Likewise the untagged install stages the builder leaves behind (only ours, by label).
+docker image prune -f --filter "label=io.massgen.image=supervisor-deps" >/dev/null 2>&1 || true
 echo "$tag"
