@@ -2,17 +2,23 @@
 # Ensure a Docker engine answers: install Debian's docker.io and start dockerd when needed.
 # Harmless when an engine already runs.
 set -euo pipefail
-if docker info >/dev/null 2>&1; then exit 0; fi
 export DEBIAN_FRONTEND=noninteractive
 need=()
-command -v dockerd >/dev/null || need+=(docker.io)
+# The test suite also drives Debian's docker-compose (deployment test) and tmux (ops views);
+# debootstrap builds the base image.
+command -v docker-compose >/dev/null || need+=(docker-compose)
+command -v tmux >/dev/null || need+=(tmux)
 command -v debootstrap >/dev/null || need+=(debootstrap)
-command -v runsc >/dev/null || need+=(runsc)
-if ((${#need[@]})); then
+if ! docker info >/dev/null 2>&1; then
+  command -v dockerd >/dev/null || need+=(docker.io)
+  command -v runsc >/dev/null || need+=(runsc)
+fi
+if ((${#need[@]})) && [[ $(id -u) -eq 0 ]]; then
   echo "docker-up: installing ${need[*]}" >&2
   apt-get update -q >/dev/null
   apt-get install -y -q "${need[@]}" >/dev/null
 fi
+if docker info >/dev/null 2>&1; then exit 0; fi
 # A stale pid file from a killed session stops dockerd from starting ("pid file found").
 if [[ -f /var/run/docker.pid ]] && ! pgrep -x dockerd >/dev/null; then rm -f /var/run/docker.pid; fi
 if [[ -S /run/containerd/containerd.sock ]] && ! pgrep -x containerd >/dev/null; then rm -f /run/containerd/containerd.sock; fi
