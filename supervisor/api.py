@@ -323,7 +323,9 @@ class SocketServices(RunHooks):
         if self.gateway is not None:
             with contextlib.suppress(Exception):
                 await self.gateway.aclose()
-        if self.socket_dir is not None:
+        if self.socket_dir is not None and not execution.control.detach.is_set():
+            # On detach the running sandbox keeps this directory mounted: a restarted supervisor
+            # re-binds the socket inside the same directory, so it must not be replaced.
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 

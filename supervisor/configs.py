@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.loader import ConfigError, ConfigProblem, load_config
+
+_EXAMPLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
 
 def examples_dir() -> Path:
@@ -33,8 +36,13 @@ def find_example(name: str) -> Path:
     """
     root = examples_dir()
     name = name.removesuffix(".yaml")
+    if not _EXAMPLE_NAME.match(name) or ".." in Path(name).parts:
+        raise ConfigError(
+            [ConfigProblem(f"@examples/{name}", "", None, "not an example name (letters, digits, _ - . and /)")],
+            "config_missing",
+        )
     exact = root / f"{name}.yaml"
-    if exact.is_file() and ".." not in Path(name).parts:
+    if exact.is_file():
         return exact
     matches = sorted(p for p in root.rglob(f"{Path(name).name}.yaml") if p.stem == Path(name).name)
     if len(matches) == 1:

@@ -267,6 +267,13 @@ class RunExecution:
         except asyncio.CancelledError:
             self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, "cancelled before the run finished")
             raise
+        except Exception as exc:
+            # Every exit path ends in result.json, our own bugs included.
+            log.exception("run_id=%s supervisor error", paths.run_id)
+            mat.log(f"supervisor error: {type(exc).__name__}: {exc}", "error")
+            return self._end(
+                exit_code_for(Reason.SUPERVISOR_ERROR), Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]
+            )
         finally:
             mat.close()
 
@@ -431,6 +438,13 @@ class RunExecution:
         mat.log(f"adopted sandbox {handle.id[:12]} (deadline in {deadline - time.time():.1f}s)")
         try:
             return await self._follow_and_remove(handle, deadline, grace, mat.resume_offset)
+        except (Detached, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("run_id=%s supervisor error while following an adopted run", paths.run_id)
+            return self._end(
+                exit_code_for(Reason.SUPERVISOR_ERROR), Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]
+            )
         finally:
             mat.close()
 
@@ -508,7 +522,8 @@ class RunExecution:
 
     async def _wait_exit(self, handle: SandboxHandle) -> Any:
         while True:
-            info = await asyncio.to_thread(self.runtime.wait, handle, 5.0)
+            # Short waits so a detaching supervisor is not held up by a blocked thread.
+            info = await asyncio.to_thread(self.runtime.wait, handle, 2.0)
             if info is not None:
                 return info
 

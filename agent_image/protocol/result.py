@@ -39,6 +39,7 @@ class Reason(StrEnum):
     WRITE_NOT_ALLOWED = "write_not_allowed"
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     BASE_URL_NOT_ALLOWED = "base_url_not_allowed"
+    SUPERVISOR_ERROR = "supervisor_error"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
 
@@ -65,6 +66,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.WRITE_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.GATEWAY_UNAVAILABLE: ExitCode.EXECUTION,
     Reason.BASE_URL_NOT_ALLOWED: ExitCode.EXECUTION,
+    Reason.SUPERVISOR_ERROR: ExitCode.EXECUTION,
     Reason.TIMEOUT: ExitCode.TIMEOUT,
     Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }

@@ -128,9 +128,7 @@ class FileAccess:
             if real == root.real or real.startswith(root.real.rstrip(os.sep) + os.sep):
                 break
         else:
-            raise FileToolError(
-                raw, "resolves outside the workspace and the context paths; access refused"
-            )
+            raise FileToolError(raw, "resolves outside the workspace and the context paths; access refused")
         if write and not root.writable:
             raise FileToolError(raw, f"is inside the read-only context path {root.real}")
         rel = os.path.relpath(real, root.real)
@@ -148,9 +146,7 @@ class FileAccess:
                     child = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise FileToolError(
-                            target.display, f"component {part!r} is not a directory"
-                        ) from exc
+                        raise FileToolError(target.display, f"component {part!r} is not a directory") from exc
                     raise
                 os.close(fd)
                 fd = child

@@ -14,9 +14,7 @@ from pathlib import Path
 
 # Variables a shell needs to behave normally. Everything else in the agent's environment
 # (API tokens, gateway settings, the engine's own knobs) stays out of model-driven commands.
-_ENV_KEEP = frozenset(
-    {"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR"}
-)
+_ENV_KEEP = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
 # LC_* for locale; MASSGEN_* so `massgen-run` inside the sandbox finds its supervisor socket.
 _ENV_KEEP_PREFIXES = ("LC_", "MASSGEN_")
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -127,9 +125,7 @@ async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> No
             await proc.wait()
 
 
-async def _connect(
-    loop: asyncio.AbstractEventLoop, read_fd: int, sink: _CappedSink
-) -> asyncio.ReadTransport:
+async def _connect(loop: asyncio.AbstractEventLoop, read_fd: int, sink: _CappedSink) -> asyncio.ReadTransport:
     pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - the transport owns and closes it
     try:
         transport, _ = await loop.connect_read_pipe(lambda: sink, pipe)

@@ -47,6 +47,4 @@ class TodoList:
         """One line per item, `[ ] #1 text` or `[x] #1 text`; `(no todos)` when empty."""
         if not self._items:
             return "(no todos)"
-        return "\n".join(
-            f"[{'x' if item.done else ' '}] #{item.id} {item.text}" for item in self._items.values()
-        )
+        return "\n".join(f"[{'x' if item.done else ' '}] #{item.id} {item.text}" for item in self._items.values())

@@ -79,21 +79,17 @@ def _check_arguments(tool: str, schema: Mapping[str, Any], arguments: Any) -> di
     example = json.dumps({key: f"<{props[key]['type']}>" for key in required})
     if not isinstance(arguments, Mapping):
         raise _BadArguments(
-            f"arguments for {tool} must be a JSON object, got {_json_type(arguments)}; "
-            f"for example {example}"
+            f"arguments for {tool} must be a JSON object, got {_json_type(arguments)}; for example {example}"
         )
     if "__raw__" in arguments:
         raw = _one_line(str(arguments["__raw__"]), 120)
         raise _BadArguments(
-            f"arguments for {tool} were not valid JSON ({raw!r}); "
-            f"send one JSON object, for example {example}"
+            f"arguments for {tool} were not valid JSON ({raw!r}); send one JSON object, for example {example}"
         )
     expected = ", ".join(props) or "none"
     for key in arguments:
         if key not in props:
-            raise _BadArguments(
-                f"unexpected argument {key!r} for {tool}; expected arguments: {expected}"
-            )
+            raise _BadArguments(f"unexpected argument {key!r} for {tool}; expected arguments: {expected}")
     checked: dict[str, Any] = {}
     for key, value in arguments.items():
         if value is None and key not in required:
@@ -103,14 +99,10 @@ def _check_arguments(tool: str, schema: Mapping[str, Any], arguments: Any) -> di
         if kind == "integer" and isinstance(value, float) and value.is_integer():
             value = int(value)  # Gemini's Struct carries every number as a double
         if isinstance(value, bool) != (kind == "boolean") or not isinstance(value, _TYPES[kind]):
-            raise _BadArguments(
-                f"argument {key!r} for {tool} must be of type {kind}, got {_json_type(value)}"
-            )
+            raise _BadArguments(f"argument {key!r} for {tool} must be of type {kind}, got {_json_type(value)}")
         if "enum" in prop and value not in prop["enum"]:
             choices = ", ".join(map(str, prop["enum"]))
-            raise _BadArguments(
-                f"argument {key!r} for {tool} must be one of {choices}; got {value!r}"
-            )
+            raise _BadArguments(f"argument {key!r} for {tool} must be one of {choices}; got {value!r}")
         checked[key] = value
     for key in required:
         if key not in checked:
@@ -180,9 +172,7 @@ class ToolBox:
         ws = self._files.workspace
         paths = "Paths are relative to the workspace, or absolute inside the workspace"
         if self.context_paths:
-            listed = ", ".join(
-                f"{p} ({'writable' if w else 'read-only'})" for p, w in self.context_paths
-            )
+            listed = ", ".join(f"{p} ({'writable' if w else 'read-only'})" for p, w in self.context_paths)
             paths += f" or a context path: {listed}"
         paths += "."
         path_prop = {"type": "string", "description": "File path (see tool description)."}
@@ -208,19 +198,14 @@ class ToolBox:
             ),
             ToolSpec(
                 "read_file",
-                f"Read a text file as UTF-8 (at most the first {self.max_file_bytes} bytes). "
-                + paths,
+                f"Read a text file as UTF-8 (at most the first {self.max_file_bytes} bytes). " + paths,
                 _schema({"path": path_prop}, ["path"]),
             ),
             ToolSpec(
                 "write_file",
                 "Create or overwrite a file with the given text; missing parent directories "
                 "are created. Only the workspace"
-                + (
-                    " and writable context paths are"
-                    if any(w for _, w in self.context_paths)
-                    else " is"
-                )
+                + (" and writable context paths are" if any(w for _, w in self.context_paths) else " is")
                 + " writable. "
                 + paths,
                 _schema(
@@ -318,13 +303,9 @@ class ToolBox:
         read = await asyncio.to_thread(self._files.read, args["path"])
         content = read.text
         if read.truncated:
-            content += (
-                f"\n[truncated: showing the first {self.max_file_bytes} of {read.size} bytes]"
-            )
+            content += f"\n[truncated: showing the first {self.max_file_bytes} of {read.size} bytes]"
         note = " (truncated)" if read.truncated else ""
-        return ToolResult(
-            content, True, _one_line(f"read_file {read.display} {read.size} bytes{note}")
-        )
+        return ToolResult(content, True, _one_line(f"read_file {read.display} {read.size} bytes{note}"))
 
     async def _write_file(self, args: dict[str, Any]) -> ToolResult:
         written = await asyncio.to_thread(self._files.write, args["path"], args["content"])
@@ -340,17 +321,13 @@ class ToolBox:
         content = json.dumps(
             {
                 "path": listing.display,
-                "entries": [
-                    {"name": e.name, "type": e.type, "size": e.size} for e in listing.entries
-                ],
+                "entries": [{"name": e.name, "type": e.type, "size": e.size} for e in listing.entries],
                 "total": listing.total,
                 "truncated": listing.total > len(listing.entries),
             },
             ensure_ascii=False,
         )
-        return ToolResult(
-            content, True, _one_line(f"list_files {listing.display} {listing.total} entries")
-        )
+        return ToolResult(content, True, _one_line(f"list_files {listing.display} {listing.total} entries"))
 
     async def _todo_call(self, args: dict[str, Any]) -> ToolResult:
         action = args["action"]
@@ -371,9 +348,7 @@ class ToolBox:
                 item = self._todo.done(args["id"])
             except KeyError:
                 known = ", ".join(map(str, self._todo.ids())) or "none"
-                raise _BadArguments(
-                    f"no todo item with id {args['id']}; existing ids: {known}"
-                ) from None
+                raise _BadArguments(f"no todo item with id {args['id']}; existing ids: {known}") from None
             return ToolResult(f"done #{item.id}: {item.text}", True, f"todo done #{item.id}")
         open_, done = self._todo.counts()
         return ToolResult(

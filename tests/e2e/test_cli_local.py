@@ -212,7 +212,9 @@ def test_stop_verb_interrupts_a_running_embedded_run(tmp_path: Path) -> None:
     assert proc.stdout is not None
     log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
     deadline = time.monotonic() + 20
-    while b"turn_started" not in ((log_dir / "events.jsonl").read_bytes() if (log_dir / "events.jsonl").exists() else b""):
+    while b"turn_started" not in (
+        (log_dir / "events.jsonl").read_bytes() if (log_dir / "events.jsonl").exists() else b""
+    ):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     stop = massgen_run(["stop", log_dir.name], tmp_path, MASSGEN_NO_DAEMON="1")

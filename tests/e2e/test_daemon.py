@@ -502,11 +502,6 @@ def test_bad_api_input_gets_a_4xx_with_a_json_error_body(daemon: Daemon, tmp_pat
     assert not list(daemon.logs_root.glob("*/final/*/answer.txt"))  # nothing ran
 
 
-@pytest.mark.xfail(
-    reason="supervisor/lifecycle.py RunExecution.run has no catch-all: an unexpected exception (here spec.json "
-    "cannot be encoded) kills the run task without a result.json, and the run stays 'starting' forever",
-    strict=True,
-)
 def test_a_run_that_breaks_the_supervisor_still_gets_a_result(daemon: Daemon) -> None:
     """A config whose YAML holds a lone surrogate escape still ends with a result.json (every exit path writes one)."""
     text = (REPO / "configs" / "quickstart.yaml").read_text()

@@ -15,8 +15,14 @@ def coordinating_policy(req: FakeRequest) -> Reply:
     if "selected to present" in text:
         return Reply(text="FINAL: 2 + 2 = 4", prompt_tokens=30, completion_tokens=5)
     if "(no answers available yet)" in text:
-        return Reply(tool_calls=[FakeToolCall("new_answer", {"content": "2 + 2 = 4"})], prompt_tokens=20, completion_tokens=7)
-    return Reply(tool_calls=[FakeToolCall("vote", {"agent_id": "agent1", "reason": "correct"})], prompt_tokens=25, completion_tokens=6)
+        return Reply(
+            tool_calls=[FakeToolCall("new_answer", {"content": "2 + 2 = 4"})], prompt_tokens=20, completion_tokens=7
+        )
+    return Reply(
+        tool_calls=[FakeToolCall("vote", {"agent_id": "agent1", "reason": "correct"})],
+        prompt_tokens=25,
+        completion_tokens=6,
+    )
 
 
 def _run(tmp_path: Path, config: str, **env: str) -> tuple[int, dict[str, str], str]:

@@ -117,9 +117,7 @@ def test_shell_runs_in_its_own_session(box: ToolBox) -> None:
     assert sid != os.getsid(0)
 
 
-def test_default_env_keeps_basics_and_drops_secrets(
-    ws: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_default_env_keeps_basics_and_drops_secrets(ws: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without `env`, commands see PATH and MASSGEN_* but not the agent's other variables."""
     monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-leak")
     monkeypatch.setenv("MASSGEN_SUPERVISOR_SOCKET", "/run/massgen/sock")
@@ -138,9 +136,7 @@ def test_explicit_env_is_used_as_given(ws: Path) -> None:
 def test_timeout_kills_the_whole_group_including_grandchild(box: ToolBox, ws: Path) -> None:
     """On timeout the shell and a backgrounded grandchild are both killed; nothing survives."""
     started = time.monotonic()
-    result, data = shell(
-        box, "echo $$ > sh.pid; sleep 100 & echo $! > gc.pid; sleep 100", timeout=0.5
-    )
+    result, data = shell(box, "echo $$ > sh.pid; sleep 100 & echo $! > gc.pid; sleep 100", timeout=0.5)
     assert time.monotonic() - started < 3
     assert not result.ok
     assert data["timed_out"] is True
@@ -150,14 +146,10 @@ def test_timeout_kills_the_whole_group_including_grandchild(box: ToolBox, ws: Pa
         assert wait_until(functools.partial(pid_gone, pid)), f"{name} {pid} still alive"
 
 
-def test_timeout_escalates_to_sigkill_for_processes_ignoring_sigterm(
-    box: ToolBox, ws: Path
-) -> None:
+def test_timeout_escalates_to_sigkill_for_processes_ignoring_sigterm(box: ToolBox, ws: Path) -> None:
     """A grandchild that ignores SIGTERM is SIGKILLed after the grace period."""
     started = time.monotonic()
-    result, data = shell(
-        box, "(trap '' TERM; exec sleep 100) & echo $! > gc.pid; wait", timeout=0.3
-    )
+    result, data = shell(box, "(trap '' TERM; exec sleep 100) & echo $! > gc.pid; wait", timeout=0.3)
     assert not result.ok
     assert data["timed_out"] is True
     pid = read_pid(ws / "gc.pid")
@@ -193,9 +185,7 @@ def test_huge_output_is_capped_and_marked_truncated(ws: Path) -> None:
     """50 MB on stdout and 5 MB on stderr are cut to the cap each without blocking the child."""
     box = ToolBox(ws, max_output_bytes=1000)
     started = time.monotonic()
-    result, data = shell(
-        box, "yes | head -c 50000000; head -c 5000000 /dev/zero | tr '\\0' e >&2; echo end"
-    )
+    result, data = shell(box, "yes | head -c 50000000; head -c 5000000 /dev/zero | tr '\\0' e >&2; echo end")
     assert time.monotonic() - started < 5
     assert result.ok
     assert data["truncated"] is True
@@ -461,9 +451,7 @@ def test_read_only_context_nested_in_workspace_wins(ws: Path) -> None:
         ("shell", {"__raw__": '{"command": "ls'}, "not valid JSON"),
     ],
 )
-def test_bad_arguments_give_a_corrective_message(
-    box: ToolBox, name: str, arguments: Any, expected: str
-) -> None:
+def test_bad_arguments_give_a_corrective_message(box: ToolBox, name: str, arguments: Any, expected: str) -> None:
     """Wrong, missing, extra or unparseable arguments give ok=False naming the problem."""
     result = call(box, name, arguments)
     assert not result.ok
@@ -520,9 +508,7 @@ def test_specs_match_names_and_are_json_schema_objects(box: ToolBox) -> None:
 def test_todo_add_done_list(box: ToolBox) -> None:
     """add returns increasing ids, done marks an item, list shows every item's state."""
     assert call(box, "todo", {"action": "list"}).content == "0 open, 0 done\n(no todos)"
-    assert call(box, "todo", {"action": "add", "text": "write tests"}).content == (
-        "added #1: write tests"
-    )
+    assert call(box, "todo", {"action": "add", "text": "write tests"}).content == ("added #1: write tests")
     assert call(box, "todo", {"action": "add", "text": "ship"}).content == "added #2: ship"
     assert call(box, "todo", {"action": "done", "id": 1}).content == "done #1: write tests"
     listed = call(box, "todo", {"action": "list"})
