@@ -11,5 +11,5 @@ py=$(command -v python3.11 || command -v python3)
 if [[ ! -x .venv/bin/python ]]; then
   "$py" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test,dev]'
 .venv/bin/massgen-run image build >/dev/null

@@ -4,5 +4,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+bash scripts/check.sh
 export MASSGEN_REQUIRE_DOCKER=1
 exec .venv/bin/python -m pytest -q "$@"
