@@ -38,12 +38,23 @@ class SupervisorClient:
         self._http = httpx2.Client(base_url=ORIGIN, transport=httpx2.HTTPTransport(uds=socket_path), timeout=timeout)
 
     def request(
-        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None
+        self, method: str, path: str, body: Any = None, params: dict[str, str] | None = None, *, reconnect: bool = True
     ) -> tuple[int, Any]:
-        try:
-            resp = self._http.request(method, path, json=body, params=params)
-        except Exception as exc:  # noqa: BLE001 - one message for every transport failure
-            raise ClientError(f"supervisor at {self.socket_path} unreachable: {type(exc).__name__}: {exc}") from exc
+        import httpx2
+
+        give_up = time.monotonic() + (RECONNECT_S if reconnect else 0.0)
+        while True:
+            try:
+                resp = self._http.request(method, path, json=body, params=params)
+                break
+            except httpx2.ConnectError as exc:
+                # Nothing reached the supervisor (it is restarting and will re-bind this
+                # socket): retrying is safe even for POST.
+                if time.monotonic() > give_up:
+                    raise ClientError(f"supervisor at {self.socket_path} unreachable: {exc}") from exc
+                time.sleep(0.25)
+            except Exception as exc:  # noqa: BLE001 - one message for every other transport failure
+                raise ClientError(f"supervisor at {self.socket_path} unreachable: {type(exc).__name__}: {exc}") from exc
         try:
             data = resp.json()
         except ValueError:

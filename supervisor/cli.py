@@ -190,7 +190,7 @@ def _daemon_client() -> Any:
 
     client = SupervisorClient(str(sock), timeout=90)
     try:
-        client.request("GET", "/v1/health")
+        client.request("GET", "/v1/health", reconnect=False)
     except ClientError:
         client.close()
         return None

@@ -426,20 +426,10 @@ class Supervisor:
 
         async def follow() -> RunResult | None:
             try:
-                if execution.config is None:
-                    with contextlib.suppress(Exception):
-                        from agent_image.protocol.loader import parse_config_text
-
-                        execution.config, _ = parse_config_text(paths.config.read_text(), str(paths.config))
-                # re-bind the run's socket at the path its sandbox mounted
-                if execution.config is not None and self._services is not None:
-                    with contextlib.suppress(Exception):
-                        await services.start_services(execution, execution.config, deadline)
-                try:
-                    record.result = await execution.adopt(paths, handle, deadline)
-                finally:
-                    await asyncio.shield(services.stop_services(execution))
+                record.result = await execution.adopt(paths, handle, deadline)
                 return record.result
+            except Detached:
+                return None
             finally:
                 record.done.set()
                 await self._stop_subtree(record)

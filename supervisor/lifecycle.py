@@ -437,6 +437,13 @@ class RunExecution:
             mat.log(f"adopted run has no usable config.yaml ({exc}); stop grace {grace:g}s", "warning")
         mat.log(f"adopted sandbox {handle.id[:12]} (deadline in {deadline - time.time():.1f}s)")
         try:
+            if self.config is not None:
+                # Re-bind the run's socket inside the directory its sandbox has mounted.
+                try:
+                    await self.hooks.start_services(self, self.config, deadline)
+                except Exception as exc:  # noqa: BLE001 - following the run matters more; say what broke
+                    log.exception("run_id=%s could not restart the run's socket", paths.run_id)
+                    mat.log(f"the run's socket could not be restarted ({exc}); nested runs and models fail", "error")
             return await self._follow_and_remove(handle, deadline, grace, mat.resume_offset)
         except (Detached, asyncio.CancelledError):
             raise
@@ -446,6 +453,7 @@ class RunExecution:
                 exit_code_for(Reason.SUPERVISOR_ERROR), Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]
             )
         finally:
+            await asyncio.shield(self.hooks.stop_services(self))
             mat.close()
 
     async def _remove(self, handle: SandboxHandle) -> None:
@@ -460,7 +468,8 @@ class RunExecution:
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
         mat.set_run(state=RunState.RUNNING)
-        mat.log(f"sandbox started: id={facts.id} image={facts.image} runtime={facts.runtime}")
+        verb = "following" if offset else "started"
+        mat.log(f"sandbox {verb}: id={facts.id} image={facts.image} runtime={facts.runtime}")
         mat.listeners.append(self.listener.event)
         tailer = OutboxTailer(paths.sandbox / "events.jsonl", offset=offset)
         wake = asyncio.Event()
