@@ -331,12 +331,24 @@ def cmd_ps(argv: list[str]) -> int:
             print(json.dumps([r.ps_dict() for r in rows], indent=2))
             return 0
         lines = [(r.run_id, r) for r in rows]
+    import time
+
+    from .watch import fmt_age, fmt_bytes
+
+    now = time.time()
     width = max([40, *(len(label) + 1 for label, _ in lines)])
-    out = [f"{'RUN ID':{width}} {'STATE':9} {'PHASE':13} {'EXIT':>4} {'ELAPSED':>8}"]
+    out = [
+        f"{'RUN ID':{width}} {'STATE':9} {'PHASE':13} {'EXIT':>4} {'ELAPSED':>8} {'AGE':>6} {'CPU':>6} {'MEM':>8} DEPTH"
+    ]
     for label, r in lines:
         ex = "" if r.exit_code is None else str(r.exit_code)
         el = "" if r.elapsed_s is None else f"{r.elapsed_s:.1f}s"
-        out.append(f"{label:{width}} {r.state:9} {str(r.phase):13} {ex:>4} {el:>8}")
+        age = fmt_age(now - r.start_time if r.start_time else None)
+        cpu = "" if r.cpu_percent is None else f"{r.cpu_percent:.0f}%"
+        out.append(
+            f"{label:{width}} {r.state:9} {str(r.phase):13} {ex:>4} {el:>8} {age:>6} {cpu:>6}"
+            f" {fmt_bytes(r.memory_bytes):>8} {r.depth}"
+        )
     print("\n".join(out))
     return 0
 

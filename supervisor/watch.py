@@ -60,6 +60,9 @@ class RunRow:
             "exit_code": self.exit_code,
             "reason": self.reason,
             "elapsed_s": self.elapsed_s,
+            "started_at": self.start_time,
+            "cpu_percent": self.cpu_percent,
+            "memory_bytes": self.memory_bytes,
             "depth": self.depth,
         }
 

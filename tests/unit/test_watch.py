@@ -107,7 +107,18 @@ def test_ps_lists_top_level_runs_and_hides_finished_without_all(nested: Path) ->
     assert [ln.split()[0] for ln in out_all.splitlines()[1:]] == [run_id(1), run_id(3), run_id(6)]
     rows = json.loads(ps("--all", "--json", "--logs-root", str(nested)))
     assert [r["run_id"] for r in rows] == [run_id(1), run_id(3), run_id(6)]
-    assert set(rows[0]) == {"run_id", "state", "phase", "exit_code", "reason", "elapsed_s", "depth"}
+    assert set(rows[0]) == {
+        "run_id",
+        "state",
+        "phase",
+        "exit_code",
+        "reason",
+        "elapsed_s",
+        "started_at",
+        "cpu_percent",
+        "memory_bytes",
+        "depth",
+    }
 
 
 def test_ps_tree_shows_the_hierarchy(nested: Path) -> None:
