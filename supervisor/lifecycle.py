@@ -44,6 +44,8 @@ CHILDREN_IN_SANDBOX = "/run/massgen/children"
 WORKSPACE_IN_SANDBOX = "/workspace"
 SANDBOX_UID = 10001
 POLL_S = 0.5
+STOP_OVERDUE_S = 10.0  # past grace + this, a stop that has not ended the sandbox becomes a kill
+MAX_OUTBOX_BYTES = 256 << 20  # a sandbox writing more events than this is stopped (limit_exceeded)
 REMOVE_TIMEOUT_S = 30.0
 KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
 
@@ -227,6 +229,7 @@ class RunExecution:
         workspaces_root = req.workspaces_root or req.logs_root.parent / "workspaces"
         self.paths = paths = create_run_dirs(req.logs_root, workspaces_root)
         self.mat = mat = Materializer(paths)
+        mat.accept_model_calls = req.sandbox == "none"
         mat.set_run(
             state=RunState.STARTING,
             sandbox=req.sandbox,
@@ -426,6 +429,7 @@ class RunExecution:
         """
         self.paths = paths
         self.mat = mat = Materializer(paths, resume=True)
+        mat.accept_model_calls = False  # only Docker runs are adopted: the gateway meters them
         self.deadline = deadline
         self.prepared.set()
         grace = 5.0
@@ -476,23 +480,31 @@ class RunExecution:
         observer = _watch(paths.sandbox, wake)
         exit_task = asyncio.create_task(self._wait_exit(handle))
         stop_task: asyncio.Task[None] | None = None
+        stop_started = 0.0
+        killed = False
         stopped_for: str | None = None
         try:
             while not exit_task.done():
-                remaining = deadline - time.time()
-                waits = [
-                    exit_task,
-                    asyncio.ensure_future(wake.wait()),
-                    asyncio.ensure_future(ctl.interrupt.wait()),
-                    asyncio.ensure_future(ctl.detach.wait()),
-                ]
+                waits: list[asyncio.Future[Any]] = [exit_task, asyncio.ensure_future(wake.wait())]
+                if stop_task is None:
+                    # Until we stop the sandbox, an interrupt or a detach must wake us at once;
+                    # afterwards they are set for good and would make this loop spin.
+                    waits += [asyncio.ensure_future(ctl.interrupt.wait()), asyncio.ensure_future(ctl.detach.wait())]
+                    remaining = max(0.0, deadline - time.time())
+                else:
+                    remaining = POLL_S
+                    if not killed:
+                        waits.append(asyncio.ensure_future(ctl.force.wait()))
                 # Wake for new events, or exactly when a coalesced status write falls due.
-                timeout = max(0.0, min(POLL_S, remaining, max(mat.next_write_in(), 0.01)))
-                done, pending = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                timeout = min(POLL_S, remaining, max(mat.next_write_in(), 0.01))
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 for p in waits[1:]:
                     p.cancel()
                 wake.clear()
                 mat.drain(tailer)
+                if tailer.more:
+                    wake.set()
+                self._check_outbox(tailer)
                 mat.write_status()
                 if ctl.detach.is_set() and stop_task is None:
                     raise Detached()
@@ -503,9 +515,18 @@ class RunExecution:
                         stopped_for = "timeout"
                     if stopped_for is not None:
                         mat.log(f"stopping sandbox: {stopped_for} (grace {grace:g}s)", "warning")
+                        stop_started = time.monotonic()
                         stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, grace))
-                if ctl.force.is_set() and stop_task is not None:
-                    await asyncio.to_thread(runtime.kill, handle)
+                elif not killed:
+                    stop_failed = stop_task.done() and stop_task.exception() is not None
+                    overdue = time.monotonic() - stop_started > grace + STOP_OVERDUE_S
+                    if ctl.force.is_set() or stop_failed or overdue:
+                        why = "stop failed" if stop_failed else "stop overdue"
+                        why = "second signal" if ctl.force.is_set() else why
+                        mat.log(f"killing sandbox: {why}", "warning")
+                        killed = True
+                        with contextlib.suppress(Exception):
+                            await asyncio.to_thread(runtime.kill, handle)
             info = exit_task.result()
         finally:
             if observer is not None:
@@ -514,8 +535,9 @@ class RunExecution:
                 exit_task.cancel()
         if stop_task is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(stop_task, grace + 10)
-        mat.drain(tailer)
+                await asyncio.wait_for(stop_task, grace + STOP_OVERDUE_S)
+        while (mat.drain(tailer) or tailer.more) and tailer.offset <= 2 * MAX_OUTBOX_BYTES:
+            await asyncio.sleep(0)
         tailer.close()
         output = await asyncio.to_thread(runtime.logs, handle)
         if output.strip():
@@ -529,12 +551,38 @@ class RunExecution:
         code, reason, detail = self._verdict(info, facts, stopped_for)
         return self._end(code, reason, detail, container_exit=info.exit_code)
 
+    def _check_outbox(self, tailer: OutboxTailer) -> None:
+        """A sandbox flooding its outbox is stopped before it exhausts the supervisor's disk."""
+        ctl = self.control
+        if tailer.offset > MAX_OUTBOX_BYTES and not ctl.interrupt.is_set():
+            detail = f"the sandbox wrote more than {MAX_OUTBOX_BYTES >> 20} MiB of events"
+            ctl.verdict = (exit_code_for(Reason.LIMIT_EXCEEDED), Reason.LIMIT_EXCEEDED.value, detail)
+            ctl.interrupt_reason = Reason.LIMIT_EXCEEDED.value
+            ctl.interrupt.set()
+
     async def _wait_exit(self, handle: SandboxHandle) -> Any:
         while True:
             # Short waits so a detaching supervisor is not held up by a blocked thread.
             info = await asyncio.to_thread(self.runtime.wait, handle, 2.0)
             if info is not None:
                 return info
+
+    def _engine_verdict(self, fin: Any) -> tuple[int, str, str]:
+        """The engine's own verdict, checked: the sandbox shares the engine's uid and could forge it."""
+        mat = self.mat
+        assert mat is not None
+        try:
+            reason = Reason(fin.reason)
+        except ValueError:
+            return (
+                exit_code_for(Reason.AGENT_FAILED),
+                Reason.AGENT_FAILED,
+                f"unknown reason from the sandbox: {fin.reason[:80]!r}",
+            )
+        code = exit_code_for(reason)
+        if code == 0 and (mat.final_file is None or not mat.final_file.exists()):
+            return exit_code_for(Reason.NO_ANSWER), Reason.NO_ANSWER, "the run reported success without a final answer"
+        return code, reason.value, fin.detail[:2000]
 
     def _verdict(self, info: Any, facts: Any, stopped_for: str | None) -> tuple[int, str, str]:
         mat = self.mat
@@ -557,7 +605,7 @@ class RunExecution:
                 f"a process in the sandbox was killed for exceeding the memory limit (exit {info.exit_code})",
             )
         if fin is not None:
-            return fin.exit_code, fin.reason, fin.detail
+            return self._engine_verdict(fin)
         return (
             exit_code_for(Reason.CONTAINER_CRASHED),
             Reason.CONTAINER_CRASHED,

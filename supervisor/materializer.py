@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 MIN_STATUS_INTERVAL_S = 0.25
 MAX_STATUS_INTERVAL_S = 2.0
 READ_CHUNK = 1 << 20
+MAX_AGENTS = 16
+MAX_DRAIN_BYTES = 4 << 20
 
 
 class OutboxTailer:
@@ -55,6 +57,8 @@ class OutboxTailer:
         self._skipping = False
         self._refused: str | None = None
         self.warnings: list[str] = []
+        self.dropped = 0  # oversized lines skipped: each leaves one legitimate gap in seq
+        self.more = False
 
     def _open(self) -> bool:
         if self._fd is not None:
@@ -78,15 +82,22 @@ class OutboxTailer:
             self._refused = warning
         return False
 
-    def read_lines(self) -> list[bytes]:
+    def read_lines(self, max_bytes: int = MAX_DRAIN_BYTES) -> list[bytes]:
+        """Complete new lines, reading at most `max_bytes` (`more` says whether data is left)."""
+        self.more = False
         if not self._open():
             return []
         assert self._fd is not None
         lines: list[bytes] = []
+        budget = max_bytes
         while True:
-            chunk = os.pread(self._fd, READ_CHUNK, self.offset)
+            if budget <= 0:
+                self.more = True  # bounded work per call: the follower comes back for the rest
+                break
+            chunk = os.pread(self._fd, min(READ_CHUNK, budget), self.offset)
             if not chunk:
                 break
+            budget -= len(chunk)
             self.offset += len(chunk)
             data = self._buf + chunk
             parts = data.split(b"\n")
@@ -96,10 +107,12 @@ class OutboxTailer:
                     self._skipping = False  # the tail of an oversized line
                     continue
                 if len(part) > self.max_line:
+                    self.dropped += 1
                     self.warnings.append(f"dropped an oversized event line ({len(part)} bytes)")
                     continue
                 lines.append(part)
             if len(self._buf) > self.max_line:
+                self.dropped += 1
                 self.warnings.append(f"dropped an oversized event line (>{self.max_line} bytes)")
                 self._buf = b""
                 self._skipping = True
@@ -159,6 +172,11 @@ class Materializer:
         self.event_count = 0
         self.listeners: list[Callable[[Event], None]] = []
         self._tailer: OutboxTailer | None = None
+        self._started = False
+        self._gap_allowance = 0
+        # With --sandbox none the engine calls models itself and reports them; behind the
+        # gateway only the host's own metering counts.
+        self.accept_model_calls = True
         if resume:
             self._replay()
 
@@ -177,6 +195,8 @@ class Materializer:
                     continue
                 self._last_seq = ev.seq
                 self.event_count += 1
+                if isinstance(ev, RunStarted):
+                    self._started = True
                 if not isinstance(ev, LogLine):
                     self._side_effects(ev)
                 self.reducer.apply(ev)
@@ -241,8 +261,19 @@ class Materializer:
             return None
         if ev.seq <= self._last_seq:
             return None  # already seen (replay after restart)
-        if ev.seq != self._last_seq + 1:
-            self.log(f"event sequence gap: expected {self._last_seq + 1}, got {ev.seq}", "warning")
+        gap = ev.seq - (self._last_seq + 1)
+        if 0 < gap <= self._gap_allowance:
+            self._gap_allowance -= gap  # lines the tailer dropped as oversized
+        elif gap:
+            # The engine numbers its events without gaps; anything else was not written by it
+            # (a forged line must not make us skip the real events that follow).
+            self.log(f"ignored event out of sequence: expected seq {self._last_seq + 1}, got {ev.seq}", "warning")
+            return None
+        problem = self._unacceptable(ev)
+        if problem:
+            self.log(f"ignored event seq={ev.seq} type={ev.type}: {problem}", "warning")
+            self._last_seq = ev.seq
+            return None
         self._last_seq = ev.seq
         self._events.write(raw.rstrip(b"\n") + b"\n")
         self._events.flush()
@@ -253,6 +284,23 @@ class Materializer:
         for fn in self.listeners:
             fn(ev)
         return ev
+
+    def _unacceptable(self, ev: Event) -> str | None:
+        """Why an event cannot be part of this run (it is then dropped), or None."""
+        if isinstance(ev, RunStarted):
+            if self._started:
+                return "a second run_started"
+            if len(ev.agents) > MAX_AGENTS:
+                return f"more than {MAX_AGENTS} agents"
+            self._started = True
+            return None
+        if isinstance(ev, ModelCall) and not self.accept_model_calls:
+            return "model calls are metered by the gateway, not reported by the sandbox"
+        for name in ("agent", "target", "winner"):
+            value = getattr(ev, name, None)
+            if value is not None and value not in self._agents:
+                return f"{name} {str(value)[:40]!r} is not an agent of this run"
+        return None
 
     def _side_effects(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
@@ -279,7 +327,10 @@ class Materializer:
     def drain(self, tailer: OutboxTailer) -> int:
         self._tailer = tailer
         n = 0
-        for line in tailer.read_lines():
+        lines = tailer.read_lines()
+        self._gap_allowance += tailer.dropped
+        tailer.dropped = 0
+        for line in lines:
             if self.feed(line) is not None:
                 n += 1
         for w in tailer.warnings:

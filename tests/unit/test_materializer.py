@@ -193,11 +193,21 @@ def test_duplicate_seq_is_ignored(mat: Materializer, paths: RunPaths) -> None:
     assert mat.status.agents["alpha"].answer_count == 1
 
 
-def test_sequence_gap_is_warned_but_applied(mat: Materializer, paths: RunPaths) -> None:
-    """A gap in seq is logged as a warning and the event is still applied."""
+def test_out_of_sequence_event_is_dropped_and_later_events_still_apply(mat: Materializer, paths: RunPaths) -> None:
+    """The engine numbers events without gaps: a line with a jumped seq (forged) is dropped, the real next one applies."""
     mat.feed(started())
-    assert mat.feed(line(type="log", seq=5, message="after a gap")) is not None
-    assert "sequence gap: expected 1, got 5" in paths.log.read_text()
+    assert mat.feed(line(type="log", seq=10**15, message="forged")) is None
+    assert "out of sequence: expected seq 1, got 1000000000000000" in paths.log.read_text()
+    assert mat.feed(line(type="log", seq=1, message="real")) is not None
+
+
+def test_events_about_unknown_agents_and_sandbox_model_calls_are_dropped(mat: Materializer, paths: RunPaths) -> None:
+    """Events naming agents the run never announced, and model calls when the gateway meters, are ignored."""
+    mat.feed(started())
+    mat.accept_model_calls = False
+    assert mat.feed(line(type="turn_started", seq=1, agent="x9999", turn=1)) is None
+    assert mat.feed(line(type="model_call", seq=2, agent="alpha", provider="p", model="m", prompt_tokens=5)) is None
+    assert "x9999" not in mat.status.agents and mat.status.telemetry.totals.calls == 0
 
 
 @pytest.mark.parametrize(
@@ -214,7 +224,8 @@ def test_answer_from_bad_or_unannounced_agent_writes_nothing(
     mat.feed(line(type="final_answer", seq=2, agent=agent, content="pwned"))
     assert files_under(tmp_path) == before
     assert not any("pwned" in p.read_text(errors="replace") for p in files_under(tmp_path) if p != paths.events)
-    assert "not written" in paths.log.read_text()
+    text = paths.log.read_text()
+    assert "not written" in text or "is not an agent of this run" in text
 
 
 @pytest.mark.parametrize("label", ["../../x", "agent1.1/../../..", "agent1", "x.1"])
