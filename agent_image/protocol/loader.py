@@ -13,6 +13,10 @@ from pydantic import ValidationError
 from .config import RunConfig
 
 MAX_CONFIG_BYTES = 1 << 20
+# Nodes in a document once every alias is expanded. Real configs have a few hundred; nested
+# aliases ("billion laughs") reach billions from a few hundred bytes, and the validated data
+# would be walked and serialized in that expanded form.
+MAX_EXPANDED_NODES = 200_000
 
 
 @dataclass(frozen=True)
@@ -44,18 +48,72 @@ class ConfigError(ValueError):
         super().__init__(str(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
-def _line_index(node: yaml.Node, path: tuple[Any, ...] = ()) -> dict[tuple[Any, ...], int]:
-    out: dict[tuple[Any, ...], int] = {path: node.start_mark.line + 1}
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = k.value
-            out[path + (key,)] = k.start_mark.line + 1
-            for p, line in _line_index(v, path + (key,)).items():
-                out.setdefault(p, line)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            out.update(_line_index(v, path + (i,)))
+def _line_index(root: yaml.Node) -> dict[tuple[Any, ...], int]:
+    """Map each path in the document to the line it starts on.
+
+    A node reached again through an alias is never entered again: its subtree is indexed once,
+    under its anchor's path, and the alias's path gets only the line of its key (or item). Each
+    node is visited once, so the cost is linear in the text however aliases are nested.
+    """
+    out: dict[tuple[Any, ...], int] = {(): root.start_mark.line + 1}
+    seen: set[int] = set()
+
+    def visit(node: yaml.Node, path: tuple[Any, ...]) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                p = path + (k.value,)
+                out[p] = k.start_mark.line + 1
+                visit(v, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                p = path + (i,)
+                out[p] = v.start_mark.line + 1
+                visit(v, p)
+
+    visit(root, ())
     return out
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _expanded_size(root: yaml.Node, budget: int) -> tuple[int, yaml.Node | None]:
+    """Count the nodes of the document with every alias expanded, without expanding anything.
+
+    Sizes are memoized by node identity, so this is O(distinct nodes) even when aliases nest
+    to an exponential expansion. Stops as soon as a subtree exceeds `budget`.
+
+    Returns:
+        (size, None), a size above `budget` meaning "at least that many"; or (0, node) when an
+        alias refers to one of its own ancestors (`node`), which would expand without end.
+    """
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()  # entered but not finished: the current path from the root
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        nid = id(node)
+        if finished:
+            open_.discard(nid)
+            size = 1 + sum(sizes[id(c)] for c in _children(node))
+            sizes[nid] = size
+            if size > budget:
+                return size, None
+        elif nid in open_:
+            return 0, node  # a node still on the path from the root: an alias to an ancestor
+        elif nid not in sizes:
+            open_.add(nid)
+            stack.append((node, True))
+            stack.extend((c, False) for c in reversed(_children(node)))
+    return sizes[id(root)], None
 
 
 def _nearest_line(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
@@ -92,12 +150,24 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
     """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            # before constructing, validating or indexing anything: all of those see the expansion
+            size, cyclic = _expanded_size(node, MAX_EXPANDED_NODES)
+            if cyclic is not None:
+                line = cyclic.start_mark.line + 1
+                raise ConfigError([ConfigProblem(file, "", line, "YAML alias refers to a node that contains it")])
+            if size > MAX_EXPANDED_NODES:
+                raise ConfigError(
+                    [ConfigProblem(file, "", None, f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes")]
+                )
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError([ConfigProblem(file, "", line, f"YAML syntax error: {problem}")]) from exc
+    except RecursionError as exc:  # PyYAML composes and constructs recursively
+        raise ConfigError([ConfigProblem(file, "", None, "YAML nested too deeply")]) from exc
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", 1, "config must be a YAML mapping with an 'agents' list")])
     index = _line_index(node) if node is not None else {}
