@@ -15,6 +15,14 @@ never reach the sandbox: every upstream body, streamed chunk and header sent bac
 replaced by ``[redacted]``, and request headers are never echoed or logged. ``X-Massgen-Agent``
 (untrusted) only labels telemetry.
 
+With ``allowed_models`` given, a sandbox may call only the models listed for each provider, and
+no model of a provider the mapping leaves out (403 ``model_not_allowed``).
+
+A stream the sandbox abandons is still metered: the gateway keeps reading (draining) it in the
+background, bounded by ``drain_timeout_s`` and ``drain_max_bytes``, for the usage the upstream
+sends last. When none arrives, the call is charged an estimate (see `estimate_usage`) and its
+record's ``error`` says so. ``aclose()`` cancels pending drains (recording their estimates).
+
 Upstream connect errors, timeouts, 408, 429 and 5xx are retried ``max_retries`` times with
 exponential backoff capped at 4 s, honouring ``Retry-After`` (capped too); then the sandbox gets
 a 502 in the provider's error format naming the upstream host. Errors the gateway makes carry
@@ -38,8 +46,9 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
@@ -60,6 +69,8 @@ REDACTED = "[redacted]"
 RETRY_BASE_S = 0.5
 MAX_RETRY_WAIT_S = 4.0
 GEMINI_ACTIONS = frozenset({"generateContent", "streamGenerateContent"})
+DRAIN_TIMEOUT_S = 30.0
+DRAIN_MAX_BYTES = 8 << 20
 
 _HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers"}
@@ -183,6 +194,34 @@ class CallRecord:
     error: str | None
 
 
+class SpentCall(Protocol):
+    """What totals are made of: a `CallRecord`, or a past call read back (e.g. a telemetry line)."""
+
+    @property
+    def agent(self) -> str: ...
+
+    @property
+    def provider(self) -> str: ...
+
+    @property
+    def model(self) -> str: ...
+
+    @property
+    def prompt_tokens(self) -> int: ...
+
+    @property
+    def completion_tokens(self) -> int: ...
+
+    @property
+    def cached_tokens(self) -> int: ...
+
+    @property
+    def cost_usd(self) -> float: ...
+
+    @property
+    def ok(self) -> bool: ...
+
+
 class Meter(Protocol):
     """Where the gateway reports calls and asks whether the budget still allows one."""
 
@@ -208,7 +247,7 @@ class Totals:
     def tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def add(self, call: CallRecord) -> None:
+    def add(self, call: SpentCall) -> None:
         self.calls += 1
         self.failed += 0 if call.ok else 1
         self.prompt_tokens += call.prompt_tokens
@@ -249,6 +288,20 @@ class BudgetMeter:
         if self._on_record is not None:
             self._on_record(call)
 
+    def seed(self, calls: Iterable[SpentCall]) -> int:
+        """Count calls spent before (by an earlier supervisor) into the totals; returns how many.
+
+        Unlike `record`, `on_record` does not fire: the calls are already in the run's telemetry.
+        Limits apply to the seeded totals from the next `budget_error` on.
+        """
+        n = 0
+        for call in calls:
+            self.total.add(call)
+            self.by_agent.setdefault(call.agent, Totals()).add(call)
+            self.by_model.setdefault((call.provider, call.model), Totals()).add(call)
+            n += 1
+        return n
+
     def budget_error(self) -> str | None:
         t = self.total
         if self.max_tokens is not None and t.tokens >= self.max_tokens:
@@ -265,6 +318,61 @@ class BudgetMeter:
         self.exceeded = message
         if self._on_exceeded is not None:
             self._on_exceeded(message)
+
+
+@dataclass(frozen=True)
+class SeededCall:
+    """A past call read back from telemetry (a `SpentCall`)."""
+
+    agent: str
+    provider: str
+    model: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    cost_usd: float = 0.0
+    ok: bool = True
+
+
+def _count(obj: dict[str, Any], name: str) -> int | None:
+    value = obj.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return None
+    return value
+
+
+def _seeded_call(line: bytes) -> SeededCall | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("type", "model_call") != "model_call":
+        return None
+    agent, provider, model = obj.get("agent"), obj.get("provider"), obj.get("model")
+    if not (isinstance(agent, str) and isinstance(provider, str) and isinstance(model, str)):
+        return None
+    tokens = [_count(obj, k) for k in ("prompt_tokens", "completion_tokens", "cached_tokens")]
+    cost, ok = obj.get("cost_usd", 0.0), obj.get("ok", True)
+    if isinstance(cost, bool) or not isinstance(cost, int | float) or not 0 <= cost < float("inf"):
+        return None
+    if not isinstance(ok, bool) or any(t is None for t in tokens):
+        return None
+    prompt, completion, cached = (t or 0 for t in tokens)
+    return SeededCall(agent, provider, model, prompt, completion, cached, float(cost), ok)
+
+
+def seed_from_telemetry(meter: BudgetMeter, path: Path) -> int:
+    """Seed `meter` with the calls in a run's telemetry.jsonl (``ModelCall`` JSON lines).
+
+    Lines that are not such a call (bad JSON, another event type, negative counts) are skipped;
+    a missing file seeds nothing. Returns the number of calls seeded.
+    """
+    try:
+        with open(path, "rb") as fh:
+            calls = [c for c in map(_seeded_call, fh) if c is not None]
+    except FileNotFoundError:
+        return 0
+    return meter.seed(calls)
 
 
 # -- wire helpers -----------------------------------------------------------------------------
@@ -305,6 +413,41 @@ def usage_from(provider: str, obj: Any) -> tuple[int, int, int] | None:
     details = u.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     return _int(u.get("prompt_tokens")), _int(u.get("completion_tokens")), _int(cached)
+
+
+def max_output_tokens(provider: str, body: bytes) -> int | None:
+    """The request's own cap on generated tokens, if it sets one.
+
+    OpenAI: ``max_completion_tokens``, ``max_tokens`` (Chat) or ``max_output_tokens`` (Responses);
+    Gemini: ``generationConfig.maxOutputTokens``.
+    """
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    if provider == "gemini":
+        cfg = obj.get("generationConfig", obj.get("generation_config"))
+        values = [cfg.get("maxOutputTokens"), cfg.get("max_output_tokens")] if isinstance(cfg, dict) else []
+    else:
+        values = [obj.get(k) for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")]
+    caps = [_int(v) for v in values if _int(v)]
+    return max(caps) if caps else None
+
+
+def estimate_usage(provider: str, body: bytes, streamed_bytes: int) -> tuple[tuple[int, int, int], str]:
+    """(prompt, completion, cached) to charge for a cut stream whose usage never arrived, and how.
+
+    Prompt: request bytes / 4. Completion: the request's output cap (`max_output_tokens`) when it
+    sets one, else the bytes streamed from the upstream / 4 (SSE framing included: an overestimate).
+    """
+    prompt = len(body) // 4
+    cap = max_output_tokens(provider, body)
+    if cap is not None:
+        return (prompt, cap, 0), f"prompt=request_bytes/4={prompt} completion=request max output tokens={cap}"
+    completion = streamed_bytes // 4
+    return (prompt, completion, 0), f"prompt=request_bytes/4={prompt} completion=streamed_bytes/4={completion}"
 
 
 def error_body(provider: str, status: int, message: str, code: str) -> dict[str, Any]:
@@ -446,6 +589,9 @@ class _Call:
     usage: tuple[int, int, int] | None = None
     error: str | None = None
     attempts: int = 0
+    body: bytes = field(default=b"", repr=False)
+    streamed_bytes: int = 0  # read from an upstream SSE stream (relayed or drained)
+    stream_open: bool = False  # an SSE stream was started and its end not read
 
 
 class Gateway:
@@ -463,22 +609,29 @@ class Gateway:
         connect_timeout_s: float = 5,
         retry_base_s: float = RETRY_BASE_S,
         max_retry_wait_s: float = MAX_RETRY_WAIT_S,
+        drain_timeout_s: float = DRAIN_TIMEOUT_S,
+        drain_max_bytes: int = DRAIN_MAX_BYTES,
     ) -> None:
         """Set up; the client session is made on first use, inside the serving loop.
 
         Args:
-            allowed_models: per provider, the only models a sandbox may call; absent = any.
+            allowed_models: per provider, the only models a sandbox may call; a provider left out
+                allows none. None: any model of any provider.
             timeout_s: the longest wait for the upstream's next byte (not for the whole answer:
                 long generations stream for minutes).
             max_retries: retries after a connect error, timeout, 408, 429 or 5xx.
             connect_timeout_s: the longest wait for a TCP connection to the upstream.
             retry_base_s: first backoff; doubles per retry, capped at `max_retry_wait_s`.
             max_retry_wait_s: the longest single wait, also for a server's ``Retry-After``.
+            drain_timeout_s: how long to keep reading a stream the sandbox left, for its usage.
+            drain_max_bytes: how much of such a stream to read at most.
         """
         self._upstreams = dict(upstreams)
         self._meter = meter
         self._pricing = pricing
-        self._allowed = {p: {m.removeprefix("models/") for m in ms} for p, ms in (allowed_models or {}).items()}
+        self._allowed: dict[str, set[str]] | None = None
+        if allowed_models is not None:
+            self._allowed = {p: {m.removeprefix("models/") for m in ms} for p, ms in allowed_models.items()}
         self._timeout = aiohttp.ClientTimeout(
             total=None, connect=timeout_s, sock_connect=connect_timeout_s, sock_read=timeout_s
         )
@@ -487,6 +640,10 @@ class Gateway:
         self._max_wait = max_retry_wait_s
         self._redact = _Redactor([u.api_key for u in self._upstreams.values()])
         self._session: aiohttp.ClientSession | None = None
+        self._drain_timeout = drain_timeout_s
+        self._drain_max_bytes = drain_max_bytes
+        self._drains: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     # -- wiring --------------------------------------------------------------------------------
 
@@ -524,6 +681,13 @@ class Gateway:
         return runner
 
     async def aclose(self) -> None:
+        """Cancel pending drains (each records its call, estimated if need be), close the session."""
+        self._closing = True
+        drains = list(self._drains)
+        for task in drains:
+            task.cancel()
+        if drains:
+            await asyncio.gather(*drains, return_exceptions=True)
         if self._session is not None:
             session, self._session = self._session, None
             await session.close()
@@ -559,7 +723,7 @@ class Gateway:
         return await self._forward(request, "openai", obj["model"], endpoint, {}, body)
 
     async def _openai_models(self, request: web.Request) -> web.Response:
-        models = sorted(self._allowed.get("openai", ()))
+        models = sorted((self._allowed or {}).get("openai", ()))
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "massgen-gateway"} for m in models]
         return web.json_response({"object": "list", "data": data})
 
@@ -597,15 +761,22 @@ class Gateway:
         self, request: web.Request, provider: str, model: str, path: str, query: dict[str, str], body: bytes
     ) -> web.StreamResponse:
         raw_agent = _AGENT_CHARS.sub("", request.headers.get(AGENT_HEADER, ""))[:64]
-        call = _Call(raw_agent or "unknown", provider, model.removeprefix("models/"))
+        call = _Call(raw_agent or "unknown", provider, model.removeprefix("models/"), body=body)
+        if self._allowed is not None:
+            allowed = self._allowed.get(provider)
+            if allowed is None:
+                msg = (
+                    f"model_not_allowed: model={call.model} is not allowed: "
+                    f"this run's config does not use provider={provider}"
+                )
+                return self._local_refusal(call, 403, msg, "model_not_allowed")
+            if call.model not in allowed:
+                names = ", ".join(sorted(allowed)) or "none"
+                msg = f"model_not_allowed: model={call.model} is not allowed for provider={provider} (allowed: {names})"
+                return self._local_refusal(call, 403, msg, "model_not_allowed")
         upstream = self._upstreams.get(provider)
         if upstream is None:
             return self._local_refusal(call, 401, missing_key_message(provider), "no_api_key")
-        allowed = self._allowed.get(provider)
-        if allowed is not None and call.model not in allowed:
-            names = ", ".join(sorted(allowed)) or "none"
-            msg = f"model_not_allowed: model={call.model} is not allowed for provider={provider} (allowed: {names})"
-            return self._local_refusal(call, 403, msg, "model_not_allowed")
         budget = self._meter.budget_error()
         if budget is not None:
             self._meter.on_budget_exceeded(budget)
@@ -617,6 +788,7 @@ class Gateway:
         else:
             headers["x-goog-api-key"] = upstream.api_key
         url = upstream.base_url.rstrip("/") + path
+        handed_off = False  # to a drain task, which then releases `resp` and records the call
         try:
             resp = await self._send(call, upstream, url, query, headers, body)
             if resp is None:
@@ -626,12 +798,18 @@ class Gateway:
             try:
                 call.status = resp.status
                 if resp.status < 400 and resp.content_type == "text/event-stream":
-                    return await self._relay_stream(request, resp, call, upstream)
+                    out, relay = await self._relay_stream(request, resp, call, upstream)
+                    if relay is not None and not self._closing:
+                        self._start_drain(resp, relay, call)
+                        handed_off = True
+                    return out
                 return await self._relay_body(resp, call, upstream)
             finally:
-                resp.release()
+                if not handed_off:
+                    resp.release()  # closes the upstream connection when its stream was not read to the end
         finally:
-            self._finish(call)
+            if not handed_off:
+                self._finish(call)
 
     async def _send(
         self,
@@ -709,21 +887,25 @@ class Gateway:
 
     async def _relay_stream(
         self, request: web.Request, resp: aiohttp.ClientResponse, call: _Call, upstream: Upstream
-    ) -> web.StreamResponse:
+    ) -> tuple[web.StreamResponse, _SseRelay | None]:
+        """Relay an SSE answer; the relay comes back too when the sandbox left before its end (to drain)."""
         out = web.StreamResponse(status=resp.status, headers=self._response_headers(resp))
+        call.stream_open = True
         await out.prepare(request)
         marker = b'"usageMetadata"' if call.provider == "gemini" else b'"usage"'
         relay = _SseRelay(marker, self._redact)
-        sandbox_gone = False
+        sandbox_gone = left_early = False
         try:
             async for chunk in resp.content.iter_any():
                 if call.ttft_s is None:
                     call.ttft_s = time.monotonic() - call.t0
+                call.streamed_bytes += len(chunk)
                 data = relay.feed(chunk)
                 if data and not await _write(out, data):
-                    sandbox_gone = True
+                    sandbox_gone = left_early = True
                     break
             else:
+                call.stream_open = False
                 tail = relay.flush()
                 sandbox_gone = bool(tail) and not await _write(out, tail)
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -734,11 +916,7 @@ class Gateway:
             # The leading newline ends an event the upstream left open, so this one parses alone.
             sandbox_gone = not await _write(out, b"\ndata: " + json.dumps(event).encode() + b"\n\n")
         finally:
-            if relay.usage_line is not None:
-                try:
-                    call.usage = usage_from(call.provider, json.loads(relay.usage_line))
-                except ValueError:
-                    call.usage = None
+            self._take_usage(call, relay)
         if not sandbox_gone:
             try:
                 await out.write_eof()
@@ -746,7 +924,46 @@ class Gateway:
                 sandbox_gone = True
         if sandbox_gone:
             call.error = call.error or "sandbox closed the stream"
-        return out
+        return out, relay if left_early else None
+
+    @staticmethod
+    def _take_usage(call: _Call, relay: _SseRelay) -> None:
+        if relay.usage_line is not None:
+            try:
+                call.usage = usage_from(call.provider, json.loads(relay.usage_line))
+            except ValueError:
+                call.usage = None
+
+    def _start_drain(self, resp: aiohttp.ClientResponse, relay: _SseRelay, call: _Call) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._drain(resp, relay, call), name=f"gateway-drain-{call.agent}"
+        )
+        self._drains.add(task)
+        task.add_done_callback(self._drains.discard)
+
+    async def _drain(self, resp: aiohttp.ClientResponse, relay: _SseRelay, call: _Call) -> None:
+        """Read the rest of a stream the sandbox left, for its usage; bounded; then record the call."""
+        drained = 0
+        try:
+            async with asyncio.timeout(self._drain_timeout):
+                async for chunk in resp.content.iter_any():
+                    drained += len(chunk)
+                    call.streamed_bytes += len(chunk)
+                    relay.feed(chunk)
+                    if drained > self._drain_max_bytes:
+                        break
+                else:
+                    relay.flush()
+                    call.stream_open = False
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.info("model_call_drain_stopped agent=%s model=%s reason=%s", call.agent, call.model, _describe(exc))
+        finally:
+            if call.stream_open:
+                resp.close()
+            else:
+                resp.release()
+            self._take_usage(call, relay)
+            self._finish(call)
 
     def _local_refusal(self, call: _Call, status: int, message: str, code: str) -> web.Response:
         log.warning(
@@ -760,6 +977,10 @@ class Gateway:
         return self._refuse(call.provider, status, message, code)
 
     def _finish(self, call: _Call) -> None:
+        if call.usage is None and call.stream_open:
+            # A cut stream whose usage never came: charge an estimate rather than nothing.
+            call.usage, basis = estimate_usage(call.provider, call.body, call.streamed_bytes)
+            call.error = f"{call.error or 'stream cut'}; usage never arrived, charged an estimate: {basis}"
         prompt, completion, cached = call.usage or (0, 0, 0)
         cost = self._pricing.cost(call.provider, call.model, prompt, completion, cached) if call.usage else 0.0
         ok = call.error is None and 0 < call.status < 400

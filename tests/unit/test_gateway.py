@@ -31,6 +31,7 @@ from supervisor.gateway import (
     Gateway,
     Upstream,
     missing_key_message,
+    seed_from_telemetry,
     upstreams_from_env,
     usage_from,
 )
@@ -120,8 +121,8 @@ async def serving(
 
 
 @contextlib.asynccontextmanager
-async def aiohttp_upstream(path: str, handler: Any) -> AsyncIterator[dict[str, Upstream]]:
-    """A one-route OpenAI-style upstream on loopback, for behaviours the fakes do not script."""
+async def aiohttp_upstream(path: str, handler: Any, provider: str = "openai") -> AsyncIterator[dict[str, Upstream]]:
+    """A one-route upstream on loopback, for behaviours the fakes do not script."""
     app = web.Application()
     app.router.add_post(path, handler)
     runner = web.AppRunner(app)
@@ -129,7 +130,10 @@ async def aiohttp_upstream(path: str, handler: Any) -> AsyncIterator[dict[str, U
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]
     try:
-        yield {"openai": Upstream("openai", f"http://127.0.0.1:{port}/v1", OPENAI_KEY)}
+        if provider == "openai":
+            yield {"openai": Upstream("openai", f"http://127.0.0.1:{port}/v1", OPENAI_KEY)}
+        else:
+            yield {"gemini": Upstream("gemini", f"http://127.0.0.1:{port}", GEMINI_KEY)}
     finally:
         await runner.cleanup()
 
@@ -349,7 +353,8 @@ def test_real_key_is_not_retrievable_from_the_sandbox() -> None:
 
     async def go() -> list[str]:
         seen: list[str] = []
-        async with serving(fo, fg, allowed_models={"openai": {"gpt-4o"}}, max_retries=1) as h:
+        allowed = {"openai": {"gpt-4o"}, "gemini": {"gemini-2.5-flash"}}
+        async with serving(fo, fg, allowed_models=allowed, max_retries=1) as h:
             raw = h.http()
             models = await raw.get("/openai/v1/models")
             assert [m["id"] for m in models.json()["data"]] == ["gpt-4o"]
@@ -585,22 +590,47 @@ def test_non_retryable_upstream_error_passes_through() -> None:
     assert len(fake.requests) == 1
 
 
-async def _chunks(request: web.Request, count: int, pause_s: float, then_break: bool) -> web.StreamResponse:
+async def _chunks(
+    request: web.Request, count: int, pause_s: float, then_break: bool, usage: dict[str, Any] | None = None
+) -> web.StreamResponse:
     await request.read()
     out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await out.prepare(request)
     for i in range(count):
         delta = {"choices": [{"index": 0, "delta": {"content": f"part{i} "}, "finish_reason": None}]}
         chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o", **delta}
-        await out.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        await out.write(f"data: {json.dumps({**chunk, 'usage': None})}\n\n".encode())
         await asyncio.sleep(pause_s)
     if then_break:
         assert request.transport is not None
         request.transport.abort()
         return out
+    if usage is not None:
+        last = {"id": "c1", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o", "choices": []}
+        await out.write(f"data: {json.dumps({**last, 'usage': usage})}\n\n".encode())
     await out.write(b"data: [DONE]\n\n")
     await out.write_eof()
     return out
+
+
+async def _leave_after_first_chunk(h: Harness, path: str, body: bytes) -> None:
+    """A sandbox that reads the first bytes of a stream and hangs up."""
+    async with h.http().stream("POST", path, content=body, headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status_code == 200
+        async for _ in resp.aiter_raw():
+            break
+
+
+async def _wait_for(condition: Any, timeout_s: float = 5) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not condition():
+            await asyncio.sleep(0.02)
+
+
+def _stream_body(**extra: Any) -> bytes:
+    """A chat stream request that already asks for usage, so the gateway forwards it byte for byte."""
+    body = {"model": "gpt-4o", "messages": USER, "stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps({**body, **extra}).encode()
 
 
 def test_upstream_breaking_mid_stream_is_reported_in_band() -> None:
@@ -621,10 +651,117 @@ def test_upstream_breaking_mid_stream_is_reported_in_band() -> None:
     texts, meter = run(go())
     assert "".join(texts) == "part0 part1 "
     assert (meter.total.calls, meter.total.failed) == (1, 1)
+    # No usage came before the break: the call is charged an estimate, not $0.
+    assert meter.total.prompt_tokens > 0 and meter.total.completion_tokens > 0
 
 
-def test_sandbox_leaving_mid_stream_is_recorded_and_upstream_released() -> None:
-    """A sandbox that closes a stream early ends the upstream request; the call is recorded as failed."""
+def test_sandbox_leaving_mid_stream_is_drained_for_its_usage() -> None:
+    """A sandbox hanging up mid-stream does not skip metering: the rest is drained and its usage charged."""
+    finished: list[bool] = []
+    usage = {"prompt_tokens": 1234, "completion_tokens": 567, "prompt_tokens_details": {"cached_tokens": 34}}
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        out = await _chunks(request, 30, 0.02, then_break=False, usage=usage)
+        finished.append(True)
+        return out
+
+    async def go() -> tuple[list[CallRecord], BudgetMeter, str]:
+        records: list[CallRecord] = []
+        meter = BudgetMeter(max_tokens=1000, on_record=records.append)
+        async with aiohttp_upstream("/v1/chat/completions", upstream) as ups, serving(upstreams=ups, meter=meter) as h:
+            await _leave_after_first_chunk(h, "/openai/v1/chat/completions", _stream_body())
+            assert not records  # still draining: recorded once the usage is in
+            await _wait_for(lambda: records and finished)
+            with pytest.raises(openai.PermissionDeniedError) as err:  # the drained usage counts for the budget
+                await h.openai().chat.completions.create(model="gpt-4o", messages=USER)
+            assert not h.gateway._drains
+            return records, meter, str(err.value)
+
+    records, meter, refusal = run(go())
+    assert len(records) == 1
+    record = records[0]
+    assert (record.prompt_tokens, record.completion_tokens, record.cached_tokens) == (1234, 567, 34)
+    assert record.cost_usd == pytest.approx(expected_cost("openai", "gpt-4o", 1234, 567, 34))
+    assert not record.ok and record.error == "sandbox closed the stream"
+    assert "budget_exceeded: tokens=1801" in refusal
+    assert meter.total.calls == 1
+
+
+def test_gemini_stream_left_early_is_drained_to_its_final_usage() -> None:
+    """A Gemini stream's interim usage is not what is charged when the sandbox leaves: the final one is."""
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await out.prepare(request)
+        for i in range(1, 31):
+            final = i == 30
+            event = {
+                "candidates": [{"content": {"parts": [{"text": f"w{i} "}], "role": "model"}, "index": 0}],
+                "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 200 if final else i},
+            }
+            await out.write(f"data: {json.dumps(event)}\r\n\r\n".encode())
+            await asyncio.sleep(0.02)
+        await out.write_eof()
+        return out
+
+    async def go() -> list[CallRecord]:
+        records: list[CallRecord] = []
+        route = "/v1beta/models/gemini-2.5-flash:streamGenerateContent"
+        async with (
+            aiohttp_upstream(route, upstream, provider="gemini") as ups,
+            serving(upstreams=ups, meter=BudgetMeter(on_record=records.append)) as h,
+        ):
+            body = json.dumps({"contents": [{"role": "user", "parts": [{"text": "count"}]}]}).encode()
+            await _leave_after_first_chunk(h, f"/gemini{route}?alt=sse", body)
+            await _wait_for(lambda: records)
+        return records
+
+    (record,) = run(go())
+    assert (record.prompt_tokens, record.completion_tokens) == (40, 200)
+    assert record.error == "sandbox closed the stream"
+
+
+def test_drain_byte_bound_releases_upstream_and_charges_streamed_bytes() -> None:
+    """Past drain_max_bytes the upstream is hung up on; with no max_tokens the estimate is bytes / 4."""
+    finished: list[bool] = []
+    seen: list[int] = []
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        seen.append(len(await request.read()))
+        try:
+            return await _chunks(request, 400, 0.005, then_break=False)
+        except (ConnectionError, asyncio.CancelledError):
+            finished.append(False)
+            raise
+
+    async def go() -> CallRecord:
+        records: list[CallRecord] = []
+        meter = BudgetMeter(on_record=records.append)
+        async with (
+            aiohttp_upstream("/v1/chat/completions", upstream) as ups,
+            serving(upstreams=ups, meter=meter, drain_max_bytes=4000) as h,
+        ):
+            await _leave_after_first_chunk(h, "/openai/v1/chat/completions", _stream_body())
+            await _wait_for(lambda: records and finished)
+            return records[0]
+
+    record = run(go())
+    assert finished == [False]  # hung up on long before its 400 chunks (about 2 s) were sent
+    assert seen == [len(_stream_body())]
+    assert record.prompt_tokens == len(_stream_body()) // 4
+    one_chunk = 140  # bytes of one SSE chunk, roughly
+    assert 4000 // 4 < record.completion_tokens < (4000 + 20 * one_chunk) // 4
+    assert record.cost_usd == pytest.approx(
+        expected_cost("openai", "gpt-4o", record.prompt_tokens, record.completion_tokens, 0)
+    )
+    assert not record.ok and record.error is not None
+    assert record.error.startswith("sandbox closed the stream; usage never arrived, charged an estimate")
+    assert "completion=streamed_bytes/4" in record.error
+
+
+def test_drain_time_bound_charges_the_requests_max_tokens() -> None:
+    """Past drain_timeout_s the drain stops; a request's max_tokens is what its completion is charged."""
     finished: list[bool] = []
 
     async def upstream(request: web.Request) -> web.StreamResponse:
@@ -634,23 +771,46 @@ def test_sandbox_leaving_mid_stream_is_recorded_and_upstream_released() -> None:
             finished.append(False)
             raise
 
-    async def go() -> CallRecord:
+    async def go() -> tuple[CallRecord, float]:
         records: list[CallRecord] = []
-        meter = BudgetMeter(on_record=records.append)
-        async with aiohttp_upstream("/v1/chat/completions", upstream) as ups, serving(upstreams=ups, meter=meter) as h:
-            raw = h.http()
-            body = {"model": "gpt-4o", "messages": USER, "stream": True}
-            async with raw.stream("POST", "/openai/v1/chat/completions", json=body) as resp:
-                async for _ in resp.aiter_raw():
-                    break
-            async with asyncio.timeout(5):
-                while not (records and finished):
-                    await asyncio.sleep(0.02)
-            return records[0]
+        async with (
+            aiohttp_upstream("/v1/chat/completions", upstream) as ups,
+            serving(upstreams=ups, meter=BudgetMeter(on_record=records.append), drain_timeout_s=0.3) as h,
+        ):
+            t0 = time.monotonic()
+            await _leave_after_first_chunk(h, "/openai/v1/chat/completions", _stream_body(max_tokens=777))
+            await _wait_for(lambda: records and finished)
+            return records[0], time.monotonic() - t0
 
-    record = run(go())
-    assert not record.ok and record.error == "sandbox closed the stream"
-    assert finished == [False]  # the upstream saw its reader go: no tokens generated for nobody
+    record, elapsed = run(go())
+    assert elapsed < 2  # the upstream would have streamed for 4 s
+    assert finished == [False]
+    assert (record.prompt_tokens, record.completion_tokens) == (len(_stream_body(max_tokens=777)) // 4, 777)
+    assert record.error is not None and "completion=request max output tokens=777" in record.error
+
+
+def test_aclose_cancels_pending_drains_and_records_them() -> None:
+    """Shutting the gateway down does not wait out a drain; the call is still recorded (estimated)."""
+
+    async def upstream(request: web.Request) -> web.StreamResponse:
+        return await _chunks(request, 500, 0.02, then_break=False)
+
+    async def go() -> tuple[list[CallRecord], float, Gateway]:
+        records: list[CallRecord] = []
+        async with (
+            aiohttp_upstream("/v1/chat/completions", upstream) as ups,
+            serving(upstreams=ups, meter=BudgetMeter(on_record=records.append)) as h,
+        ):
+            await _leave_after_first_chunk(h, "/openai/v1/chat/completions", _stream_body())
+            await _wait_for(lambda: h.gateway._drains)
+            t0 = time.monotonic()
+            gateway = h.gateway
+        return records, time.monotonic() - t0, gateway  # serving's exit ran Gateway.aclose()
+
+    records, elapsed, gateway = run(go())
+    assert elapsed < 3 and not gateway._drains
+    assert len(records) == 1 and records[0].completion_tokens > 0
+    assert records[0].error is not None and "charged an estimate" in records[0].error
 
 
 # --- allowlist --------------------------------------------------------------------------------
@@ -674,6 +834,117 @@ def test_model_outside_allowlist_is_refused_with_403() -> None:
     with FakeOpenAI(api_key=OPENAI_KEY) as fo, FakeGemini(api_key=GEMINI_KEY) as fg:
         run(go())
     assert len(fo.requests) == 1 and len(fg.requests) == 1
+
+
+def test_provider_left_out_of_allowlist_allows_no_model() -> None:
+    """A Gemini-only run cannot call OpenAI with the host's key; allowed_models=None allows anything."""
+
+    async def go() -> None:
+        async with serving(fo, fg, allowed_models={"gemini": {"gemini-2.5-flash"}}) as h:
+            await h.gemini().aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
+            for model in ("gpt-4o", "gpt-4o-mini"):
+                with pytest.raises(openai.PermissionDeniedError) as err:
+                    await h.openai(max_retries=2).chat.completions.create(model=model, messages=USER)
+                assert f"model={model} " in err.value.message
+                assert "this run's config does not use provider=openai" in err.value.message
+            models = await h.http().get("/openai/v1/models")
+            assert models.json()["data"] == []
+        async with serving(fo, fg, allowed_models={}) as h:
+            with pytest.raises(genai_errors.ClientError, match="does not use provider=gemini") as gerr:
+                await h.gemini().aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
+            assert gerr.value.code == 403
+        async with serving(fake_gemini=fg, allowed_models={"gemini": {"gemini-2.5-flash"}}) as h:
+            # No OpenAI key on the host either: the run's config is the reason given, not the key.
+            with pytest.raises(openai.PermissionDeniedError, match="does not use provider=openai"):
+                await h.openai().chat.completions.create(model="gpt-4o", messages=USER)
+        async with serving(fo, fg, allowed_models=None) as h:
+            await h.openai().chat.completions.create(model="any-model-at-all", messages=USER)
+            await h.gemini().aio.models.generate_content(model="gemini-2.5-pro", contents="hi")
+
+    with FakeOpenAI(api_key=OPENAI_KEY) as fo, FakeGemini(api_key=GEMINI_KEY) as fg:
+        run(go())
+    assert [r["model"] for r in fo.requests] == ["any-model-at-all"]
+    assert len(fg.requests) == 2
+
+
+# --- re-adopted runs: seeding the meter -------------------------------------------------------
+
+
+def _record(agent: str, model: str, prompt: int, completion: int, cost: float, ok: bool = True) -> CallRecord:
+    return CallRecord(agent, "openai", model, prompt, completion, 0, 1.0, 0.1, cost, 200 if ok else 502, ok, None)
+
+
+def test_budget_meter_seed_adds_to_totals_without_on_record() -> None:
+    """seed() restores spent totals (overall, per agent and model) silently; limits apply to them."""
+    recorded: list[CallRecord] = []
+    meter = BudgetMeter(max_tokens=1000, on_record=recorded.append)
+    n = meter.seed([_record("agent_a", "gpt-4o", 300, 100, 0.01), _record("agent_b", "gpt-4o", 400, 50, 0.02, False)])
+    assert n == 2 and recorded == []
+    assert (meter.total.calls, meter.total.failed, meter.total.tokens) == (2, 1, 850)
+    assert meter.total.cost_usd == pytest.approx(0.03)
+    assert meter.by_agent["agent_b"].prompt_tokens == 400
+    assert meter.by_model[("openai", "gpt-4o")].calls == 2
+    assert meter.budget_error() is None
+    meter.record(_record("agent_a", "gpt-4o", 100, 60, 0.0))
+    assert len(recorded) == 1
+    assert meter.budget_error() == "budget_exceeded: tokens=1010 reached max_tokens=1000"
+    assert meter.seed([]) == 0
+
+
+def test_seed_from_telemetry_reads_model_calls_and_skips_bad_lines(tmp_path: Path) -> None:
+    """telemetry.jsonl lines (ModelCall JSON) seed the meter; torn, foreign or invalid lines are skipped."""
+    from agent_image.protocol.events import ModelCall
+
+    def line(**fields: Any) -> str:
+        base = {"seq": 0, "ts": 1.0, "agent": "agent_a", "provider": "gemini", "model": "gemini-2.5-pro"}
+        return ModelCall(**{**base, **fields}).model_dump_json()
+
+    path = tmp_path / "telemetry.jsonl"
+    good = [
+        line(prompt_tokens=100, completion_tokens=20, cached_tokens=10, cost_usd=0.5),
+        line(agent="agent_b", prompt_tokens=7, completion_tokens=3, cost_usd=0.25, ok=False),
+        json.dumps({"agent": "agent_c", "provider": "openai", "model": "gpt-4o", "prompt_tokens": 1}),
+    ]
+    bad = [
+        "",
+        "not json",
+        "[1, 2]",
+        json.dumps({"type": "answer", "agent": "agent_a", "provider": "openai", "model": "gpt-4o"}),
+        json.dumps({"agent": "agent_a", "provider": "openai", "model": "gpt-4o", "prompt_tokens": -5}),
+        json.dumps({"agent": "agent_a", "provider": "openai", "model": "gpt-4o", "cost_usd": "1"}),
+        json.dumps({"agent": "agent_a", "provider": "openai"}),
+        '{"agent": "agent_a", "provider": "openai", "model": "gpt-4o", "cost_usd": NaN}',
+        line(prompt_tokens=999)[:-10],  # torn by a crash mid-write
+    ]
+    path.write_text("\n".join([good[0], *bad[:5], good[1], *bad[5:], good[2]]) + "\n")
+    recorded: list[CallRecord] = []
+    meter = BudgetMeter(max_cost_usd=0.75, on_record=recorded.append)
+    assert seed_from_telemetry(meter, path) == 3
+    assert recorded == []
+    t = meter.total
+    assert (t.calls, t.failed, t.prompt_tokens, t.completion_tokens, t.cached_tokens) == (3, 1, 108, 23, 10)
+    assert t.cost_usd == pytest.approx(0.75)
+    assert meter.by_model[("gemini", "gemini-2.5-pro")].calls == 2
+    assert meter.budget_error() is not None and "max_cost_usd=0.75" in (meter.budget_error() or "")
+    assert seed_from_telemetry(BudgetMeter(), tmp_path / "absent.jsonl") == 0
+
+
+def test_seeded_meter_refuses_a_readopted_runs_first_call(tmp_path: Path) -> None:
+    """A run re-adopted after a supervisor restart keeps its spent budget: no fresh allowance."""
+    path = tmp_path / "telemetry.jsonl"
+    spent = {"agent": "agent_a", "provider": "openai", "model": "gpt-4o", "prompt_tokens": 90, "completion_tokens": 20}
+    path.write_text(json.dumps(spent) + "\n")
+
+    async def go() -> None:
+        meter = BudgetMeter(max_tokens=100)
+        assert seed_from_telemetry(meter, path) == 1
+        async with serving(fake, meter=meter) as h:
+            with pytest.raises(openai.PermissionDeniedError, match="budget_exceeded: tokens=110"):
+                await h.openai().chat.completions.create(model="gpt-4o", messages=USER)
+
+    with FakeOpenAI(api_key=OPENAI_KEY) as fake:
+        run(go())
+    assert fake.requests == []
 
 
 # --- the project's own backends ----------------------------------------------------------------
