@@ -126,6 +126,7 @@ class RunsApi:
                 if not os.path.isabs(body.logs_root) or ".." in Path(body.logs_root).parts:
                     return _error(400, "invalid_body", "logs_root must be an absolute path without '..'")
                 logs_root = Path(body.logs_root)
+                self.sup.note_logs_root(logs_root)
             req = RunRequest(
                 question=body.question,
                 config_source=source,
@@ -230,7 +231,7 @@ class SocketServices(RunHooks):
         self.socket_dir: Path | None = None
 
     def _gateway(self, execution: RunExecution, config: RunConfig) -> Any:
-        from .gateway import BudgetMeter, CallRecord, Gateway, upstreams_from_env
+        from .gateway import BudgetMeter, CallRecord, Gateway, seed_from_telemetry, upstreams_from_env
         from .pricing import Pricing
 
         mat = execution.mat
@@ -272,6 +273,8 @@ class SocketServices(RunHooks):
             ),
             [getattr(anc.server, "meter", None) for anc in self.record.ancestors()],
         )
+        # A re-adopted run keeps what it already spent.
+        seed_from_telemetry(meter.own, self.record.paths.log_dir / "telemetry.jsonl")
         upstreams = upstreams_from_env()
         allowed: dict[str, set[str]] = {}
         for agent in config.agents:

@@ -35,7 +35,7 @@ from .lifecycle import (
 )
 from .logdir import RunPaths
 from .runtime.base import Mount, Runtime
-from .snapshot import SnapshotError, snapshot_dir
+from .snapshot import SnapshotError, snapshot_dir_async
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ class ChildHooks(RunHooks):
 
     record_ref: RunRecord | None = None
 
-    def context_paths(self, config: RunConfig, source: str) -> list[Path]:
+    async def context_paths(self, config: RunConfig, source: str) -> list[Path]:
         me = self.record_ref
         assert me is not None and me.execution.paths is not None
         out = []
@@ -233,7 +233,7 @@ class ChildHooks(RunHooks):
             # Below a folder some sandbox can write: mount a snapshot, never the live folder.
             dest = me.execution.paths.log_dir / "context" / str(i)
             try:
-                snapshot_dir(root, os.path.relpath(real, root), dest)
+                await snapshot_dir_async(root, os.path.relpath(real, root), dest)
             except SnapshotError as exc:
                 raise PolicyError("path_not_allowed", f"{cp.path}: {exc}") from exc
             except OSError as exc:
@@ -279,6 +279,15 @@ class Supervisor:
         self.gateway_available = gateway_available
         self._tasks: set[asyncio.Task[Any]] = set()
         self._seq = 0
+        self.logs_roots: set[Path] = set()
+        self.on_new_logs_root: Callable[[Path], None] | None = None
+
+    def note_logs_root(self, root: Path) -> None:
+        """Remember a logs root runs were started in (the daemon persists these for reconciliation)."""
+        if root not in self.logs_roots:
+            self.logs_roots.add(root)
+            if self.on_new_logs_root is not None:
+                self.on_new_logs_root(root)
 
     # -- submission -------------------------------------------------------------------------
 

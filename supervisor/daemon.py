@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -181,13 +182,11 @@ def openapi_doc() -> dict[str, Any]:
     return doc
 
 
-async def reconcile(sup: Any, runtime: Any, logs_root: Path) -> dict[str, int]:
+async def reconcile(sup: Any, runtime: Any, logs_root: Path, extra_roots: Iterable[Path] = ()) -> dict[str, int]:
     """Re-adopt our containers, finish runs whose container exited, fail runs whose container vanished."""
-    from agent_image.protocol.result import Reason, exit_code_for
 
     from .lifecycle import RunExecution, RunRequest
     from .logdir import RunPaths
-    from .materializer import Materializer
     from .runtime.base import LABEL_DEADLINE, LABEL_LOG_DIR, LABEL_PARENT, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
     from .runtime.docker import DockerHandle
 
@@ -231,29 +230,75 @@ async def reconcile(sup: Any, runtime: Any, logs_root: Path) -> dict[str, int]:
         if labels.get(LABEL_PARENT) and parent is None:
             # its parent is gone: a subtree never outlives its root
             await sup.stop(record, "parent run lost")
-    # log dirs that say "running" but have no container: the supervisor lost them
-    for status_file in logs_root.rglob("status.json") if logs_root.is_dir() else []:
-        log_dir = status_file.parent
-        if log_dir.name in adopted or (log_dir / "result.json").exists():
-            continue
-        try:
-            st = json.loads(status_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        run = st.get("run", {})
-        if run.get("state") == "finished" or run.get("supervisor_id") != sup.supervisor_id:
-            continue
-        mat = Materializer(RunPaths(log_dir.name, log_dir, log_dir), resume=True)
-        try:
-            mat.finalize(
-                exit_code_for(Reason.SUPERVISOR_LOST),
-                Reason.SUPERVISOR_LOST,
-                "the supervisor restarted and the run's container no longer exists",
-            )
-        finally:
-            mat.close()
-        counts["lost"] += 1
+    # Log dirs that say "running" but have no container: the supervisor lost them. Walk only
+    # the layout we create (<root>/<run id>/children/<run id>/...), never rglob: sandboxes can
+    # write folders (their outbox, snapshots) that look like log dirs.
+    for root in {logs_root, *extra_roots}:
+        for log_dir in _log_dirs(root):
+            if log_dir.name in adopted:
+                continue
+            try:
+                if _finish_lost(log_dir, sup.supervisor_id):
+                    counts["lost"] += 1
+            except Exception:  # noqa: BLE001 - one odd folder must not keep the daemon from starting
+                log.exception("could not finish lost run %s", log_dir)
     return counts
+
+
+def _read_roots(path: Path) -> list[Path]:
+    """Logs roots earlier runs of this daemon used (CLIs send their own), for the lost-run scan."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    return [Path(p) for p in data if isinstance(p, str) and os.path.isabs(p)] if isinstance(data, list) else []
+
+
+def _log_dirs(root: Path, depth: int = 0) -> Iterator[Path]:
+    from .logdir import RUN_ID_RE
+
+    if depth > 8:
+        return
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return
+    for entry in entries:
+        if RUN_ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
+            path = Path(entry.path)
+            yield path
+            children = path / "children"
+            if children.is_dir() and not children.is_symlink():
+                yield from _log_dirs(children, depth + 1)
+
+
+def _finish_lost(log_dir: Path, supervisor_id: str) -> bool:
+    from agent_image.protocol.result import Reason, exit_code_for
+
+    from .logdir import RunPaths
+    from .materializer import Materializer
+
+    if (log_dir / "result.json").exists():
+        return False
+    try:
+        fd = os.open(log_dir / "status.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            st = json.loads(fh.read(4 << 20))
+    except (OSError, ValueError):
+        return False
+    run = st.get("run", {}) if isinstance(st, dict) else {}
+    if not isinstance(run, dict) or run.get("state") == "finished" or run.get("supervisor_id") != supervisor_id:
+        return False
+    mat = Materializer(RunPaths(log_dir.name, log_dir, log_dir), resume=True)
+    try:
+        mat.finalize(
+            exit_code_for(Reason.SUPERVISOR_LOST),
+            Reason.SUPERVISOR_LOST,
+            "the supervisor restarted and the run's container no longer exists",
+        )
+    finally:
+        mat.close()
+    return True
 
 
 async def serve(args: argparse.Namespace) -> int:
@@ -278,7 +323,17 @@ async def serve(args: argparse.Namespace) -> int:
 
     sampler = StatsSampler(sup, runtime)
     sampler.start()
-    counts = await reconcile(sup, runtime, logs_root)
+    roots_file = sock.parent / f"{sock.name}.roots.json"
+    known_roots = _read_roots(roots_file)
+    sup.logs_roots.update(known_roots)
+
+    def remember(root: Path) -> None:
+        from .logdir import atomic_write_json
+
+        atomic_write_json(roots_file, sorted(str(r) for r in sup.logs_roots))
+
+    sup.on_new_logs_root = remember
+    counts = await reconcile(sup, runtime, logs_root, known_roots)
     log.info("reconciled: adopted=%d lost=%d", counts["adopted"], counts["lost"])
 
     async def health(_r: web.Request) -> web.Response:

@@ -79,7 +79,7 @@ class PolicyError(Exception):
 class RunHooks:
     """What the supervisor adds around one run; the default adds nothing."""
 
-    def context_paths(self, config: RunConfig, source: str) -> list[Path]:
+    async def context_paths(self, config: RunConfig, source: str) -> list[Path]:
         """Host paths to mount read-only.
 
         Raises:
@@ -242,7 +242,8 @@ class RunExecution:
         mat.log(f"run {paths.run_id} prepared: sandbox={req.sandbox} config={req.config_source}")
         try:
             try:
-                config, raw, source = self._resolve()
+                # Parsing untrusted YAML (a nested run's config) must not stall the event loop.
+                config, raw, source = await asyncio.to_thread(self._resolve)
             except ConfigError as exc:
                 self.prepared.set()
                 self.listener.prepared(paths, None, req.question)
@@ -255,7 +256,7 @@ class RunExecution:
             atomic_write(paths.config, dump_config(raw))
             try:
                 self.hooks.check(config, source)
-                contexts = self.contexts = self.hooks.context_paths(config, source)
+                contexts = self.contexts = await self.hooks.context_paths(config, source)
             except PolicyError as exc:
                 mat.log(f"refused: {exc}", "error")
                 return self._end(exit_code_for(exc.reason), exc.reason, exc.detail)

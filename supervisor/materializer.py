@@ -132,10 +132,17 @@ class OutboxTailer:
 FOLLOW_STATE = ".follow.json"
 
 
+def _open_append(path: Path, *, binary: bool) -> Any:
+    """Append-open a log dir file, never through a symlink; kept open for the run's life."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "ab") if binary else os.fdopen(fd, "a", encoding="utf-8")
+
+
 def _trim_partial_line(path: Path) -> None:
     """A crash mid-append can leave half a line at the end; drop it (it is re-read from the outbox)."""
     try:
-        with open(path, "rb+") as fh:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb+") as fh:
             fh.seek(0, os.SEEK_END)
             size = fh.tell()
             if size == 0:
@@ -161,8 +168,8 @@ class Materializer:
         self.resume_offset = 0
         if resume:
             _trim_partial_line(paths.events)
-        self._events = open(paths.events, "ab")  # noqa: SIM115 - kept open for the run's life
-        self._log = open(paths.log, "a", encoding="utf-8")  # noqa: SIM115
+        self._events = _open_append(paths.events, binary=True)
+        self._log = _open_append(paths.log, binary=False)
         self._agents: set[str] = set()
         self._last_seq = -1
         self._dirty = True
@@ -185,7 +192,7 @@ class Materializer:
         previous: dict[str, Any] = {}
         with contextlib.suppress(OSError, ValueError):
             previous = json.loads(self.paths.status.read_text(encoding="utf-8"))
-        with open(self.paths.events, "rb") as fh:
+        with os.fdopen(os.open(self.paths.events, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as fh:
             for raw in fh:
                 try:
                     ev = parse_event(raw)
@@ -201,7 +208,7 @@ class Materializer:
                     self._side_effects(ev)
                 self.reducer.apply(ev)
         try:
-            with open(self.paths.log_dir / "telemetry.jsonl", "rb") as fh:
+            with os.fdopen(os.open(self.paths.log_dir / "telemetry.jsonl", os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
                 for raw in fh:
                     with contextlib.suppress(ValidationError):
                         self.reducer.apply(ModelCall.model_validate_json(raw))
@@ -341,7 +348,7 @@ class Materializer:
     def record_model_call(self, ev: ModelCall) -> None:
         """A call metered by the host gateway: into status telemetry and telemetry.jsonl."""
         self.reducer.apply(ev)
-        with open(self.paths.log_dir / "telemetry.jsonl", "a", encoding="utf-8") as fh:
+        with _open_append(self.paths.log_dir / "telemetry.jsonl", binary=False) as fh:
             fh.write(ev.model_dump_json() + "\n")
         self.log(
             f"model call agent={ev.agent} {ev.provider}/{ev.model} tokens={ev.prompt_tokens}+{ev.completion_tokens}"

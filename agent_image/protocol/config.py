@@ -251,6 +251,26 @@ class RunConfig(_Strict):
                     ],
                 )
             seen.add(a.id)
+        # The gateway routes per provider: one upstream (base_url) per backend type per run.
+        urls: dict[str, str | None] = {}
+        for i, a in enumerate(self.agents):
+            if a.backend.type == "scripted":
+                continue
+            if urls.setdefault(a.backend.type, a.backend.base_url) != a.backend.base_url:
+                raise ValidationError.from_exception_data(
+                    "RunConfig",
+                    [
+                        InitErrorDetails(
+                            type=PydanticCustomError(
+                                "mixed_base_url",
+                                "all {kind} agents of a run must use the same base_url",
+                                {"kind": a.backend.type},
+                            ),
+                            loc=("agents", i, "backend", "base_url"),
+                            input=a.backend.base_url,
+                        )
+                    ],
+                )
         return self
 
     @property
