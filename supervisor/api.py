@@ -27,8 +27,8 @@ from agent_image.protocol.events import ModelCall
 from agent_image.protocol.result import Reason, exit_code_for
 from agent_image.protocol.status import RunState
 
-from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, short_socket_dir
-from .lifecycle import InterruptedWhileQueued, PolicyError, RunExecution, RunHooks, RunRequest
+from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, ensure_private_dir, short_socket_dir
+from .lifecycle import SANDBOX_UID, InterruptedWhileQueued, PolicyError, RunExecution, RunHooks, RunRequest
 from .logdir import RUN_ID_RE, atomic_write
 from .runtime.base import Mount
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY = 2 << 20
 MAX_WAIT_S = 60.0
+MAX_SUBMISSIONS_PER_RUN = 64
 # `@examples/NAME` names a file under configs/: no absolute paths, no `..`, no glob characters.
 EXAMPLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
@@ -105,6 +106,9 @@ class RunsApi:
         if problem is not None:
             return _error(400, "invalid_body", problem)
         caller = self.caller
+        if caller is not None and len(caller.children) >= MAX_SUBMISSIONS_PER_RUN:
+            # Refused children still get a log dir; this bounds what one run can make us create.
+            return _error(429, "too_many_children", f"a run may submit at most {MAX_SUBMISSIONS_PER_RUN} nested runs")
         if caller is not None:
             if body.config_path is not None or body.logs_root is not None:
                 return _error(400, "invalid_body", "config_path and logs_root are not accepted here; send config_text")
@@ -154,6 +158,7 @@ class RunsApi:
                 parent_run_id=caller.run_id,
                 depth=caller.depth + 1,
                 deadline_cap=caller.execution.deadline,
+                limits_cap=caller.execution.limits,
             )
             rec = await self.sup.submit(req, parent=caller)
         return web.json_response(self.sup.info(rec, caller).model_dump(), status=201)
@@ -293,8 +298,9 @@ class SocketServices(RunHooks):
         self, execution: RunExecution, config: RunConfig, deadline: float
     ) -> tuple[list[Mount], dict[str, str]]:
         self.socket_dir = short_socket_dir(self.record.run_id)
-        self.socket_dir.mkdir(parents=True, mode=0o755, exist_ok=True)
-        os.chmod(self.socket_dir, 0o755)
+        ensure_private_dir(self.socket_dir.parent)  # other host users cannot reach any run's socket
+        self.socket_dir.mkdir(mode=0o755, exist_ok=True)
+        os.chmod(self.socket_dir, 0o755)  # the sandbox's user must enter its mounted socket dir
         path = self.socket_dir / SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a supervisor that died
@@ -303,8 +309,11 @@ class SocketServices(RunHooks):
         if docker:
             self.gateway = self._gateway(execution, config)
             routes += self.gateway.routes()
-        self.server = UnixServer(make_app(routes), path)
+        self.server = UnixServer(make_app(routes), path, mode=0o600)
         await self.server.start()
+        if docker and os.getuid() == 0:
+            # Only the sandbox's user (and root) may connect: the socket carries the run's identity.
+            os.chown(path, SANDBOX_UID, SANDBOX_UID)
         self.server.meter = getattr(self, "meter", None)  # type: ignore[attr-defined]
         self.record.server = self.server
         if docker:

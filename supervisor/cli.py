@@ -177,6 +177,31 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
         raise _PreflightFailed([f"image build failed: {exc}"]) from exc
 
 
+def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: Path, detail: str) -> int:
+    """Nothing can start (no engine, no image): still a log dir, a result.json and the usual lines."""
+    from agent_image.protocol.result import Reason, exit_code_for
+
+    from .configs import resolve_config
+    from .logdir import create_run_dirs
+    from .materializer import Materializer
+
+    paths = create_run_dirs(logs_root, logs_root.parent / "workspaces")
+    mat = Materializer(paths)
+    try:
+        mat.status.meta.question = args.question
+        try:
+            config = resolve_config(args.config)[0]
+        except Exception:  # noqa: BLE001 - the engine problem is the headline; the config is checked when it can run
+            config = None
+        printer.n_agents = len(config.agents) if config is not None else 0
+        printer.prepared(paths, config, args.question)
+        result = mat.finalize(exit_code_for(Reason.ENGINE_UNAVAILABLE), Reason.ENGINE_UNAVAILABLE, detail)
+    finally:
+        mat.close()
+    printer.finish(result)
+    return int(result.exit_code)
+
+
 def _daemon_client() -> Any:
     """A client of the running daemon, or None when no daemon answers (then we embed one)."""
     if os.environ.get("MASSGEN_NO_DAEMON"):
@@ -237,7 +262,7 @@ def cmd_run(argv: list[str]) -> int:
             _stderr("massgen-run: cannot start a sandbox:")
             for p in exc.problems:
                 _stderr(f"  - {p}")
-            return int(ExitCode.CONFIG)
+            return _record_unstartable(printer, args, logs_root, "; ".join(exc.problems))
     req = RunRequest(
         question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image
     )
@@ -267,7 +292,8 @@ def cmd_run(argv: list[str]) -> int:
                 control.interrupt_reason = f"interrupted by {name}"
                 control.interrupt.set()
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: a dropped ssh session must end the run properly, not orphan its sandbox.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig.name)
         sup = Supervisor(runtime, image=image, services=SocketServices, default_sandbox=args.sandbox)
         record = await sup.submit(req, listener=_L(), control=control)

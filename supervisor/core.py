@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import posixpath
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,24 @@ def socket_root() -> Path:
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
     return base / "runs"
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create (or accept) a directory only we own and only we can enter (mode 0700).
+
+    Shared /tmp makes squatting possible: a directory someone else created, or a symlink, is
+    refused rather than used.
+
+    Raises:
+        PermissionError: the directory exists but is not ours or is a symlink.
+    """
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise PermissionError(f"{path} is not a directory owned by uid {os.getuid()}; refusing to use it")
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
 
 
 @dataclass

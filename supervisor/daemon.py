@@ -309,7 +309,9 @@ async def serve(args: argparse.Namespace) -> int:
 
     sock = (args.socket or default_socket()).absolute()
     logs_root = (args.logs_root or default_logs_root()).absolute()
-    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from .core import ensure_private_dir
+
+    ensure_private_dir(sock.parent)
     runtime = DockerRuntime()
     image = args.image or await asyncio.to_thread(ensure_images, runtime, progress=lambda m: log.info("image: %s", m))
     sup = Supervisor(

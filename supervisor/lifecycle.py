@@ -51,6 +51,16 @@ KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_
 
 
 @dataclass(frozen=True)
+class Limits:
+    """The resources a run's sandbox actually got."""
+
+    memory_bytes: int
+    nano_cpus: int
+    pids: int
+    runtime: str
+
+
+@dataclass(frozen=True)
 class RunRequest:
     question: str
     config_source: str  # a path or @examples/NAME
@@ -65,6 +75,7 @@ class RunRequest:
     workspaces_root: Path | None = None  # default: <logs_root>/../workspaces
     deadline_cap: float | None = None  # unix time; a child never outlives its parent
     config_text: str | None = None  # a submitted config (nested runs); config_source then only names it
+    limits_cap: Limits | None = None  # a nested run's resources: at most its parent's
 
 
 class PolicyError(Exception):
@@ -215,6 +226,7 @@ class RunExecution:
         self.config: RunConfig | None = None
         self.deadline: float | None = None
         self.contexts: list[Path] = []
+        self.limits: Limits | None = None
         self.prepared = asyncio.Event()
 
     def _resolve(self) -> tuple[RunConfig, dict[str, Any], str]:
@@ -362,6 +374,17 @@ class RunExecution:
             os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
         if req.engine_command is not None:
             command = req.engine_command
+        limits = Limits(sb.memory_bytes, int(sb.cpus * 1e9), sb.pids, sb.runtime)
+        if req.limits_cap is not None:
+            # A nested run's config is written by an agent: never more than its parent got.
+            cap = req.limits_cap
+            limits = Limits(
+                min(limits.memory_bytes, cap.memory_bytes),
+                min(limits.nano_cpus, cap.nano_cpus),
+                min(limits.pids, cap.pids),
+                "runsc" if cap.runtime == "runsc" else limits.runtime,
+            )
+        self.limits = limits
         return SandboxSpec(
             run_id=paths.run_id,
             image=req.image or "",
@@ -371,11 +394,11 @@ class RunExecution:
             labels=labels,
             workdir=workdir,
             user=user,
-            memory_bytes=sb.memory_bytes,
-            nano_cpus=int(sb.cpus * 1e9),
-            pids_limit=sb.pids,
+            memory_bytes=limits.memory_bytes,
+            nano_cpus=limits.nano_cpus,
+            pids_limit=limits.pids,
             network=sb.network,
-            runtime=sb.runtime,
+            runtime=limits.runtime,
         )
 
     async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:

@@ -181,6 +181,7 @@ class Materializer:
         self._tailer: OutboxTailer | None = None
         self._started = False
         self._gap_allowance = 0
+        self.result: RunResult | None = None
         # With --sandbox none the engine calls models itself and reports them; behind the
         # gateway only the host's own metering counts.
         self.accept_model_calls = True
@@ -399,7 +400,9 @@ class Materializer:
         return True
 
     def finalize(self, exit_code: int, reason: str, detail: str, *, container_exit: int | None = None) -> RunResult:
-        """Record the run's end in status.json and result.json (called exactly once)."""
+        """Record the run's end in status.json and result.json; later calls return the first verdict."""
+        if self.result is not None:
+            return self.result
         now = self.clock()
         ev = self.finished_event
         if ev is None or (ev.exit_code, ev.reason) != (exit_code, reason):
@@ -431,6 +434,7 @@ class Materializer:
         self.log(f"run finished: exit_code={exit_code} reason={reason} {detail}".rstrip())
         self.write_status(force=True)
         atomic_write_json(self.paths.result, json.loads(result.model_dump_json()))
+        self.result = result
         return result
 
     def close(self) -> None:

@@ -40,6 +40,7 @@ class Reason(StrEnum):
     GATEWAY_UNAVAILABLE = "gateway_unavailable"
     BASE_URL_NOT_ALLOWED = "base_url_not_allowed"
     SUPERVISOR_ERROR = "supervisor_error"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
 
@@ -67,6 +68,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.GATEWAY_UNAVAILABLE: ExitCode.EXECUTION,
     Reason.BASE_URL_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.SUPERVISOR_ERROR: ExitCode.EXECUTION,
+    Reason.ENGINE_UNAVAILABLE: ExitCode.CONFIG,
     Reason.TIMEOUT: ExitCode.TIMEOUT,
     Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }
