@@ -5,13 +5,14 @@ CLI when a daemon is running. Same lines, same exit codes as the embedded CLI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from .protocol.automation import head_lines, tail_lines
 
@@ -22,11 +23,16 @@ STOP_WAIT_S = 90.0
 RECONNECT_S = float(os.environ.get("MASSGEN_RECONNECT_SECONDS", "60"))
 
 
+class _Interrupted(Exception):
+    """A signal arrived while the client was waiting."""
+
+
 class ClientError(Exception):
     """The supervisor could not be reached or refused the request."""
 
-    def __init__(self, message: str, status: int | None = None) -> None:
+    def __init__(self, message: str, status: int | None = None, *, exit_code: int = 2) -> None:
         self.status = status
+        self.exit_code = exit_code  # 1 when nothing was started because the input was wrong
         super().__init__(message)
 
 
@@ -67,6 +73,14 @@ class SupervisorClient:
         self._http.close()
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are configuration errors: exit 1 (argparse's own 2 means 'execution error' here)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def _config_body(config: str) -> dict[str, Any]:
     if config.startswith("@examples/"):
         return {"example": config.split("/", 1)[1]}
@@ -74,7 +88,7 @@ def _config_body(config: str) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ClientError(f"cannot read config {path}: {exc.strerror or exc}") from exc
+        raise ClientError(f"cannot read config {path}: {exc.strerror or exc}", exit_code=1) from exc
     from .protocol.loader import absolutize_context_paths
 
     return {"config_text": absolutize_context_paths(text), "config_name": str(path.resolve())}
@@ -95,24 +109,46 @@ def run_and_follow(
             _out(line)
     else:
         _out(f"run {run_id}\n  log dir: {info['log_dir']}\n  agents:  {', '.join(info.get('agents') or [])}")
-    stopping = {"sent": False}
+    signals = {"count": 0}
 
     def on_signal(signum: int, _frame: Any) -> None:
-        if not stopping["sent"]:
-            stopping["sent"] = True
-            try:
-                client.request("POST", f"/v1/runs/{run_id}/stop")
-            except ClientError as exc:
-                print(f"massgen-run: could not stop {run_id}: {exc}", file=sys.stderr)
+        # Only raise here: the handler interrupts the blocking long-poll; the loop below does the
+        # HTTP (never from inside a signal handler, on a client that may be mid-request).
+        signals["count"] += 1
+        raise _Interrupted()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         deadline = None
         lost_since: float | None = None
+        stop_sent = False
+        res: dict[str, Any]
         while True:
             try:
+                if signals["count"] >= 2:
+                    # Second signal: stop waiting now (the run is being stopped by the supervisor).
+                    res = {
+                        "exit_code": 4,
+                        "reason": "interrupted",
+                        "detail": f"stopped waiting; {run_id} is being stopped",
+                    }
+                    break
+                if signals["count"] == 1 and not stop_sent:
+                    stop_sent = True
+                    with contextlib.suppress(ClientError):
+                        SupervisorClient(client.socket_path).request("POST", f"/v1/runs/{run_id}/stop")
                 status, res = client.request("GET", f"/v1/runs/{run_id}/result", params={"wait": str(WAIT_STEP_S)})
+            except _Interrupted:
+                client = SupervisorClient(client.socket_path)  # the old one was interrupted mid-request
+                continue
             except ClientError as exc:
+                if exc.status == 404:
+                    res = {
+                        "exit_code": 2,
+                        "reason": "supervisor_lost",
+                        "detail": f"the supervisor no longer knows {run_id}",
+                    }
+                    break
                 if exc.status is not None:
                     raise
                 # The supervisor went away (a daemon restart): keep trying to reattach; a
@@ -126,7 +162,7 @@ def run_and_follow(
             lost_since = None
             if status == 200:
                 break
-            if stopping["sent"]:
+            if stop_sent:
                 deadline = deadline or time.monotonic() + STOP_WAIT_S
                 if time.monotonic() > deadline:
                     raise ClientError(f"run {run_id} did not stop within {STOP_WAIT_S:g}s")
@@ -173,7 +209,7 @@ def main(argv: list[str], socket_path: str | None = None) -> int:
         client = SupervisorClient(sock)
         if argv and argv[0] in verbs:
             return _verb(client, argv[0], argv[1:])
-        p = argparse.ArgumentParser(prog="massgen-run", description="Start a nested run through the supervisor.")
+        p = _Parser(prog="massgen-run", description="Start a nested run through the supervisor.")
         p.add_argument("question")
         p.add_argument("--config", required=True, help="config file, or @examples/NAME")
         p.add_argument("--automation", action="store_true")
@@ -182,11 +218,11 @@ def main(argv: list[str], socket_path: str | None = None) -> int:
         return run_and_follow(client, args.question, args.config, args.automation)
     except ClientError as exc:
         print(f"massgen-run: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog=f"massgen-run {verb}")
+    p = _Parser(prog=f"massgen-run {verb}")
     if verb != "ps":
         p.add_argument("run")
     p.add_argument("--json", action="store_true")

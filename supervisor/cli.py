@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 VERBS = ("image", "ps", "status", "logs", "stop", "watch")
 EPILOG = """\
@@ -36,8 +36,16 @@ def _ascii(text: str, limit: int | None = None) -> str:
     return one.encode("ascii", "backslashreplace").decode("ascii")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors are configuration errors: exit 1 (argparse's own 2 means 'execution error' here)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(1, f"{self.prog}: error: {message}\n")
+
+
 def _run_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="massgen-run",
         description="Run a multi-agent question, each run in its own hardened container.",
         epilog=EPILOG,
@@ -70,7 +78,7 @@ class _Printer:
         self.lines = 0
 
     def out(self, line: str) -> None:
-        print(line if not self.automation else _ascii(line), flush=True)
+        print(line, flush=True)
         self.lines += 1
 
     def prepared(self, paths: Any, config: Any, question: str) -> None:
@@ -79,13 +87,11 @@ class _Printer:
         self.t0 = time.time()
         agents = ", ".join(config.agent_ids) if config is not None else "-"
         if self.automation:
-            self.out(f"LOG_DIR: {paths.log_dir}")
-            self.out(f"RUN_ID: {paths.run_id}")
-            self.out(f"STATUS_FILE: {paths.status}")
-            if config is not None:
-                self.out(f"AGENTS: {agents}")
-                self.out(f"QUESTION: {_ascii(question)}")
-                self.out("[Coordination in progress - monitor status.json for real-time updates]")
+            from agent_image.protocol.automation import head_lines
+
+            ids = config.agent_ids if config is not None else None
+            for line in head_lines(str(paths.log_dir), paths.run_id, str(paths.status), ids, question):
+                self.out(line)
         else:
             print(f"run {paths.run_id}\n  log dir: {paths.log_dir}\n  agents:  {agents}", flush=True)
 
@@ -127,15 +133,19 @@ class _Printer:
             except OSError:
                 final_text = ""
         if self.automation:
-            if result.exit_code == 0:
-                self.out(f"WINNER: {result.winner}")
-                self.out(f"DURATION: {dur:.1f}s")
-                self.out(f"ANSWER_FILE: {result.answer_file}")
-                self.out(f"ANSWER_PREVIEW: {_ascii(final_text[:200])}")
-                self.out(f"COMPLETED: {self.n_agents} agents, {dur:.1f}s total")
-            else:
-                head = {3: "TIMEOUT", 4: "INTERRUPTED"}.get(result.exit_code, "FAILED")
-                self.out(f"{head}: {result.reason}: {_ascii(result.detail, 300)}")
+            from agent_image.protocol.automation import tail_lines
+
+            for line in tail_lines(
+                exit_code=result.exit_code,
+                reason=result.reason,
+                detail=result.detail,
+                winner=result.winner,
+                duration_s=result.duration_s,
+                answer_file=result.answer_file,
+                answer_text=final_text,
+                n_agents=self.n_agents,
+            ):
+                self.out(line)
             return
         if result.exit_code == 0:
             print(f"\nfinal answer ({result.winner}, {dur:.1f}s):\n\n{final_text.rstrip()}\n")
@@ -248,7 +258,7 @@ def cmd_run(argv: list[str]) -> int:
             return run_and_follow(daemon, args.question, args.config, args.automation, {"logs_root": str(logs_root)})
         except ClientError as exc:
             _stderr(f"massgen-run: {exc}")
-            return int(ExitCode.EXECUTION)
+            return exc.exit_code
         finally:
             daemon.close()
     if args.sandbox == "none":
@@ -335,7 +345,7 @@ def _find_run(logs_root: Path, run: str) -> Path:
 
 
 def cmd_ps(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="massgen-run ps", description="List runs under the logs root.")
+    p = _Parser(prog="massgen-run ps", description="List runs under the logs root.")
     p.add_argument("--all", action="store_true", help="include finished runs")
     p.add_argument("--json", action="store_true", help="one JSON array")
     p.add_argument("--tree", action="store_true", help="nested runs under their parents (JSON: `children`)")
@@ -380,7 +390,7 @@ def cmd_ps(argv: list[str]) -> int:
 
 
 def cmd_status(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="massgen-run status", description="Show one run's status.json.")
+    p = _Parser(prog="massgen-run status", description="Show one run's status.json.")
     p.add_argument("run", help="run id (or a unique suffix) or a log dir")
     p.add_argument("--json", action="store_true")
     p.add_argument("--logs-root", type=Path, default=None)
@@ -405,7 +415,7 @@ def cmd_status(argv: list[str]) -> int:
 def cmd_stop(argv: list[str]) -> int:
     import signal
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="massgen-run stop", description="Interrupt a running run (it ends with exit 4, INTERRUPTED)."
     )
     p.add_argument("run", help="run id (or a unique suffix) or a log dir")
@@ -448,7 +458,7 @@ def cmd_stop(argv: list[str]) -> int:
 def cmd_logs(argv: list[str]) -> int:
     import time
 
-    p = argparse.ArgumentParser(prog="massgen-run logs", description="Print a run's massgen.log.")
+    p = _Parser(prog="massgen-run logs", description="Print a run's massgen.log.")
     p.add_argument("run")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run finishes")
     p.add_argument("--logs-root", type=Path, default=None)
@@ -474,7 +484,7 @@ def cmd_logs(argv: list[str]) -> int:
 
 
 def cmd_image(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="massgen-run image", description="Build the sandbox images offline.")
+    p = _Parser(prog="massgen-run image", description="Build the sandbox images offline.")
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the base and agent images (what is missing)")
     b.add_argument("--force", action="store_true", help="rebuild even when present")

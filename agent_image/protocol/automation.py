@@ -15,11 +15,24 @@ def ascii_line(text: str, limit: int | None = None) -> str:
     return one.encode("ascii", "backslashreplace").decode("ascii")
 
 
+def ascii_path(path: object) -> str:
+    """A path on one ASCII line, unchanged when it is plain ASCII (spaces kept, so it stays usable);
+    otherwise control and non-ASCII characters are backslash-escaped."""
+    text = str(path)
+    if text.isascii() and text.isprintable():
+        return text
+    return text.encode("unicode_escape").decode("ascii")
+
+
 def head_lines(log_dir: str, run_id: str, status_file: str, agents: Sequence[str] | None, question: str) -> list[str]:
-    lines = [f"LOG_DIR: {log_dir}", f"RUN_ID: {run_id}", f"STATUS_FILE: {status_file}"]
+    lines = [
+        f"LOG_DIR: {ascii_path(log_dir)}",
+        f"RUN_ID: {ascii_line(run_id)}",
+        f"STATUS_FILE: {ascii_path(status_file)}",
+    ]
     if agents is not None:
-        lines += [f"AGENTS: {', '.join(agents)}", f"QUESTION: {ascii_line(question)}", PROGRESS_LINE]
-    return [ascii_line(x) if x is not PROGRESS_LINE else x for x in lines]
+        lines += [f"AGENTS: {ascii_line(', '.join(agents))}", f"QUESTION: {ascii_line(question)}", PROGRESS_LINE]
+    return lines
 
 
 def tail_lines(
@@ -35,14 +48,12 @@ def tail_lines(
 ) -> list[str]:
     dur = duration_s or 0.0
     if exit_code == 0:
-        lines = [
-            f"WINNER: {winner}",
+        return [
+            f"WINNER: {ascii_line(str(winner))}",
             f"DURATION: {dur:.1f}s",
-            f"ANSWER_FILE: {answer_file}",
+            f"ANSWER_FILE: {ascii_path(answer_file)}",
             f"ANSWER_PREVIEW: {ascii_line(answer_text[:200])}",
             f"COMPLETED: {n_agents} agents, {dur:.1f}s total",
         ]
-    else:
-        head = {3: "TIMEOUT", 4: "INTERRUPTED"}.get(exit_code, "FAILED")
-        lines = [f"{head}: {reason}: {ascii_line(detail, 300)}"]
-    return [ascii_line(x) for x in lines]
+    head = {3: "TIMEOUT", 4: "INTERRUPTED"}.get(exit_code, "FAILED")
+    return [f"{head}: {ascii_line(reason, 60)}: {ascii_line(detail, 300)}"]
