@@ -243,8 +243,6 @@ def cmd_run(argv: list[str]) -> int:
     import asyncio
     import signal
 
-    from agent_image.protocol.result import ExitCode
-
     from .lifecycle import Listener, RunControl, RunRequest
     from .runtime.local import LocalRuntime
 
