@@ -413,9 +413,7 @@ def cmd_status(argv: list[str]) -> int:
 def cmd_stop(argv: list[str]) -> int:
     import signal
 
-    p = _Parser(
-        prog="massgen-run stop", description="Interrupt a running run (it ends with exit 4, INTERRUPTED)."
-    )
+    p = _Parser(prog="massgen-run stop", description="Interrupt a running run (it ends with exit 4, INTERRUPTED).")
     p.add_argument("run", help="run id (or a unique suffix) or a log dir")
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
