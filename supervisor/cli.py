@@ -288,10 +288,11 @@ def cmd_run(argv: list[str]) -> int:
 
     async def main() -> Any:
         from .api import SocketServices
-        from .core import Supervisor
+        from .core import Supervisor, size_thread_pool
 
         control = RunControl()
         loop = asyncio.get_running_loop()
+        size_thread_pool(loop)
 
         def on_signal(name: str) -> None:
             if control.interrupt.is_set():

@@ -46,6 +46,14 @@ DEFAULT_MAX_TOTAL_CHILDREN = 16
 STOP_SUBTREE_REASON = "parent run ended"
 
 
+def size_thread_pool(loop: asyncio.AbstractEventLoop, workers: int = 128) -> None:
+    """Blocking engine calls run in threads, and each live sandbox keeps one waiting on its exit:
+    the default pool (cpus + 4) would starve start/stop/remove calls with a few runs alive."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="massgen"))
+
+
 def socket_root() -> Path:
     """Short base dir for per-run sockets (unix socket paths are limited to ~107 bytes)."""
     env = os.environ.get("MASSGEN_SOCKET_DIR")

@@ -307,6 +307,9 @@ async def serve(args: argparse.Namespace) -> int:
     from .images import ensure_images
     from .runtime.docker import DockerRuntime
 
+    from .core import size_thread_pool
+
+    size_thread_pool(asyncio.get_running_loop())
     sock = (args.socket or default_socket()).absolute()
     logs_root = (args.logs_root or default_logs_root()).absolute()
     from .core import ensure_private_dir
