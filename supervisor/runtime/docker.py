@@ -39,6 +39,9 @@ _OWNER_VALUE = "1"
 _UNKNOWN_EXIT = -1
 
 
+LOG_TAIL_LINES = 2000  # what massgen.log keeps of a sandbox's own output
+
+
 class RuntimeCallFailed(RuntimeError_):
     """The engine answered but refused or failed an operation on an existing sandbox or image."""
 
@@ -199,6 +202,11 @@ class DockerRuntime:
             "network_mode": spec.network,
             "runtime": spec.runtime,
             "auto_remove": False,
+            # A sandbox printing without end must not fill the host's disk (json-file is capped
+            # here) nor, at the end, our memory (logs() reads only the tail).
+            "log_config": docker.types.LogConfig(
+                type=docker.types.LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"}
+            ),
         }
         try:
             container = self._docker.containers.create(**kwargs)
@@ -311,7 +319,7 @@ class DockerRuntime:
         """
         try:
             with self._engine("logs", handle.id):
-                out = self._api.logs(handle.id, stdout=True, stderr=True, stream=False)
+                out = self._api.logs(handle.id, stdout=True, stderr=True, stream=False, tail=LOG_TAIL_LINES)
         except RuntimeCallFailed as exc:
             if _gone(exc):
                 return b""
