@@ -175,7 +175,12 @@ class RunsApi:
         mat = rec.execution.mat
         if mat is None:
             return _error(409, "not_ready", "no status yet")
-        return web.json_response(mat.status.model_dump(mode="json"))
+        doc = mat.status.model_dump(mode="json")
+        if self.caller is not None:
+            # Paths as the caller's sandbox sees them, never the host's.
+            doc["meta"]["log_dir"] = self.sup.view_path(self.caller, doc["meta"]["log_dir"])
+            doc["results"]["answer_file"] = self.sup.view_path(self.caller, doc["results"]["answer_file"])
+        return web.json_response(doc)
 
     async def result(self, request: web.Request) -> web.Response:
         rec = self._find(request)
@@ -207,7 +212,8 @@ class UnixServer:
         self._runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # A short shutdown: a nested client's long-poll must not hold up its parent's end.
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.UnixSite(self._runner, str(self.path))
         await site.start()

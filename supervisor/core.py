@@ -180,8 +180,20 @@ def resolve_view_path(record: RunRecord, requested: str) -> tuple[Path, Path, bo
             if not real.exists():
                 raise PolicyError("path_missing", f"{requested}: does not exist")
             user_context = any(host == p for p in record.execution.contexts)
-            return real, real_root, not user_context
+            # A user's context folder that contains our own trees (e.g. `.`, holding .massgen/)
+            # can hold sandbox-writable folders: those are snapshotted like a workspace.
+            managed = _managed_roots(record)
+            inside_managed = any(real == m or m in real.parents for m in managed)
+            return real, real_root, not user_context or inside_managed
     raise PolicyError("path_not_allowed", f"{requested}: not visible to the parent run")
+
+
+def _managed_roots(record: RunRecord) -> list[Path]:
+    top = record
+    while top.parent is not None:
+        top = top.parent
+    roots = [top.execution.req.logs_root, top.paths.workspace.parent, socket_root()]
+    return [Path(os.path.realpath(r)) for r in roots]
 
 
 class ChildHooks(RunHooks):
