@@ -181,6 +181,11 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
     problems = preflight(runtime)
     if problems:
         raise _PreflightFailed(problems)
+    from .reaper import reap_orphans
+
+    n = reap_orphans(runtime)
+    if n:
+        _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
     try:
         return runtime, ensure_images(runtime, progress=_stderr)
     except (BuildError, RuntimeError_) as exc:

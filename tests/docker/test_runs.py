@@ -285,3 +285,41 @@ def test_quickstart_under_gvisor(runtime: DockerRuntime, agent_image: str, tmp_p
     assert p.returncode == 0, p.stdout + p.stderr
     st = load(parse_lines(p.stdout)["STATUS_FILE"])
     assert st["container"]["runtime"] == "runsc"
+
+
+def test_sandbox_of_a_killed_cli_is_reaped_by_the_next_run(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """kill -9 of massgen-run orphans its sandbox; the next massgen-run removes it and records supervisor_lost."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
+        """,
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", "--automation", "--image", agent_image, "--config", str(cfg), "q"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
+    deadline = time.monotonic() + 30
+    while runtime.list_owned({LABEL_RUN: log_dir.name}) == []:
+        assert time.monotonic() < deadline, "the sandbox never started"
+        time.sleep(0.05)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert runtime.list_owned({LABEL_RUN: log_dir.name}) != []  # orphaned
+    p = massgen_run(QUICK, tmp_path)  # no --image: the CLI's own preflight reaps
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "reaped 1 sandbox" in p.stderr
+    assert _no_container_for(runtime, log_dir.name)
+    res = load(log_dir / "result.json")
+    assert (res["exit_code"], res["reason"]) == (2, "supervisor_lost")
+    assert load(log_dir / "status.json")["run"]["state"] == "finished"

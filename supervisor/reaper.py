@@ -1,0 +1,77 @@
+"""Reap sandboxes of embedded supervisors that died without cleaning up (SIGKILL, power loss).
+
+An embedded supervisor is the `massgen-run` process that started the run; its pid is in the
+run's status.json. When that process is gone, nobody will ever remove the container or write
+the result, so the next `massgen-run` on the host does: by label, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from agent_image.protocol.result import Reason, exit_code_for
+
+from .logdir import RUN_ID_RE, RunPaths
+from .materializer import Materializer
+from .runtime.base import LABEL_LOG_DIR, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: not ours to judge
+    return True
+
+
+def reap_orphans(runtime: Any) -> int:
+    """Finish and remove sandboxes whose embedded supervisor process no longer exists.
+
+    Returns:
+        How many sandboxes were reaped.
+    """
+    reaped = 0
+    for facts in runtime.list_owned({LABEL_SUPERVISOR: EMBEDDED}):
+        labels = facts.labels
+        run_id = labels.get(LABEL_RUN, "")
+        log_dir = Path(labels.get(LABEL_LOG_DIR, ""))
+        if not RUN_ID_RE.match(run_id) or log_dir.name != run_id:
+            continue
+        try:
+            fd = os.open(log_dir / "status.json", os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as fh:
+                run = json.loads(fh.read(4 << 20)).get("run", {})
+        except (OSError, ValueError, AttributeError):
+            continue  # another host's run, or not ours to interpret
+        pid = run.get("supervisor_pid")
+        if not isinstance(pid, int) or pid <= 0 or _alive(pid):
+            continue
+        handle = type("Handle", (), {"id": facts.id})()
+        try:
+            runtime.kill(handle)
+            if not (log_dir / "result.json").exists():
+                mat = Materializer(RunPaths(run_id, log_dir, Path(labels.get(LABEL_WORKSPACE) or log_dir)), resume=True)
+                try:
+                    mat.finalize(
+                        exit_code_for(Reason.SUPERVISOR_LOST),
+                        Reason.SUPERVISOR_LOST,
+                        f"the massgen-run process (pid {pid}) that supervised this run is gone",
+                    )
+                finally:
+                    mat.close()
+            runtime.remove(handle)
+            reaped += 1
+            log.warning("reaped orphaned sandbox %s of run %s", facts.id[:12], run_id)
+        except Exception:  # noqa: BLE001 - reaping is best effort; the next run tries again
+            log.exception("could not reap sandbox %s", facts.id[:12])
+    return reaped
