@@ -87,8 +87,11 @@ def _config_body(config: str) -> dict[str, Any]:
     path = Path(config).expanduser()
     try:
         text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ClientError(f"cannot read config {path}: {exc.strerror or exc}", exit_code=1) from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        # Still submitted: the supervisor records the run as config_missing (exit 1) with a log
+        # dir and result.json, so the output is the same as without a supervisor in between.
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return {"config_unreadable": f"cannot read config: {why}", "config_name": str(path.absolute())}
     from .protocol.loader import absolutize_context_paths
 
     return {"config_text": absolutize_context_paths(text), "config_name": str(path.resolve())}

@@ -114,9 +114,13 @@ class RunsApi:
                 return _error(400, "invalid_body", "config_path and logs_root are not accepted here; send config_text")
             if caller.execution.deadline is None:
                 return _error(409, "not_running", "the run is not running yet")
-        sources = [x for x in (body.config_text, body.example, body.config_path) if x is not None]
+        sources = [
+            x for x in (body.config_text, body.example, body.config_path, body.config_unreadable) if x is not None
+        ]
         if len(sources) != 1:
-            return _error(400, "invalid_body", "give exactly one of config_text, example, config_path")
+            return _error(
+                400, "invalid_body", "give exactly one of config_text, example, config_path, config_unreadable"
+            )
         if body.example is not None:
             source = f"@examples/{body.example}"
         elif body.config_path is not None:
@@ -135,6 +139,7 @@ class RunsApi:
                 question=body.question,
                 config_source=source,
                 config_text=body.config_text,
+                config_error=body.config_unreadable,
                 logs_root=logs_root,
                 sandbox=self.sup.default_sandbox,
                 image=self.sup.image,
@@ -150,6 +155,7 @@ class RunsApi:
                 question=body.question,
                 config_source=source,
                 config_text=body.config_text,
+                config_error=body.config_unreadable,
                 logs_root=caller.paths.children,
                 workspaces_root=caller.paths.workspace.parent,
                 sandbox=preq.sandbox,

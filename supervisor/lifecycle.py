@@ -76,6 +76,7 @@ class RunRequest:
     deadline_cap: float | None = None  # unix time; a child never outlives its parent
     config_text: str | None = None  # a submitted config (nested runs); config_source then only names it
     limits_cap: Limits | None = None  # a nested run's resources: at most its parent's
+    config_error: str | None = None  # the client could not read the config: record config_missing
 
 
 class PolicyError(Exception):
@@ -231,6 +232,8 @@ class RunExecution:
 
     def _resolve(self) -> tuple[RunConfig, dict[str, Any], str]:
         req = self.req
+        if req.config_error is not None:
+            raise ConfigError([ConfigProblem(req.config_source, "", None, req.config_error)], Reason.CONFIG_MISSING)
         if req.config_text is not None:
             config, raw = parse_config_text(req.config_text, req.config_source)
             return config, raw, req.config_source

@@ -20,6 +20,7 @@ class SubmitRun(_M):
     example: str | None = Field(default=None, max_length=200)
     config_path: str | None = Field(default=None, max_length=4096)  # daemon socket only: a host path
     logs_root: str | None = Field(default=None, max_length=4096)  # daemon socket only: an absolute host path
+    config_unreadable: str | None = Field(default=None, max_length=1000)  # the client could not read the file
 
 
 class RunInfo(_M):

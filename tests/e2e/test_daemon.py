@@ -584,3 +584,14 @@ def test_openapi_fuzz_finds_no_server_error(daemon: Daemon, tmp_path: Path) -> N
         http.close()
     assert seen and all(code < 500 for code in seen), seen
     assert 201 in seen and 400 in seen and 404 in seen, seen
+
+
+def test_unreadable_config_through_the_daemon_prints_the_same_lines_as_embedded(daemon: Daemon, tmp_path: Path) -> None:
+    """A config file the client cannot read: LOG_DIR first, FAILED: config_missing, exit 1, result.json - as embedded."""
+    proc = daemon.cli(["--automation", "--config", str(tmp_path / "nope.yaml"), "q"], tmp_path)
+    out, err = proc.communicate(timeout=60)
+    lines = out.decode().splitlines()
+    assert proc.returncode == 1, out + err
+    assert lines[0].startswith("LOG_DIR: ") and lines[-1].startswith("FAILED: config_missing: ")
+    log_dir = Path(lines[0].split(": ", 1)[1])
+    assert json.loads((log_dir / "result.json").read_text())["exit_code"] == 1
