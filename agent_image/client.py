@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -250,9 +251,18 @@ def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
         print(f"stopping {info['run_id']}")
         return 0
     _, info = client.request("GET", f"/v1/runs/{args.run}")
-    log_file = Path(info["log_dir"]) / "massgen.log"
+
+    def finished() -> bool:
+        return bool(client.request("GET", f"/v1/runs/{args.run}")[1]["state"] == "finished")
+
+    return print_log(Path(info["log_dir"]) / "massgen.log", follow=args.follow, finished=finished)
+
+
+def print_log(log_file: Path, *, follow: bool, finished: Callable[[], bool], poll_s: float = 0.5) -> int:
+    """Print a run's massgen.log; with `follow`, keep printing until `finished()` (then a last read)."""
     pos = 0
     while True:
+        done = follow and finished()
         try:
             with open(log_file, "rb") as fh:
                 fh.seek(pos)
@@ -262,9 +272,6 @@ def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
             sys.stdout.flush()
         except FileNotFoundError:
             pass
-        if not args.follow:
+        if not follow or done:
             return 0
-        _, info = client.request("GET", f"/v1/runs/{args.run}")
-        if info["state"] == "finished":
-            return 0
-        time.sleep(0.5)
+        time.sleep(poll_s)

@@ -458,31 +458,19 @@ def cmd_stop(argv: list[str]) -> int:
 
 
 def cmd_logs(argv: list[str]) -> int:
-    import time
-
     p = _Parser(prog="massgen-run logs", description="Print a run's massgen.log.")
     p.add_argument("run")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run finishes")
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
     d = _find_run(args.logs_root or _default_logs_root(), args.run)
-    pos = 0
-    while True:
-        try:
-            with open(d / "massgen.log", "rb") as fh:
-                fh.seek(pos)
-                chunk = fh.read()
-                pos += len(chunk)
-                sys.stdout.write(chunk.decode("utf-8", "replace"))
-                sys.stdout.flush()
-        except FileNotFoundError:
-            pass
-        if not args.follow:
-            return 0
+    from agent_image.client import print_log
+
+    def finished() -> bool:
         st = _read_json(d / "status.json") or {}
-        if st.get("run", {}).get("state") == "finished" and (d / "result.json").exists():
-            return 0
-        time.sleep(0.5)
+        return st.get("run", {}).get("state") == "finished" and (d / "result.json").exists()
+
+    return print_log(d / "massgen.log", follow=args.follow, finished=finished)
 
 
 def cmd_image(argv: list[str]) -> int:

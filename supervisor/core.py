@@ -54,14 +54,16 @@ def size_thread_pool(loop: asyncio.AbstractEventLoop, workers: int = 128) -> Non
     loop.set_default_executor(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="massgen"))
 
 
+def runtime_base() -> Path:
+    """The per-user base for sockets: $XDG_RUNTIME_DIR/massgen, else /tmp/massgen-<uid> (short paths)."""
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    return Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
+
+
 def socket_root() -> Path:
     """Short base dir for per-run sockets (unix socket paths are limited to ~107 bytes)."""
     env = os.environ.get("MASSGEN_SOCKET_DIR")
-    if env:
-        return Path(env)
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
-    return base / "runs"
+    return Path(env) if env else runtime_base() / "runs"
 
 
 def ensure_private_dir(path: Path) -> Path:

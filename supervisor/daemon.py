@@ -27,12 +27,10 @@ EXIT_FORCED = 130
 
 
 def default_socket() -> Path:
+    from .core import runtime_base
+
     env = os.environ.get("MASSGEN_DAEMON_SOCKET")
-    if env:
-        return Path(env)
-    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    base = Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
-    return base / "supervisor.sock"
+    return Path(env) if env else runtime_base() / "supervisor.sock"
 
 
 def default_logs_root() -> Path:
