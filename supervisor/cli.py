@@ -292,8 +292,8 @@ def cmd_run(argv: list[str]) -> int:
             printer.progress(message)
 
     async def main() -> Any:
-        from .api import SocketServices
         from .core import Supervisor, size_thread_pool
+        from .services import SocketServices
 
         control = RunControl()
         loop = asyncio.get_running_loop()

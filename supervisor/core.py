@@ -287,6 +287,9 @@ class ChildHooks(RunHooks):
     ) -> tuple[list[Mount], dict[str, str]]:
         return await self.services.start_services(execution, config, deadline)
 
+    async def services_ready(self, execution: RunExecution) -> None:
+        await self.services.services_ready(execution)
+
     async def stop_services(self, execution: RunExecution) -> None:
         await self.services.stop_services(execution)
 

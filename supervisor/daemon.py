@@ -300,10 +300,11 @@ def _finish_lost(log_dir: Path, supervisor_id: str) -> bool:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    from .api import RunsApi, SocketServices, UnixServer, make_app
+    from .api import RunsApi, UnixServer, make_app
     from .core import Supervisor, size_thread_pool
     from .images import ensure_images
     from .runtime.docker import DockerRuntime
+    from .services import SocketServices
 
     size_thread_pool(asyncio.get_running_loop())
     sock = (args.socket or default_socket()).absolute()

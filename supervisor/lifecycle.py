@@ -111,6 +111,9 @@ class RunHooks:
         """Start per-run services (the run's socket); returns extra mounts and environment."""
         return [], {}
 
+    async def services_ready(self, execution: RunExecution) -> None:
+        """Wait until the services started by start_services answer (they may come up late)."""
+
     async def stop_services(self, execution: RunExecution) -> None: ...
 
     def admission(self) -> contextlib.AbstractAsyncContextManager[None]:
@@ -427,6 +430,11 @@ class RunExecution:
                         return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
                     except RuntimeError_ as exc:
                         return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+                    try:
+                        await self.hooks.services_ready(self)
+                    except Exception as exc:  # noqa: BLE001 - the sandbox exists: follow and remove it anyway
+                        log.exception("run_id=%s the run's socket did not come up", paths.run_id)
+                        mat.log(f"the run's socket did not come up ({exc}); nested runs and models fail", "error")
                     return await self._follow_and_remove(handle, deadline, grace)
             except InterruptedWhileQueued:
                 reason = self.control.interrupt_reason
@@ -472,6 +480,7 @@ class RunExecution:
                 # Re-bind the run's socket inside the directory its sandbox has mounted.
                 try:
                     await self.hooks.start_services(self, self.config, deadline)
+                    await self.hooks.services_ready(self)
                 except Exception as exc:  # noqa: BLE001 - following the run matters more; say what broke
                     log.exception("run_id=%s could not restart the run's socket", paths.run_id)
                     mat.log(f"the run's socket could not be restarted ({exc}); nested runs and models fail", "error")
