@@ -6,8 +6,6 @@ import asyncio
 import json
 import re
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +15,7 @@ import pytest
 from supervisor.lifecycle import RunExecution, RunRequest
 from supervisor.runtime.base import LABEL_RUN
 from supervisor.runtime.docker import DockerRuntime
-from tests.cli_helpers import cli_env, load, massgen_run, parse_lines, write_config
+from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
 
 pytestmark = pytest.mark.docker
 
@@ -128,22 +126,8 @@ def test_sigint_to_the_cli_interrupts_the_container_with_exit_4(
             backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--automation", "--image", agent_image, "--config", str(cfg), "q"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
-    deadline = time.monotonic() + 30
-    while b"turn_started" not in (
-        (log_dir / "events.jsonl").read_bytes() if (log_dir / "events.jsonl").exists() else b""
-    ):
-        assert time.monotonic() < deadline, "the run never started"
-        time.sleep(0.05)
+    proc, log_dir = start_cli(["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path)
+    wait_for_event(log_dir, "turn_started")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 4, out + err
@@ -299,16 +283,7 @@ def test_sandbox_of_a_killed_cli_is_reaped_by_the_next_run(
             backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--automation", "--image", agent_image, "--config", str(cfg), "q"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
+    proc, log_dir = start_cli(["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path)
     deadline = time.monotonic() + 30
     while runtime.list_owned({LABEL_RUN: log_dir.name}) == []:
         assert time.monotonic() < deadline, "the sandbox never started"

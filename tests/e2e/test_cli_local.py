@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from tests.cli_helpers import cli_env, load, massgen_run, parse_lines, write_config
+from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
 
 QUICK = ["--automation", "--sandbox", "none", "--config", "@examples/quickstart", "What is 2+2?"]
 
@@ -146,23 +144,8 @@ def test_signal_to_the_cli_interrupts_with_exit_4(tmp_path: Path, sig: signal.Si
               steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", str(cfg), "q"],
-        cwd=tmp_path,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    first = proc.stdout.readline()
-    assert first.startswith("LOG_DIR: ")
-    log_dir = Path(first.split(": ", 1)[1].strip())
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:  # wait until the agent's command is running
-        if (log_dir / "events.jsonl").exists() and b"turn_started" in (log_dir / "events.jsonl").read_bytes():
-            break
-        time.sleep(0.05)
+    proc, log_dir = start_cli(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
+    wait_for_event(log_dir, "turn_started")
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 4, out + err
@@ -201,22 +184,10 @@ def test_stop_verb_interrupts_a_running_embedded_run(tmp_path: Path) -> None:
             backend: {type: scripted, steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]}
         """,
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "supervisor.cli", "--automation", "--sandbox", "none", "--config", str(cfg), "q"],
-        cwd=tmp_path,
-        env=cli_env(MASSGEN_NO_DAEMON="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    proc, log_dir = start_cli(
+        ["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path, MASSGEN_NO_DAEMON="1"
     )
-    assert proc.stdout is not None
-    log_dir = Path(proc.stdout.readline().split(": ", 1)[1].strip())
-    deadline = time.monotonic() + 20
-    while b"turn_started" not in (
-        (log_dir / "events.jsonl").read_bytes() if (log_dir / "events.jsonl").exists() else b""
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_event(log_dir, "turn_started")
     stop = massgen_run(["stop", log_dir.name], tmp_path, MASSGEN_NO_DAEMON="1")
     assert stop.returncode == 0, stop.stderr
     out, err = proc.communicate(timeout=30)
