@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent_image.protocol.api import RunInfo
 from agent_image.protocol.config import RunConfig
@@ -37,6 +37,9 @@ from .lifecycle import (
 from .logdir import RunPaths
 from .runtime.base import Mount, Runtime
 from .snapshot import SnapshotError, snapshot_dir_async
+
+if TYPE_CHECKING:
+    from .gateway import ChainMeter
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +101,7 @@ class RunRecord:
     socket_dir: Path | None = None
     server: Any = None  # the per-run socket server (supervisor.api.RunSocketServer)
     seq: int = 0  # submission order within this supervisor
+    meter: ChainMeter | None = None  # its gateway's budget meter (Docker runs); children charge it too
 
     @property
     def run_id(self) -> str:

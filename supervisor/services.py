@@ -14,7 +14,7 @@ import os
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.events import ModelCall
@@ -27,6 +27,7 @@ from .runtime.base import Mount
 
 if TYPE_CHECKING:
     from .api import UnixServer
+    from .gateway import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,12 @@ class SocketServices(RunHooks):
         self.sup = sup
         self.record = record
         self.server: UnixServer | None = None
-        self.gateway: Any = None
+        self.gateway: Gateway | None = None
         self._serving: asyncio.Task[None] | None = None
         self.socket_dir: Path | None = None
 
-    def _gateway(self, execution: RunExecution, config: RunConfig) -> Any:
-        from .gateway import BudgetMeter, CallRecord, Gateway, seed_from_telemetry, upstreams_from_env
+    def _gateway(self, execution: RunExecution, config: RunConfig) -> Gateway:
+        from .gateway import BudgetMeter, CallRecord, ChainMeter, Gateway, seed_from_telemetry, upstreams_from_env
         from .pricing import Pricing
 
         mat = execution.mat
@@ -69,9 +70,8 @@ class SocketServices(RunHooks):
             mat.record_model_call(ev)
             # Nested runs spend their ancestors' budgets too (their telemetry stays their own).
             for anc in self.record.ancestors():
-                anc_meter = getattr(anc.server, "meter", None)
-                if anc_meter is not None:
-                    anc_meter.own.total.add(call)
+                if anc.meter is not None:
+                    anc.meter.own.total.add(call)
 
         def on_exceeded(message: str) -> None:
             mat.log(f"budget exceeded: {message}", "error")
@@ -83,7 +83,7 @@ class SocketServices(RunHooks):
             BudgetMeter(
                 budget.max_tokens, budget.max_cost_usd, budget.max_calls, on_record=on_record, on_exceeded=on_exceeded
             ),
-            [getattr(anc.server, "meter", None) for anc in self.record.ancestors()],
+            [anc.meter for anc in self.record.ancestors()],
         )
         # A re-adopted run keeps what it already spent.
         seed_from_telemetry(meter.own, self.record.paths.log_dir / "telemetry.jsonl")
@@ -98,8 +98,8 @@ class SocketServices(RunHooks):
                         up.provider, agent.backend.base_url.rstrip("/"), up.api_key
                     )
         log.info("run_id=%s gateway upstreams=%s", run_id, {k: v.base_url for k, v in upstreams.items()})
-        self.meter = meter
-        return Gateway(upstreams, meter=meter, pricing=Pricing.load(), allowed_models=allowed)
+        self.record.meter = meter
+        return Gateway(upstreams, meter=meter, pricing=Pricing.load(), allowed_models=allowed, run_id=run_id)
 
     async def start_services(
         self, execution: RunExecution, config: RunConfig, deadline: float
@@ -135,7 +135,6 @@ class SocketServices(RunHooks):
         if docker and os.getuid() == 0:
             # Only the sandbox's user (and root) may connect: the socket carries the run's identity.
             os.chown(path, SANDBOX_UID, SANDBOX_UID)
-        self.server.meter = getattr(self, "meter", None)  # type: ignore[attr-defined]
         self.record.server = self.server
 
     async def services_ready(self, execution: RunExecution) -> None:
@@ -186,24 +185,3 @@ async def _admitted(slots: asyncio.Semaphore, record: RunRecord) -> AsyncIterato
         yield
     finally:
         slots.release()
-
-
-class ChainMeter:
-    """A run's budget meter that also respects every ancestor's budget."""
-
-    def __init__(self, own: Any, ancestors: list[Any]) -> None:
-        self.own = own
-        self.ancestors = [a for a in ancestors if a is not None]
-
-    def record(self, call: Any) -> None:
-        self.own.record(call)
-
-    def budget_error(self) -> str | None:
-        for m in (self.own, *(a.own for a in self.ancestors)):
-            err = m.budget_error()
-            if err:
-                return err
-        return None
-
-    def on_budget_exceeded(self, message: str) -> None:
-        self.own.on_budget_exceeded(message)

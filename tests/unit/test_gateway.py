@@ -28,6 +28,7 @@ from agent_image.protocol.config import BackendConfig
 from supervisor.gateway import (
     BudgetMeter,
     CallRecord,
+    ChainMeter,
     Gateway,
     Upstream,
     missing_key_message,
@@ -891,6 +892,24 @@ def test_budget_meter_seed_adds_to_totals_without_on_record() -> None:
     assert meter.seed([]) == 0
 
 
+def test_chain_meter_refuses_once_any_ancestors_budget_is_spent() -> None:
+    """A nested run's meter records into its own totals but refuses once an ancestor's budget is spent."""
+    exceeded: list[str] = []
+    root = ChainMeter(BudgetMeter(max_calls=2))
+    parent = ChainMeter(BudgetMeter(max_tokens=10_000), [root])
+    child = ChainMeter(BudgetMeter(max_calls=5, on_exceeded=exceeded.append), [parent, root, None])
+    child.record(_record("agent_a", "gpt-4o", 10, 5, 0.0))
+    assert (child.own.total.calls, parent.own.total.calls, root.own.total.calls) == (1, 0, 0)
+    assert child.budget_error() is None
+    root.own.total.add(_record("agent_a", "gpt-4o", 10, 5, 0.0))
+    root.own.total.add(_record("agent_a", "gpt-4o", 10, 5, 0.0))
+    err = child.budget_error()
+    assert err == "budget_exceeded: calls=2 reached max_calls=2"
+    child.on_budget_exceeded(err)
+    child.on_budget_exceeded(err)
+    assert exceeded == [err] and root.own.exceeded is None
+
+
 def test_seed_from_telemetry_reads_model_calls_and_skips_bad_lines(tmp_path: Path) -> None:
     """telemetry.jsonl lines (ModelCall JSON) seed the meter; torn, foreign or invalid lines are skipped."""
     from agent_image.protocol.events import ModelCall
@@ -1043,10 +1062,10 @@ def test_usage_parsing_of_each_wire_format() -> None:
 
 
 def test_call_log_lines_never_carry_the_key(caplog: pytest.LogCaptureFixture) -> None:
-    """One key=value log line per call, naming agent, provider, model, tokens, latency and status."""
+    """One key=value log line per call, naming run, agent, provider, model, tokens, latency and status."""
 
     async def go() -> None:
-        async with serving(fake) as h:
+        async with serving(fake, run_id="run-7") as h:
             await h.openai("agent_a").chat.completions.create(model="gpt-4o", messages=USER)
             with contextlib.suppress(openai.APIStatusError):
                 await h.openai("agent_a").chat.completions.create(model="gpt-4o", messages=USER)
@@ -1054,9 +1073,10 @@ def test_call_log_lines_never_carry_the_key(caplog: pytest.LogCaptureFixture) ->
     fault = Fault(401, f"Incorrect API key provided: {OPENAI_KEY}")
     with FakeOpenAI(sequence("fine", fault), api_key=OPENAI_KEY) as fake, caplog.at_level(logging.DEBUG):
         run(go())
-    lines = [r.getMessage() for r in caplog.records if r.name == "supervisor.gateway"]
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("supervisor.gateway")]
     calls = [line for line in lines if line.startswith("model_call ")]
     assert len(calls) == 2
+    assert lines and all(" run_id=run-7 " in line for line in lines)
     for part in ("agent=agent_a", "provider=openai", "model=gpt-4o", "prompt_tokens=", "latency_s=", "status=200"):
         assert part in calls[0]
     assert "status=401" in calls[1]
