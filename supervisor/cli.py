@@ -194,11 +194,12 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
 
 def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: Path, detail: str) -> int:
     """Nothing can start (no engine, no image): still a log dir, a result.json and the usual lines."""
-    from agent_image.protocol.result import Reason, exit_code_for
+    from agent_image.protocol.result import Reason
 
     from .configs import resolve_config
     from .logdir import create_run_dirs
     from .materializer import Materializer
+    from .verdict import Verdict
 
     paths = create_run_dirs(logs_root, logs_root.parent / "workspaces")
     mat = Materializer(paths)
@@ -210,7 +211,7 @@ def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: 
             config = None
         printer.n_agents = len(config.agents) if config is not None else 0
         printer.prepared(paths, config, args.question)
-        result = mat.finalize(exit_code_for(Reason.ENGINE_UNAVAILABLE), Reason.ENGINE_UNAVAILABLE, detail)
+        result = mat.finalize(Verdict(Reason.ENGINE_UNAVAILABLE, detail))
     finally:
         mat.close()
     printer.finish(result)

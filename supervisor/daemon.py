@@ -271,10 +271,11 @@ def _log_dirs(root: Path, depth: int = 0) -> Iterator[Path]:
 
 
 def _finish_lost(log_dir: Path, supervisor_id: str) -> bool:
-    from agent_image.protocol.result import Reason, exit_code_for
+    from agent_image.protocol.result import Reason
 
     from .logdir import RunPaths
     from .materializer import Materializer
+    from .verdict import Verdict
 
     if (log_dir / "result.json").exists():
         return False
@@ -290,9 +291,7 @@ def _finish_lost(log_dir: Path, supervisor_id: str) -> bool:
     mat = Materializer(RunPaths(log_dir.name, log_dir, log_dir), resume=True)
     try:
         mat.finalize(
-            exit_code_for(Reason.SUPERVISOR_LOST),
-            Reason.SUPERVISOR_LOST,
-            "the supervisor restarted and the run's container no longer exists",
+            Verdict(Reason.SUPERVISOR_LOST, "the supervisor restarted and the run's container no longer exists")
         )
     finally:
         mat.close()

@@ -14,7 +14,7 @@ from typing import Any
 
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.loader import ConfigError, ConfigProblem, dump_config, parse_config_text
-from agent_image.protocol.result import Reason, RunResult, exit_code_for
+from agent_image.protocol.result import Reason, RunResult
 from agent_image.protocol.spec import RunSpec
 from agent_image.protocol.status import ContainerSection, RunState
 
@@ -36,6 +36,7 @@ from .runtime.base import (
     SandboxHandle,
     SandboxSpec,
 )
+from .verdict import ContainerExit, EngineClaim, Verdict, decide
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +129,8 @@ class RunControl:
     interrupt: asyncio.Event = field(default_factory=asyncio.Event)
     force: asyncio.Event = field(default_factory=asyncio.Event)
     interrupt_reason: str = "interrupted"
-    # When the supervisor stops a run for a reason of its own (budget), the verdict to record.
-    verdict: tuple[int, str, str] | None = None
+    # When the supervisor stops a run for a reason of its own (budget, limits), the verdict to record.
+    verdict: Verdict | None = None
     # Set by a supervisor shutting down gracefully: stop following, leave the sandbox running.
     detach: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -267,7 +268,7 @@ class RunExecution:
                 self.listener.prepared(paths, None, req.question)
                 for p in exc.problems:
                     mat.log(f"config error: {p}", "error")
-                return self._end(exit_code_for(exc.reason), exc.reason, str(exc))
+                return self._end(Verdict(Reason(exc.reason), str(exc)))
             self.config = config
             self.prepared.set()
             self.listener.prepared(paths, config, req.question)
@@ -277,31 +278,29 @@ class RunExecution:
                 contexts = self.contexts = await self.hooks.context_paths(config, source)
             except PolicyError as exc:
                 mat.log(f"refused: {exc}", "error")
-                return self._end(exit_code_for(exc.reason), exc.reason, exc.detail)
+                return self._end(Verdict(Reason(exc.reason), exc.detail))
             key_problems = _key_problems(config, source, req.sandbox)
             if key_problems:
-                return self._end(exit_code_for(Reason.KEY_MISSING), Reason.KEY_MISSING, str(ConfigError(key_problems)))
+                return self._end(Verdict(Reason.KEY_MISSING, str(ConfigError(key_problems))))
             return await self._execute(config, raw, contexts)
         except Detached:
             mat.log("supervisor detached; the sandbox keeps running and will be re-adopted", "warning")
             mat.write_status(force=True)
             raise
         except asyncio.CancelledError:
-            self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, "cancelled before the run finished")
+            self._end(Verdict(Reason.INTERRUPTED, "cancelled before the run finished"))
             raise
         except Exception as exc:
             # Every exit path ends in result.json, our own bugs included.
             log.exception("run_id=%s supervisor error", paths.run_id)
             mat.log(f"supervisor error: {type(exc).__name__}: {exc}", "error")
-            return self._end(
-                exit_code_for(Reason.SUPERVISOR_ERROR), Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]
-            )
+            return self._end(Verdict(Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
         finally:
             mat.close()
 
-    def _end(self, code: int, reason: str, detail: str, container_exit: int | None = None) -> RunResult:
+    def _end(self, verdict: Verdict, container_exit: int | None = None) -> RunResult:
         assert self.mat is not None
-        return self.mat.finalize(code, str(reason), detail, container_exit=container_exit)
+        return self.mat.finalize(verdict, container_exit=container_exit)
 
     def _sandbox_spec(
         self, config: RunConfig, raw: dict[str, Any], contexts: list[Path], deadline: float
@@ -427,9 +426,9 @@ class RunExecution:
                     try:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:
-                        return self._end(exit_code_for(Reason.IMAGE_MISSING), Reason.IMAGE_MISSING, str(exc))
+                        return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
                     except RuntimeError_ as exc:
-                        return self._end(exit_code_for(Reason.CONTAINER_CRASHED), Reason.CONTAINER_CRASHED, str(exc))
+                        return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
                     try:
                         await self.hooks.services_ready(self)
                     except Exception as exc:  # noqa: BLE001 - the sandbox exists: follow and remove it anyway
@@ -438,7 +437,7 @@ class RunExecution:
                     return await self._follow_and_remove(handle, deadline, grace)
             except InterruptedWhileQueued:
                 reason = self.control.interrupt_reason
-                return self._end(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"{reason} while queued")
+                return self._end(Verdict(Reason.INTERRUPTED, f"{reason} while queued"))
         finally:
             await asyncio.shield(self.hooks.stop_services(self))
 
@@ -489,9 +488,7 @@ class RunExecution:
             raise
         except Exception as exc:
             log.exception("run_id=%s supervisor error while following an adopted run", paths.run_id)
-            return self._end(
-                exit_code_for(Reason.SUPERVISOR_ERROR), Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]
-            )
+            return self._end(Verdict(Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
         finally:
             await asyncio.shield(self.hooks.stop_services(self))
             mat.close()
@@ -584,15 +581,15 @@ class RunExecution:
             )
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
-        code, reason, detail = self._verdict(info, facts, stopped_for)
-        return self._end(code, reason, detail, container_exit=info.exit_code)
+        verdict = self._verdict(info, facts, stopped_for)
+        return self._end(verdict, container_exit=info.exit_code)
 
     def _check_outbox(self, tailer: OutboxTailer) -> None:
         """A sandbox flooding its outbox is stopped before it exhausts the supervisor's disk."""
         ctl = self.control
         if tailer.offset > MAX_OUTBOX_BYTES and not ctl.interrupt.is_set():
             detail = f"the sandbox wrote more than {MAX_OUTBOX_BYTES >> 20} MiB of events"
-            ctl.verdict = (exit_code_for(Reason.LIMIT_EXCEEDED), Reason.LIMIT_EXCEEDED.value, detail)
+            ctl.verdict = Verdict(Reason.LIMIT_EXCEEDED, detail)
             ctl.interrupt_reason = Reason.LIMIT_EXCEEDED.value
             ctl.interrupt.set()
 
@@ -603,49 +600,21 @@ class RunExecution:
             if info is not None:
                 return info
 
-    def _engine_verdict(self, fin: Any) -> tuple[int, str, str]:
-        """The engine's own verdict, checked: the sandbox shares the engine's uid and could forge it."""
+    def _verdict(self, info: Any, facts: Any, stopped_for: str | None) -> Verdict:
+        """What the supervisor knows, handed to the one place that decides (supervisor/verdict.py)."""
         mat = self.mat
         assert mat is not None
-        try:
-            reason = Reason(fin.reason)
-        except ValueError:
-            return (
-                exit_code_for(Reason.AGENT_FAILED),
-                Reason.AGENT_FAILED,
-                f"unknown reason from the sandbox: {fin.reason[:80]!r}",
-            )
-        code = exit_code_for(reason)
-        if code == 0 and (mat.final_file is None or not mat.final_file.exists()):
-            return exit_code_for(Reason.NO_ANSWER), Reason.NO_ANSWER, "the run reported success without a final answer"
-        return code, reason.value, fin.detail[:2000]
-
-    def _verdict(self, info: Any, facts: Any, stopped_for: str | None) -> tuple[int, str, str]:
-        mat = self.mat
-        assert mat is not None
-        fin = mat.finished_event
+        own: Verdict | None = None
         if stopped_for == "timeout":
-            if fin is not None and fin.reason == Reason.TIMEOUT:
-                return fin.exit_code, fin.reason, fin.detail
-            return exit_code_for(Reason.TIMEOUT), Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor"
-        if stopped_for is not None and self.control.verdict is not None:
-            return self.control.verdict
-        if stopped_for is not None:
-            return exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"stopped: {stopped_for}"
-        if info.oom_killed or facts.oom_killed:
-            # Any OOM kill in the sandbox (the engine or an agent's command) makes the run's
-            # results suspect, even when the engine itself went on to finish.
-            return (
-                exit_code_for(Reason.OOM),
-                Reason.OOM,
-                f"a process in the sandbox was killed for exceeding the memory limit (exit {info.exit_code})",
-            )
-        if fin is not None:
-            return self._engine_verdict(fin)
-        return (
-            exit_code_for(Reason.CONTAINER_CRASHED),
-            Reason.CONTAINER_CRASHED,
-            f"sandbox exited with code {info.exit_code} before the run finished",
+            own = Verdict(Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor")
+        elif stopped_for is not None:
+            own = self.control.verdict or Verdict(Reason.INTERRUPTED, f"stopped: {stopped_for}")
+        fin = mat.finished_event
+        return decide(
+            own=own,
+            claim=EngineClaim(fin.reason, fin.detail) if fin is not None else None,
+            container=ContainerExit(info.exit_code, bool(info.oom_killed or facts.oom_killed)),
+            final_answer=mat.final_file is not None and mat.final_file.exists(),
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from agent_image.protocol.result import RunResult
 from agent_image.protocol.status import ContainerSection, RunState, Status
 
 from .logdir import LABEL_RE, SAFE_NAME_RE, RunPaths, atomic_write, atomic_write_json
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,12 @@ MAX_STATUS_INTERVAL_S = 2.0
 READ_CHUNK = 1 << 20
 MAX_AGENTS = 16
 MAX_DRAIN_BYTES = 4 << 20
+SEEN_SEQS = 4096
+MAX_COLLISION_LOGS = 10
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw.strip(), digest_size=16).digest()
 
 
 class OutboxTailer:
@@ -181,6 +189,8 @@ class Materializer:
         self._tailer: OutboxTailer | None = None
         self._started = False
         self._gap_allowance = 0
+        self._seen: dict[int, bytes] = {}  # digests of the last SEEN_SEQS accepted lines, by seq
+        self.collisions = 0
         self.result: RunResult | None = None
         # With --sandbox none the engine calls models itself and reports them; behind the
         # gateway only the host's own metering counts.
@@ -205,9 +215,10 @@ class Materializer:
                 self.event_count += 1
                 if isinstance(ev, RunStarted):
                     self._started = True
+                self._remember(ev.seq, raw)
                 if not isinstance(ev, LogLine):
                     self._side_effects(ev)
-                self.reducer.apply(ev)
+                self._fold(ev)
         try:
             with os.fdopen(os.open(self.paths.log_dir / "telemetry.jsonl", os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
                 for raw in fh:
@@ -268,7 +279,19 @@ class Materializer:
             self.log(f"ignored malformed event line: {where}: {first['msg']}", "warning")
             return None
         if ev.seq <= self._last_seq:
-            return None  # already seen (replay after restart)
+            # Already seen: a replay after a restart repeats the same line. A different line
+            # with a used seq was not written by the engine (or the engine's own line lost the
+            # race to a forged one): say so.
+            seen = self._seen.get(ev.seq)
+            if seen is not None and seen != _digest(raw):
+                self.collisions += 1
+                if self.collisions <= MAX_COLLISION_LOGS:
+                    self.log(
+                        f"sequence collision: a second, different line with seq {ev.seq} (type {ev.type}) ignored;"
+                        " a process in the sandbox may be forging events",
+                        "warning",
+                    )
+            return None
         gap = ev.seq - (self._last_seq + 1)
         if 0 < gap <= self._gap_allowance:
             self._gap_allowance -= gap  # lines the tailer dropped as oversized
@@ -286,12 +309,23 @@ class Materializer:
         self._events.write(raw.rstrip(b"\n") + b"\n")
         self._events.flush()
         self.event_count += 1
+        self._remember(ev.seq, raw)
         self._side_effects(ev)
-        self.reducer.apply(ev)
+        self._fold(ev)
         self._dirty = True
         for fn in self.listeners:
             fn(ev)
         return ev
+
+    def _remember(self, seq: int, raw: bytes) -> None:
+        self._seen[seq] = _digest(raw)
+        while len(self._seen) > SEEN_SEQS:
+            self._seen.pop(next(iter(self._seen)))
+
+    def _fold(self, ev: Event) -> None:
+        """Apply an accepted event to status; the sandbox's run_finished is only a claim (see finalize)."""
+        if not isinstance(ev, RunFinished):
+            self.reducer.apply(ev)
 
     def _unacceptable(self, ev: Event) -> str | None:
         """Why an event cannot be part of this run (it is then dropped), or None."""
@@ -399,18 +433,20 @@ class Materializer:
         self._dirty = False
         return True
 
-    def finalize(self, exit_code: int, reason: str, detail: str, *, container_exit: int | None = None) -> RunResult:
-        """Record the run's end in status.json and result.json; later calls return the first verdict."""
+    def finalize(self, verdict: Verdict, *, container_exit: int | None = None) -> RunResult:
+        """Record the run's end in status.json and result.json; later calls return the first verdict.
+
+        Only here does `run.state` become finished: the sandbox's own `run_finished` is a claim
+        (kept in `finished_event` for supervisor/verdict.py), never applied to status.
+        """
         if self.result is not None:
             return self.result
         now = self.clock()
-        ev = self.finished_event
-        if ev is None or (ev.exit_code, ev.reason) != (exit_code, reason):
-            # The supervisor's verdict (deadline, interrupt, crash) overrides or completes the
-            # engine's; it goes to status, never into events.jsonl (that holds only what the sandbox wrote).
-            self.reducer.apply(
-                RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail)
-            )
+        exit_code, reason, detail = verdict.exit_code, verdict.reason.value, verdict.detail
+        # The verdict goes to status, never into events.jsonl (that holds only what the sandbox wrote).
+        self.reducer.apply(
+            RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail)
+        )
         st = self.status
         if st.meta.start_time is not None:
             st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
@@ -431,6 +467,11 @@ class Materializer:
             container_exit_code=container_exit,
             container_id=st.container.id if st.container else None,
         )
+        if self.collisions > MAX_COLLISION_LOGS:
+            self.log(
+                f"{self.collisions} sequence collisions in total (only the first {MAX_COLLISION_LOGS} logged)",
+                "warning",
+            )
         self.log(f"run finished: exit_code={exit_code} reason={reason} {detail}".rstrip())
         self.write_status(force=True)
         atomic_write_json(self.paths.result, json.loads(result.model_dump_json()))

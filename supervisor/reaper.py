@@ -13,11 +13,12 @@ import os
 from pathlib import Path
 from typing import Any
 
-from agent_image.protocol.result import Reason, exit_code_for
+from agent_image.protocol.result import Reason
 
 from .logdir import RUN_ID_RE, RunPaths
 from .materializer import Materializer
 from .runtime.base import LABEL_LOG_DIR, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
+from .verdict import Verdict
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +64,10 @@ def reap_orphans(runtime: Any) -> int:
                 mat = Materializer(RunPaths(run_id, log_dir, Path(labels.get(LABEL_WORKSPACE) or log_dir)), resume=True)
                 try:
                     mat.finalize(
-                        exit_code_for(Reason.SUPERVISOR_LOST),
-                        Reason.SUPERVISOR_LOST,
-                        f"the massgen-run process (pid {pid}) that supervised this run is gone",
+                        Verdict(
+                            Reason.SUPERVISOR_LOST,
+                            f"the massgen-run process (pid {pid}) that supervised this run is gone",
+                        )
                     )
                 finally:
                     mat.close()

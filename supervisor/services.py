@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.events import ModelCall
-from agent_image.protocol.result import Reason, exit_code_for
+from agent_image.protocol.result import Reason
 from agent_image.protocol.status import RunState
 
 from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, ensure_private_dir, short_socket_dir
 from .lifecycle import SANDBOX_UID, InterruptedWhileQueued, RunExecution, RunHooks
 from .runtime.base import Mount
+from .verdict import Verdict
 
 if TYPE_CHECKING:
     from .api import UnixServer
@@ -75,7 +76,7 @@ class SocketServices(RunHooks):
 
         def on_exceeded(message: str) -> None:
             mat.log(f"budget exceeded: {message}", "error")
-            self.record.control.verdict = (exit_code_for(Reason.BUDGET_EXCEEDED), Reason.BUDGET_EXCEEDED.value, message)
+            self.record.control.verdict = Verdict(Reason.BUDGET_EXCEEDED, message)
             self.record.control.interrupt_reason = Reason.BUDGET_EXCEEDED.value
             self.record.control.interrupt.set()
 

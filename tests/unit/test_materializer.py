@@ -16,9 +16,11 @@ from hypothesis import strategies as st
 import supervisor.materializer as materializer_mod
 from agent_image.protocol.events import MAX_EVENT_BYTES, parse_event
 from agent_image.protocol.reducer import reduce_events
+from agent_image.protocol.result import Reason
 from agent_image.protocol.status import RunState, Status
 from supervisor.logdir import RunPaths, create_run_dirs
 from supervisor.materializer import Materializer, OutboxTailer
+from supervisor.verdict import Verdict
 
 T0 = 1_750_000_000.0
 
@@ -348,7 +350,7 @@ def test_finalize_writes_result_and_finished_status(mat: Materializer, paths: Ru
     ]:
         mat.feed(raw)
     clock.advance(12.0)
-    result = mat.finalize(0, "completed", "")
+    result = mat.finalize(Verdict(Reason.COMPLETED))
     doc = strict_json(paths.result)
     assert (doc["exit_code"], doc["reason"], doc["winner"]) == (0, "completed", "alpha")
     assert doc["answer_file"] == str(paths.final_file("alpha"))
@@ -370,7 +372,7 @@ def test_finalize_supervisor_verdict_overrides_engine(mat: Materializer, paths: 
     ]:
         mat.feed(raw)
     events_before = paths.events.read_bytes()
-    mat.finalize(3, "timeout", "deadline passed", container_exit=137)
+    mat.finalize(Verdict(Reason.TIMEOUT, "deadline passed"), container_exit=137)
     doc = strict_json(paths.result)
     assert (doc["exit_code"], doc["reason"], doc["detail"]) == (3, "timeout", "deadline passed")
     assert (doc["winner"], doc["answer_file"], doc["container_exit_code"]) == (None, None, 137)
@@ -578,3 +580,32 @@ def test_tailer_keeps_reading_the_file_it_opened(outbox: Path, tmp_path: Path) -
         fh.write(b"two\n")
     assert tailer.read_lines() == [b"two"]
     tailer.close()
+
+
+def test_a_sandbox_run_finished_is_a_claim_not_the_status(mat: Materializer, paths: RunPaths) -> None:
+    """A (forged) mid-run run_finished leaves the run running; later events still fold; finalize decides."""
+    mat.feed(started())
+    mat.feed(line(type="run_finished", seq=1, exit_code=0, reason="completed"))
+    assert mat.finished_event is not None and mat.finished_event.reason == "completed"
+    assert mat.status.run.state != RunState.FINISHED and mat.status.run.exit_code is None
+    assert mat.feed(line(type="answer", seq=2, agent="alpha", label="agent1.1", content="4")) is not None
+    assert mat.status.agents["alpha"].answer_count == 1
+    mat.write_status(force=True)
+    assert strict_json(paths.status)["run"]["state"] != "finished"
+    mat.finalize(Verdict(Reason.TIMEOUT, "deadline passed"))
+    status = strict_json(paths.status)
+    assert (status["run"]["state"], status["run"]["exit_code"], status["run"]["reason"]) == ("finished", 3, "timeout")
+
+
+def test_a_different_line_with_a_used_seq_is_logged_once_per_collision(mat: Materializer, paths: RunPaths) -> None:
+    """Replays (the same line again) are silent; a different line with a used seq is a logged collision."""
+    first = line(type="answer", seq=1, agent="alpha", label="agent1.1", content="real")
+    mat.feed(started())
+    mat.feed(first)
+    assert mat.feed(first) is None
+    assert mat.collisions == 0
+    assert mat.feed(line(type="answer", seq=1, agent="alpha", label="agent1.1", content="forged")) is None
+    assert mat.collisions == 1
+    assert paths.answer_file("alpha", "agent1.1").read_text() == "real"
+    log_text = paths.log.read_text()
+    assert log_text.count("sequence collision") == 1 and "seq 1" in log_text
