@@ -9,6 +9,8 @@ need=()
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v tmux >/dev/null || need+=(tmux)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+# The dashboard's browser tests drive Debian's chromium headless (Playwright, executable_path).
+command -v chromium >/dev/null || need+=(chromium)
 if ! docker info >/dev/null 2>&1; then
   command -v dockerd >/dev/null || need+=(docker.io)
   command -v runsc >/dev/null || need+=(runsc)

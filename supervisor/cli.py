@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-VERBS = ("image", "ps", "status", "logs", "stop", "watch")
+VERBS = ("image", "ps", "status", "logs", "stop", "watch", "dashboard", "report")
 EPILOG = """\
 examples:
   massgen-run --automation --config @examples/quickstart "What is 2+2?"
   massgen-run --config my_run.yaml "Summarise the design"      (live, human-readable)
   massgen-run image build                                       (build the sandbox images)
   massgen-run ps [--tree] | status RUN [--json] | logs RUN [-f] | watch
+  massgen-run dashboard [--port N] | report RUN [-o FILE]       (web dashboard; one-file HTML report)
 
 exit codes: 0 ok, 1 config error, 2 execution error, 3 timeout, 4 interrupted
 """
@@ -515,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         from .watch import main as watch_main
 
         return watch_main(argv[1:])
+    if argv and argv[0] in ("dashboard", "report"):
+        from .dashboard import _cli
+
+        if argv[0] == "dashboard":
+            return _cli.cmd_dashboard(argv[1:], _Parser, _default_logs_root())
+        return _cli.cmd_report(argv[1:], _Parser, _find_run, _default_logs_root())
     if argv and argv[0] in VERBS:
         return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](
             argv[1:]

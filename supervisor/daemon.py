@@ -43,6 +43,12 @@ def supervisor_id_for(socket_path: Path) -> str:
     return "daemon-" + hashlib.sha256(str(socket_path.absolute()).encode()).hexdigest()[:10]
 
 
+def _hostport(value: str) -> tuple[str, int]:
+    from .dashboard._cli import parse_hostport
+
+    return parse_hostport(value)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="massgen-supervisor",
@@ -64,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="containers running at once; later runs queue FIFO (default 4)",
     )
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on 127.0.0.1:PORT")
+    p.add_argument(
+        "--web",
+        type=_hostport,
+        default=None,
+        metavar="[HOST:]PORT",
+        help="serve the web dashboard on HOST:PORT (default host 127.0.0.1); prints DASHBOARD: <url with token>",
+    )
     p.add_argument("--image", default=None, help="agent image (default: built when missing)")
     p.add_argument("--log-level", default=os.environ.get("MASSGEN_LOG_LEVEL", "INFO"))
     return p
@@ -360,6 +373,17 @@ async def serve(args: argparse.Namespace) -> int:
         from .metrics import serve_metrics
 
         metrics = await serve_metrics(sup, args.metrics_port)
+    dashboard = None
+    if args.web is not None:
+        from .dashboard import Dashboard, SupervisorControl
+        from .dashboard._cli import warn_if_exposed
+
+        host, port = args.web
+        warn_if_exposed(host)
+        dashboard = Dashboard(
+            lambda: {logs_root, *sup.logs_roots}, control=SupervisorControl(sup), host=host, port=port
+        )
+        print(f"DASHBOARD: {await dashboard.start()}", flush=True)
     log.info(
         "massgen-supervisor %s listening on %s (logs %s, max %d containers)",
         sup.supervisor_id,
@@ -386,7 +410,7 @@ async def serve(args: argparse.Namespace) -> int:
     # Let go of the runs while the server closes: aiohttp waits for in-flight handlers, and a
     # client long-polling a result (up to 60 s) would otherwise hold the shutdown open while the
     # daemon keeps supervising. Detached runs answer those polls at once.
-    await asyncio.gather(server.close(), sup.detach_all())
+    await asyncio.gather(server.close(), sup.detach_all(), dashboard.close() if dashboard else asyncio.sleep(0))
     if metrics is not None:
         await metrics.cleanup()
     with contextlib.suppress(FileNotFoundError):

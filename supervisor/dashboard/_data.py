@@ -1,0 +1,533 @@
+"""What the dashboard shows, read from log directories only (status.json, events.jsonl, ...).
+
+Everything read here was written by the supervisor, but much of it repeats what a sandbox
+claimed (answers, tool summaries, log lines): it is data to escape, never markup. Files are
+opened with O_NOFOLLOW and read with a size cap, so a planted symlink or a huge file cannot
+make the dashboard read elsewhere or stall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent_image.protocol.events import (
+    AgentError,
+    AgentFailed,
+    AnswerSubmitted,
+    FinalAnswer,
+    ModelCall,
+    RunFinished,
+    RunStarted,
+    ToolCalled,
+    VoteCast,
+    WinnerSelected,
+    parse_event,
+)
+
+STATUS = "status.json"
+MAX_STATUS_BYTES = 4 << 20
+MAX_EVENTS_BYTES = 64 << 20
+MAX_RESULT_BYTES = 1 << 20
+LOG_TAIL_BYTES = 64 << 10
+MAX_DEPTH = 32
+# Environment variables whose values must never be shown, even if a log line repeats one.
+_SECRET_NAME_RE = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+MIN_SECRET_CHARS = 8
+
+
+def read_capped(path: Path, limit: int, offset: int = 0) -> bytes | None:
+    """At most `limit` bytes of a regular file from `offset`, never following a symlink; None if unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.pread(fd, limit, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_STATUS_BYTES) -> dict[str, Any] | None:
+    raw = read_capped(path, limit)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def file_size(path: Path) -> int:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+class Redactor:
+    """Replaces the values of the host's secret-looking environment variables in displayed text."""
+
+    def __init__(self, environ: dict[str, str] | None = None) -> None:
+        env = os.environ if environ is None else environ
+        values = {v for k, v in env.items() if _SECRET_NAME_RE.search(k) and len(v) >= MIN_SECRET_CHARS}
+        self._re = re.compile("|".join(re.escape(v) for v in sorted(values, key=len, reverse=True))) if values else None
+
+    def __call__(self, text: str) -> str:
+        return self._re.sub("[redacted]", text) if self._re is not None else text
+
+
+def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    value = doc.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+@dataclass
+class RunRow:
+    """One run as the runs page lists it (from its status.json alone)."""
+
+    run_id: str
+    log_dir: Path
+    state: str = "unknown"
+    phase: str | None = None
+    percent: int | None = None
+    exit_code: int | None = None
+    reason: str | None = None
+    start_time: float | None = None
+    elapsed_s: float | None = None
+    depth: int = 0
+    parent_run_id: str | None = None
+    agents: tuple[str, ...] = ()
+    winner: str | None = None
+    tokens: int = 0
+    cost_usd: float = 0.0
+    cpu_percent: float | None = None
+    memory_bytes: int | None = None
+    question: str = ""
+    sandbox: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"
+
+    @property
+    def live(self) -> bool:
+        return self.state in ("queued", "starting", "running")
+
+
+def row_from_status(log_dir: Path, st: dict[str, Any] | None) -> RunRow:
+    row = RunRow(run_id=log_dir.name, log_dir=log_dir)
+    if st is None:
+        return row
+    run, co, meta = _section(st, "run"), _section(st, "coordination"), _section(st, "meta")
+    res, container, tel = _section(st, "results"), _section(st, "container"), _section(st, "telemetry")
+    totals = _section(tel, "totals")
+    row.state = _str(run.get("state")) or "unknown"
+    row.phase = _str(co.get("phase"))
+    row.percent = _int(co.get("completion_percentage"))
+    row.exit_code = _int(run.get("exit_code"))
+    row.reason = _str(run.get("reason"))
+    row.start_time = _num(meta.get("start_time")) or _num(run.get("started_at"))
+    row.elapsed_s = _num(meta.get("elapsed_seconds"))
+    row.depth = _int(run.get("depth")) or 0
+    row.parent_run_id = _str(run.get("parent_run_id"))
+    agents = st.get("agents")
+    row.agents = tuple(str(a) for a in agents) if isinstance(agents, dict) else ()
+    row.winner = _str(res.get("winner"))
+    row.tokens = _int(totals.get("total_tokens")) or 0
+    row.cost_usd = _num(totals.get("cost_usd")) or 0.0
+    row.cpu_percent = _num(container.get("cpu_percent"))
+    row.memory_bytes = _int(container.get("memory_bytes"))
+    row.question = (_str(meta.get("question")) or "")[:300]
+    row.sandbox = _str(run.get("sandbox"))
+    return row
+
+
+def read_row(log_dir: Path) -> RunRow:
+    return row_from_status(log_dir, read_json(log_dir / STATUS))
+
+
+def iter_run_dirs(directory: Path) -> Iterator[Path]:
+    """Run dirs directly under `directory` (a logs root or a `children/` dir), never through a symlink."""
+    from ..logdir import RUN_ID_RE
+
+    try:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if RUN_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return
+    for name in names:
+        yield directory / name
+
+
+class RunIndex:
+    """Every run under some logs roots, by log dir; refreshed one status.json at a time."""
+
+    def __init__(self, roots: Iterable[Path] = ()) -> None:
+        self.roots: list[Path] = []
+        self.rows: dict[Path, RunRow] = {}
+        self.by_id: dict[str, Path] = {}
+        for r in roots:
+            self.add_root(r)
+
+    def add_root(self, root: Path) -> bool:
+        root = root.absolute()
+        if root in self.roots:
+            return False
+        self.roots.append(root)
+        return True
+
+    def put(self, row: RunRow) -> None:
+        self.rows[row.log_dir] = row
+        self.by_id[row.run_id] = row.log_dir
+
+    def discover(self, directory: Path, depth: int = 0) -> list[RunRow]:
+        """New (and, for unfinished runs, nested) run dirs under `directory`; returns the rows added."""
+        added: list[RunRow] = []
+        if depth > MAX_DEPTH:
+            return added
+        for d in iter_run_dirs(directory):
+            row = self.rows.get(d)
+            if row is None:
+                if not (d / STATUS).exists():
+                    continue  # created a moment ago; its first status.json will announce it
+                row = read_row(d)
+                self.put(row)
+                added.append(row)
+            elif row.finished and not added:
+                # A finished run grows no new children, but one found finished may have some.
+                continue
+            added.extend(self.discover(d / "children", depth + 1))
+        return added
+
+    def scan(self) -> list[RunRow]:
+        added: list[RunRow] = []
+        for root in self.roots:
+            added.extend(self.discover(root))
+        return added
+
+    def refresh(self, log_dir: Path) -> RunRow | None:
+        """Re-read one run; returns its row if it changed (or is new), else None."""
+        if not self.inside(log_dir):
+            return None
+        st = read_json(log_dir / STATUS)
+        if st is None:
+            return None
+        row = row_from_status(log_dir, st)
+        if self.rows.get(log_dir) == row:
+            return None
+        self.put(row)
+        return row
+
+    def refresh_unfinished(self) -> list[RunRow]:
+        changed = []
+        for log_dir, row in list(self.rows.items()):
+            if not row.finished:
+                new = self.refresh(log_dir)
+                if new is not None:
+                    changed.append(new)
+        return changed
+
+    def inside(self, log_dir: Path) -> bool:
+        from ..logdir import RUN_ID_RE
+
+        if not RUN_ID_RE.match(log_dir.name):
+            return False
+        for root in self.roots:
+            with contextlib.suppress(ValueError):
+                rel = log_dir.relative_to(root).parts
+                # <root>/<run>, <root>/<run>/children/<run>, ...: the layout we create, nothing else.
+                return len(rel) % 2 == 1 and all(p == "children" for p in rel[1::2])
+        return False
+
+    def get(self, run_id: str) -> RunRow | None:
+        d = self.by_id.get(run_id)
+        return self.rows.get(d) if d is not None else None
+
+    def ordered(self) -> list[RunRow]:
+        """Tree order: newest top-level run first, each run's children (oldest first) under it."""
+        kids: dict[Path, list[RunRow]] = {}
+        roots: list[RunRow] = []
+        for row in sorted(self.rows.values(), key=lambda r: r.run_id):
+            parent = row.log_dir.parent.parent if row.log_dir.parent.name == "children" else None
+            if parent is not None and parent in self.rows:
+                kids.setdefault(parent, []).append(row)
+            else:
+                roots.append(row)
+        out: list[RunRow] = []
+
+        def walk(row: RunRow, level: int) -> None:
+            out.append(row)
+            if level < MAX_DEPTH:
+                for k in kids.get(row.log_dir, []):
+                    walk(k, level + 1)
+
+        for r in reversed(roots):
+            walk(r, 0)
+        return out
+
+    def root_of(self, row: RunRow) -> RunRow:
+        cur = row
+        for _ in range(MAX_DEPTH):
+            if cur.log_dir.parent.name != "children":
+                break
+            parent = self.rows.get(cur.log_dir.parent.parent)
+            if parent is None:
+                break
+            cur = parent
+        return cur
+
+
+# -- one run in full ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mark:
+    """One thing an agent did at a time: a point on the timeline."""
+
+    t: float  # seconds since the run started
+    agent: str
+    kind: str  # answer, vote, restart, tool, model, error, failed, winner, final
+    title: str
+    seq: int | None = None
+
+
+@dataclass(frozen=True)
+class UsagePoint:
+    t: float
+    tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True)
+class Answer:
+    agent: str
+    label: str
+    t: float
+    content: str
+
+
+@dataclass
+class RunDetail:
+    """Everything the run page shows, from one pass over the log dir."""
+
+    row: RunRow
+    status: dict[str, Any]
+    result: dict[str, Any] | None
+    agents: dict[str, dict[str, Any]]
+    marks: list[Mark]
+    answers: list[Answer]
+    final: Answer | None
+    usage_total: list[UsagePoint]
+    usage_by_agent: dict[str, list[UsagePoint]]
+    usage_by_model: dict[str, list[UsagePoint]]
+    duration_s: float
+    children: list[RunRow]
+    container: dict[str, Any]
+    log_tail: str
+    log_offset: int
+    events_truncated: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _events(path: Path) -> tuple[list[Any], bool]:
+    raw = read_capped(path, MAX_EVENTS_BYTES)
+    if raw is None:
+        return [], False
+    out = []
+    for line in raw.split(b"\n"):
+        if not line.strip():
+            continue
+        with contextlib.suppress(ValidationError, ValueError):
+            out.append(parse_event(line))
+    return out, len(raw) >= MAX_EVENTS_BYTES
+
+
+def _model_calls(path: Path) -> list[ModelCall]:
+    raw = read_capped(path, MAX_EVENTS_BYTES)
+    if raw is None:
+        return []
+    out = []
+    for line in raw.split(b"\n"):
+        if line.strip():
+            with contextlib.suppress(ValidationError, ValueError):
+                out.append(ModelCall.model_validate_json(line))
+    return out
+
+
+def _cumulative(calls: list[ModelCall], t0: float) -> list[UsagePoint]:
+    # The same sums, in the same (file) order and rounding, as the reducer's telemetry totals
+    # (agent_image.protocol.reducer._add_usage): the chart's last point is status.json's figure.
+    # Concurrent calls may be recorded out of ts order; a point is drawn no earlier than the last.
+    pts = [UsagePoint(0.0, 0, 0.0)]
+    tokens, cost, t = 0, 0.0, 0.0
+    for ev in calls:
+        tokens += ev.prompt_tokens + ev.completion_tokens
+        cost = round(cost + ev.cost_usd, 10)
+        t = max(t, ev.ts - t0)
+        pts.append(UsagePoint(t, tokens, cost))
+    return pts
+
+
+def log_tail(log_dir: Path, redact: Redactor, limit: int = LOG_TAIL_BYTES) -> tuple[str, int]:
+    """The last `limit` bytes of massgen.log (from a line start) and the file offset they end at."""
+    path = log_dir / "massgen.log"
+    size = file_size(path)
+    start = max(0, size - limit)
+    raw = read_capped(path, size - start, start) or b""
+    end = start + len(raw)
+    if start:
+        raw = raw[raw.find(b"\n") + 1 :] if b"\n" in raw else b""
+    return redact(raw.decode("utf-8", "replace")), end
+
+
+def log_since(log_dir: Path, offset: int, redact: Redactor, limit: int = LOG_TAIL_BYTES) -> tuple[str, int, bool]:
+    """New complete lines of massgen.log after `offset` (at most `limit` bytes), the new offset, and
+    whether the file was replaced or truncated (then the text starts again from its beginning)."""
+    path = log_dir / "massgen.log"
+    size = file_size(path)
+    reset = size < offset
+    if reset:
+        offset = 0
+    if size == offset:
+        return "", offset, reset
+    if size - offset > limit:
+        offset = size - limit
+    raw = read_capped(path, size - offset, offset) or b""
+    end = raw.rfind(b"\n")
+    if end < 0:
+        return "", offset, reset
+    return redact(raw[: end + 1].decode("utf-8", "replace")), offset + end + 1, reset
+
+
+def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor) -> RunDetail:
+    """Read one run's files (status, events, telemetry, result, children, log tail) into a `RunDetail`."""
+    d = row.log_dir
+    status = read_json(d / STATUS) or {}
+    row = row_from_status(d, status) if status else row
+    result = read_json(d / "result.json", MAX_RESULT_BYTES)
+    events, truncated = _events(d / "events.jsonl")
+    t0 = row.start_time
+    if t0 is None:
+        t0 = next((e.ts for e in events), 0.0)
+    marks: list[Mark] = []
+    answers: list[Answer] = []
+    final: Answer | None = None
+    calls: list[ModelCall] = []
+    standing: set[str] = set()
+    agents_order: list[str] = []
+    end_ts = t0
+
+    def rel(ts: float) -> float:
+        return max(0.0, ts - t0)
+
+    for ev in events:
+        end_ts = max(end_ts, ev.ts)
+        if isinstance(ev, RunStarted):
+            agents_order = [a.id for a in ev.agents]
+        elif isinstance(ev, AnswerSubmitted):
+            answers.append(Answer(ev.agent, ev.label, rel(ev.ts), redact(ev.content)))
+            marks.append(Mark(rel(ev.ts), ev.agent, "answer", f"{ev.label}: {redact(ev.content[:200])}", ev.seq))
+            # A new answer clears every standing vote: those agents start over (MassGen's restart).
+            for other in sorted(standing - {ev.agent}):
+                marks.append(Mark(rel(ev.ts), other, "restart", f"vote cleared by {ev.label}; looks again", ev.seq))
+            standing.clear()
+        elif isinstance(ev, VoteCast):
+            standing.add(ev.agent)
+            marks.append(Mark(rel(ev.ts), ev.agent, "vote", f"vote for {ev.target}: {redact(ev.reason[:200])}", ev.seq))
+        elif isinstance(ev, ToolCalled):
+            ok = "" if ev.ok else " (failed)"
+            marks.append(
+                Mark(rel(ev.ts), ev.agent, "tool", f"{ev.tool}{ok} {ev.duration_s:.2f}s: {redact(ev.summary)}", ev.seq)
+            )
+        elif isinstance(ev, ModelCall):
+            calls.append(ev)
+        elif isinstance(ev, AgentError):
+            marks.append(Mark(rel(ev.ts), ev.agent, "error", f"{ev.kind.value}: {redact(ev.message[:300])}", ev.seq))
+        elif isinstance(ev, AgentFailed):
+            standing.discard(ev.agent)
+            marks.append(Mark(rel(ev.ts), ev.agent, "failed", f"{ev.reason}: {redact(ev.message[:300])}", ev.seq))
+        elif isinstance(ev, WinnerSelected):
+            marks.append(Mark(rel(ev.ts), ev.winner, "winner", f"winner {ev.winner} votes {ev.votes}", ev.seq))
+        elif isinstance(ev, FinalAnswer):
+            final = Answer(ev.agent, "final", rel(ev.ts), redact(ev.content))
+            marks.append(Mark(rel(ev.ts), ev.agent, "final", "final answer", ev.seq))
+        elif isinstance(ev, RunFinished):
+            pass
+    calls.extend(_model_calls(d / "telemetry.jsonl"))
+    for c in calls:
+        end_ts = max(end_ts, c.ts)
+        tokens = c.prompt_tokens + c.completion_tokens
+        ok = "" if c.ok else " (failed)"
+        title = f"{c.provider}/{c.model}{ok}: {tokens} tokens, ${c.cost_usd:.6f}, {c.latency_s:.2f}s"
+        marks.append(Mark(rel(c.ts), c.agent, "model", title))
+    by_agent: dict[str, list[ModelCall]] = {}
+    by_model: dict[str, list[ModelCall]] = {}
+    for c in calls:
+        by_agent.setdefault(c.agent, []).append(c)
+        by_model.setdefault(f"{c.provider}/{c.model}", []).append(c)
+    agents = {k: v for k, v in (status.get("agents") or {}).items() if isinstance(v, dict)}
+    for a in agents_order:
+        agents.setdefault(a, {})
+    run = _section(status, "run")
+    finished_at = _num(run.get("finished_at"))
+    updated = _num(_section(status, "meta").get("last_updated"))
+    end = finished_at or updated or end_ts
+    duration = max(rel(end), rel(end_ts), row.elapsed_s or 0.0)
+    children: list[RunRow] = []
+    for child_dir in iter_run_dirs(d / "children"):
+        known = index.rows.get(child_dir) if index is not None else None
+        children.append(known or read_row(child_dir))
+    tail, offset = log_tail(d, redact)
+    if final is None:
+        res = _section(status, "results")
+        af = _str(res.get("answer_file"))
+        if af and row.winner:
+            text = read_capped(d / "final" / row.winner / "answer.txt", 1 << 20)
+            if text is not None:
+                final = Answer(row.winner, "final", duration, redact(text.decode("utf-8", "replace")))
+    return RunDetail(
+        row=row,
+        status=status,
+        result=result,
+        agents=agents,
+        marks=sorted(marks, key=lambda m: (m.t, m.seq or 0)),
+        answers=answers,
+        final=final,
+        usage_total=_cumulative(calls, t0),
+        usage_by_agent={k: _cumulative(v, t0) for k, v in by_agent.items()},
+        usage_by_model={k: _cumulative(v, t0) for k, v in by_model.items()},
+        duration_s=duration,
+        children=children,
+        container=_section(status, "container"),
+        log_tail=tail,
+        log_offset=offset,
+        events_truncated=truncated,
+    )

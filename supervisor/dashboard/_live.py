@@ -1,0 +1,324 @@
+"""The live side: watchdog file changes -> the run index -> server-sent events to open pages.
+
+watchdog's thread only hands paths to the event loop (`call_soon_threadsafe`); the loop
+coalesces a burst of changes for `COALESCE_S`, re-reads the status.json files that changed
+(off the loop), and pushes one message per changed run to the runs pages and freshly
+rendered sections to the pages of those runs. A light fallback pass every `FALLBACK_S`
+finds runs whose events watchdog missed (an inotify limit, a root that appeared later).
+Each subscriber has a bounded queue: a page that stops reading is dropped (its browser
+reconnects with where it was), never buffered without end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._data import STATUS, Redactor, RunIndex, RunRow, load_detail, log_since, read_row
+from ._render import run_row_html, run_sections
+
+log = logging.getLogger(__name__)
+
+COALESCE_S = 0.05
+FALLBACK_S = 2.0
+QUEUE_MAX = 256
+RING_MAX = 4096
+MAX_SUBSCRIBERS = 128
+_RUN_FILES = {STATUS, "events.jsonl", "telemetry.jsonl", "result.json"}
+_LOG = "massgen.log"
+
+
+@dataclass(eq=False)
+class Subscriber:
+    """One open page's stream: its queue of (event name, JSON text) and what it follows."""
+
+    run_dir: Path | None = None
+    log_offset: int = 0
+    queue: asyncio.Queue[tuple[str, str] | None] = field(default_factory=lambda: asyncio.Queue(QUEUE_MAX))
+    sent: dict[str, str] = field(default_factory=dict)
+    closed: bool = False
+
+    def push(self, event: str, data: str) -> bool:
+        if self.closed:
+            return False
+        try:
+            self.queue.put_nowait((event, data))
+            return True
+        except asyncio.QueueFull:
+            self.close()
+            return False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
+
+class Hub:
+    """The run index, kept current from file changes, and the pages listening to it."""
+
+    def __init__(
+        self,
+        roots: Callable[[], Iterable[Path]],
+        redact: Redactor,
+        *,
+        can_stop: Callable[[RunRow], bool] = lambda _r: False,
+        fallback_s: float = FALLBACK_S,
+    ) -> None:
+        self._roots = roots
+        self.redact = redact
+        self.can_stop = can_stop
+        self.fallback_s = fallback_s
+        self.index = RunIndex()
+        self.gen = 0
+        self.ring: deque[tuple[int, Path]] = deque(maxlen=RING_MAX)
+        self.subs: set[Subscriber] = set()
+        self._observers: list[Any] = []
+        self._watched: set[Path] = set()
+        self._dirty_status: set[Path] = set()
+        self._dirty_detail: set[Path] = set()
+        self._dirty_log: set[Path] = set()
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.pushes = 0  # messages queued so far (the benchmark reads it)
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._add_roots()
+        self._tasks = [
+            asyncio.create_task(self._flush_loop(), name="dashboard-flush"),
+            asyncio.create_task(self._fallback_loop(), name="dashboard-fallback"),
+        ]
+
+    async def stop(self) -> None:
+        for sub in list(self.subs):
+            sub.close()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+        observers, self._observers = self._observers, []
+
+        def stop_all() -> None:
+            for o in observers:
+                o.stop()
+            for o in observers:
+                o.join(timeout=5)
+
+        await asyncio.to_thread(stop_all)
+
+    async def _add_roots(self) -> None:
+        new = [r.absolute() for r in self._roots() if r.absolute() not in self._watched and r.is_dir()]
+        for root in new:
+            self.index.add_root(root)
+            # Watch first, then scan: a status.json replaced in between is queued, never missed.
+            obs = await asyncio.to_thread(self._observe, root)
+            if obs is not None:
+                self._observers.append(obs)
+            self._watched.add(root)
+        if new:
+            rows = await asyncio.to_thread(self._scan_rows)
+            for row in rows:
+                self._store(row)
+
+    def _scan_rows(self) -> list[RunRow]:
+        # Runs on a worker thread: reads only. The index itself is changed on the loop.
+        scratch = RunIndex(self.index.roots)
+        scratch.rows = dict(self.index.rows)
+        return scratch.scan()
+
+    def _observe(self, root: Path) -> Any:
+        from watchdog.events import FileSystemEventHandler
+        from watchdog.observers import Observer
+
+        hub = self
+        assert self._loop is not None
+        loop: asyncio.AbstractEventLoop = self._loop
+
+        class _Handler(FileSystemEventHandler):
+            # watchdog's thread: filter by name, hand the path to the loop, touch nothing else.
+            def on_any_event(self, event: Any) -> None:
+                for p in (event.src_path, getattr(event, "dest_path", "")):
+                    if not p:
+                        continue
+                    p = os.fsdecode(p)
+                    name = os.path.basename(p)
+                    if name in _RUN_FILES or name == _LOG:
+                        with contextlib.suppress(RuntimeError):  # the loop closed under us
+                            loop.call_soon_threadsafe(hub._note, Path(p))
+
+        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
+        observer = Observer()
+        try:
+            observer.schedule(_Handler(), str(root), recursive=True)
+            observer.start()
+        except OSError as exc:  # e.g. the inotify watch limit: the fallback pass keeps pages right
+            log.warning("dashboard: cannot watch %s (%s); updates come from the %gs rescan", root, exc, self.fallback_s)
+            return None
+        return observer
+
+    # -- changes -------------------------------------------------------------------------------
+
+    def _note(self, path: Path) -> None:
+        log_dir = path.parent
+        name = path.name
+        if name == STATUS:
+            self._dirty_status.add(log_dir)
+        elif name == _LOG:
+            self._dirty_log.add(log_dir)
+        else:
+            self._dirty_detail.add(log_dir)
+        self._wake.set()
+
+    def _store(self, row: RunRow) -> None:
+        self.index.put(row)
+        self.gen += 1
+        self.ring.append((self.gen, row.log_dir))
+        self._publish_row(row)
+
+    def row_message(self, row: RunRow) -> dict[str, Any]:
+        root = self.index.root_of(row)
+        parent = self.index.rows.get(row.log_dir.parent.parent) if row.log_dir.parent.name == "children" else None
+        return {
+            "id": row.run_id,
+            "root": root.run_id,
+            "parent": parent.run_id if parent is not None else "",
+            "gen": self.gen,
+            "html": run_row_html(row, root.run_id, time.time()),
+        }
+
+    def _publish_row(self, row: RunRow) -> None:
+        import json
+
+        listeners = [s for s in self.subs if s.run_dir is None]
+        if not listeners:
+            return
+        data = json.dumps(self.row_message(row))
+        for s in listeners:
+            if s.push("row", data):
+                self.pushes += 1
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(COALESCE_S)  # one pass for a burst of writes
+            self._wake.clear()
+            status, self._dirty_status = self._dirty_status, set()
+            detail, self._dirty_detail = self._dirty_detail, set()
+            logs, self._dirty_log = self._dirty_log, set()
+            try:
+                await self._apply(status, detail, logs)
+            except Exception:  # noqa: BLE001 - one odd log dir must not end live updates
+                log.exception("dashboard: update failed")
+
+    async def _apply(self, status: set[Path], detail: set[Path], logs: set[Path]) -> None:
+        wanted = [d for d in status if self.index.inside(d)]
+        if wanted:
+            rows = await asyncio.to_thread(lambda: [read_row(d) for d in wanted])
+            for row in rows:
+                if row.state != "unknown" and self.index.rows.get(row.log_dir) != row:
+                    self._store(row)
+        followed = {s.run_dir for s in self.subs if s.run_dir is not None}
+        for d in followed & (status | detail):
+            await self.push_run(d)
+        for d in followed & logs:
+            await self.push_log(d)
+
+    async def _fallback_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.fallback_s)
+            try:
+                await self._add_roots()
+                unfinished = [d for d, r in self.index.rows.items() if not r.finished]
+
+                def reread(dirs: list[Path] = unfinished) -> tuple[list[RunRow], list[RunRow]]:
+                    return [read_row(d) for d in dirs], self._scan_rows()
+
+                rows, added = await asyncio.to_thread(reread)
+                for row in [*rows, *added]:
+                    if row.state != "unknown" and self.index.rows.get(row.log_dir) != row:
+                        self._store(row)
+                        if any(s.run_dir == row.log_dir for s in self.subs):
+                            await self.push_run(row.log_dir)
+            except Exception:  # noqa: BLE001 - keep rescanning whatever one pass hit
+                log.exception("dashboard: rescan failed")
+
+    # -- pages ---------------------------------------------------------------------------------
+
+    def subscribe(self, run_dir: Path | None = None, log_offset: int = 0) -> Subscriber | None:
+        if len(self.subs) >= MAX_SUBSCRIBERS:
+            return None
+        sub = Subscriber(run_dir=run_dir, log_offset=log_offset)
+        self.subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscriber) -> None:
+        sub.closed = True
+        self.subs.discard(sub)
+
+    def replay(self, sub: Subscriber, since: int) -> None:
+        """Rows changed after generation `since` (the page's), or `reload` if the ring lost them."""
+        import json
+
+        if since > self.gen or (self.ring and since < self.ring[0][0] - 1) or (not self.ring and since < self.gen):
+            sub.push("reload", "{}")
+            return
+        seen: set[Path] = set()
+        for gen, d in reversed(self.ring):
+            if gen <= since:
+                break
+            if d in seen:
+                continue
+            seen.add(d)
+            row = self.index.rows.get(d)
+            if row is not None:
+                sub.push("row", json.dumps(self.row_message(row)))
+
+    async def render_run(self, log_dir: Path) -> dict[str, str]:
+        row = self.index.rows.get(log_dir) or RunRow(run_id=log_dir.name, log_dir=log_dir)
+        index, redact, can_stop = self.index, self.redact, self.can_stop(row)
+
+        def build() -> dict[str, str]:
+            return run_sections(load_detail(row, index, redact), can_stop=can_stop)
+
+        return await asyncio.to_thread(build)
+
+    async def push_run(self, log_dir: Path) -> None:
+        import json
+
+        subs = [s for s in self.subs if s.run_dir == log_dir]
+        if not subs:
+            return
+        sections = await self.render_run(log_dir)
+        for s in subs:
+            changed = {k: v for k, v in sections.items() if s.sent.get(k) != v}
+            if changed:
+                s.sent.update(changed)
+                if s.push("sections", json.dumps(changed)):
+                    self.pushes += 1
+
+    async def push_log(self, log_dir: Path, only: Subscriber | None = None) -> None:
+        import json
+
+        for s in [only] if only is not None else [s for s in self.subs if s.run_dir == log_dir]:
+            text, offset, reset = await asyncio.to_thread(log_since, log_dir, s.log_offset, self.redact)
+            s.log_offset = offset
+            if text:
+                s.push("log", json.dumps({"text": text, "offset": offset, "reset": reset}))
