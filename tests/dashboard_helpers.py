@@ -105,11 +105,13 @@ class FakeRun:
             )
         )
 
-    def finish(self, exit_code: int = 0, reason: str = "completed") -> None:
-        if exit_code == 0:
+    def finish(self, reason: str = "completed") -> None:
+        from supervisor.verdict import Verdict
+
+        if reason == "completed":
             self.event("winner", winner=self.agents[0], votes={self.agents[0]: len(self.agents)})
             self.event("final_answer", agent=self.agents[0], content="final")
-        self.mat.finalize(exit_code, reason, "")
+        self.mat.finalize(Verdict(reason))
 
     def write(self) -> None:
         self.mat.write_status(force=True)

@@ -230,7 +230,7 @@ def test_stop_needs_post_same_origin_and_the_csrf_token(tmp_path: Path) -> None:
             async with http.post(path, headers={"Origin": dash.base_url, "X-CSRF-Token": dash.csrf}) as r:
                 assert r.status == 202
             assert control.stopped == [run.run_id]
-            run.finish(4, "interrupted")
+            run.finish("interrupted")
             # finished: refused with a reason
             await _until(lambda: dash.hub.index.rows[run.log_dir].finished)
             async with http.post(path, headers={"Origin": dash.base_url, "X-CSRF-Token": dash.csrf}) as r:
