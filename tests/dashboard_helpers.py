@@ -149,3 +149,39 @@ def browser(artifacts: Path) -> Iterator[Any]:
         finally:
             ctx.close()
             shutil.rmtree(profile, ignore_errors=True)
+
+
+def artifacts_dir(name: str) -> Path:
+    """Where a browser test leaves its screenshots: $MASSGEN_TEST_ARTIFACTS or ./test-artifacts (git-ignored)."""
+    import os
+
+    from tests.cli_helpers import REPO
+
+    base = Path(os.environ.get("MASSGEN_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    out = base / "dashboard" / name
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"screenshots: {out}")
+    return out
+
+
+def start_dashboard(logs_root: Path, cwd: Path, **env: str) -> tuple[Any, str]:
+    """`massgen-run dashboard --port 0` in the background; returns the process and its DASHBOARD url."""
+    import subprocess
+    import sys
+
+    from tests.cli_helpers import cli_env
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor.cli", "dashboard", "--port", "0", "--logs-root", str(logs_root)],
+        cwd=cwd,
+        env=cli_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    assert line.startswith("DASHBOARD: http://127.0.0.1:"), line + (
+        proc.stderr.read() if proc.poll() is not None else ""
+    )
+    return proc, line.split(": ", 1)[1].strip()

@@ -392,7 +392,7 @@ def usage_svg(d: RunDetail, what: str) -> str:
         return 12 + plot_h * (1 - min(1.0, v / top))
 
     parts = [f'<svg class="chart usage" viewBox="0 0 {W} {h}" role="img" aria-label="{what} over time">']
-    for i in range(5):
+    for i in range(5 if value(last) > 0 else 1):
         v = top * i / 4
         y = y_of(v)
         label = fmt_cost(v) if what == "cost" else f"{int(v):,}"

@@ -189,6 +189,8 @@ class Dashboard:
     async def _checked(self, request: web.Request, handler: Any) -> web.StreamResponse:
         if request.host not in self.allowed_hosts:
             return _plain(403, "Wrong host", "This dashboard answers only to the address it printed.")
+        if request.path.startswith("/static/") and request.method == "GET":
+            return await handler(request)  # our own CSS/JS/SVG: public, so the 401 page is styled too
         given = request.query.get("token")
         if given is not None:
             if not hmac.compare_digest(given.encode(), self.token.encode()):

@@ -250,8 +250,7 @@
     const now = Date.now() / 1000;
     for (const el of document.querySelectorAll(".age[data-start]")) {
       const s = parseFloat(el.dataset.start);
-      const tr = el.closest("tr");
-      if (!Number.isNaN(s) && (!tr || tr.dataset.state !== "finished")) el.textContent = fmtDur(now - s);
+      if (!Number.isNaN(s)) el.textContent = fmtDur(now - s);
     }
   }, 1000);
 })();
