@@ -27,7 +27,7 @@ EXIT_FORCED = 130
 
 
 def default_socket() -> Path:
-    from .core import runtime_base
+    from .sockets import runtime_base
 
     env = os.environ.get("MASSGEN_DAEMON_SOCKET")
     return Path(env) if env else runtime_base() / "supervisor.sock"
@@ -321,7 +321,7 @@ async def serve(args: argparse.Namespace) -> int:
     size_thread_pool(asyncio.get_running_loop())
     sock = (args.socket or default_socket()).absolute()
     logs_root = (args.logs_root or default_logs_root()).absolute()
-    from .core import ensure_private_dir
+    from .sockets import ensure_private_dir
 
     ensure_private_dir(sock.parent)
     runtime = DockerRuntime()

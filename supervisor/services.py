@@ -21,9 +21,10 @@ from agent_image.protocol.events import ModelCall
 from agent_image.protocol.result import Reason
 from agent_image.protocol.status import RunState
 
-from .core import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, RunRecord, Supervisor, ensure_private_dir, short_socket_dir
+from .core import RunRecord, Supervisor
 from .lifecycle import SANDBOX_UID, InterruptedWhileQueued, RunExecution, RunHooks
 from .runtime.base import Mount
+from .sockets import SOCKET_IN_SANDBOX_DIR, SOCKET_NAME, ensure_private_dir, short_socket_dir
 from .verdict import Verdict
 
 if TYPE_CHECKING:
