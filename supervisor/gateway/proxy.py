@@ -63,11 +63,6 @@ _AGENT_CHARS = re.compile(r"[^A-Za-z0-9_.:@/\-]")
 _MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]*")
 
 
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def retry_after_s(headers: Mapping[str, str]) -> float | None:
     """Seconds the upstream asked us to wait (``retry-after-ms``, ``Retry-After`` secs or date)."""
     ms = headers.get("retry-after-ms")
@@ -372,13 +367,13 @@ class Gateway:
                     call.error = None
                     return resp
                 try:
-                    detail = error_message(await _read_limited(resp, 64 << 10))
+                    detail = error_message(self._redact.truncated(await _read_limited(resp, 64 << 10)))
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     detail = _describe(exc)
                 finally:
                     resp.release()
                 call.status = resp.status
-                call.error = self._redact.text(f"HTTP {resp.status} from {upstream.host}: {_one_line(detail)}")
+                call.error = f"HTTP {resp.status} from {upstream.host}: {self._redact.clip(detail, 300)}"
                 asked = retry_after_s(resp.headers)
                 if asked is not None:
                     delay = min(self._max_wait, asked)
@@ -419,8 +414,7 @@ class Gateway:
             except ValueError:
                 call.usage = None
         else:
-            detail = _one_line(error_message(data))
-            call.error = self._redact.text(f"HTTP {resp.status} from {upstream.host}: {detail}")
+            call.error = f"HTTP {resp.status} from {upstream.host}: {self._redact.clip(error_message(data), 300)}"
         return web.Response(body=data, status=resp.status, headers=self._response_headers(resp))
 
     async def _relay_stream(

@@ -5,16 +5,25 @@
 
 from __future__ import annotations
 
+import json
 from urllib.parse import quote
 
 REDACTED = "[redacted]"
 
 
 class Redactor:
-    """Replaces every known key (raw and URL-quoted) in text and bytes."""
+    """Replaces every known key (raw, URL-quoted and JSON-escaped) in text and bytes.
+
+    Redaction runs on whole values before anything is cut: `clip` redacts, then shortens, then
+    drops a tail that is the start of a key (a cut made mid-key), and `truncated` does the last
+    step for a buffer that a read limit may have cut. So no prefix of a key leaves the gateway
+    whatever the sandbox does to move a cut.
+    """
 
     def __init__(self, secrets: list[str]) -> None:
-        forms = {s for k in secrets if len(k) >= 4 for s in (k, quote(k, safe=""))}
+        # JSON-escaped twice over: Python's way, and encoders that escape "/" as "\\/".
+        escaped = (lambda k: json.dumps(k)[1:-1], lambda k: json.dumps(k)[1:-1].replace("/", "\\/"))
+        forms = {s for k in secrets if len(k) >= 4 for s in (k, quote(k, safe=""), *(e(k) for e in escaped))}
         self._text = sorted(forms, key=len, reverse=True)
         self._bytes = [s.encode() for s in self._text]
 
@@ -29,6 +38,28 @@ class Redactor:
             if s in value:
                 value = value.replace(s, REDACTED.encode())
         return value
+
+    def truncated(self, value: bytes) -> bytes:
+        """`data` for a buffer that may end mid-key (a read limit): the partial key is dropped too."""
+        value = self.data(value)
+        for s in self._bytes:
+            for n in range(min(len(s) - 1, len(value)), 0, -1):
+                if value.endswith(s[:n]):
+                    return value[:-n]
+        return value
+
+    def clip(self, value: str, limit: int) -> str:
+        """One redacted line of at most `limit` characters (whitespace folded, `...` where cut)."""
+        value = self.text(" ".join(value.split()))
+        if len(value) <= limit:
+            return value
+        value = value[: max(0, limit - 3)]
+        for s in self._text:
+            for n in range(min(len(s) - 1, len(value)), 0, -1):
+                if value.endswith(s[:n]):
+                    value = value[:-n]
+                    break
+        return value + "..."
 
 
 class SseRelay:
