@@ -103,7 +103,13 @@ def _out(line: str) -> None:
 
 
 def run_and_follow(
-    client: SupervisorClient, question: str, config: str, automation: bool, extra: dict[str, Any] | None = None
+    client: SupervisorClient,
+    question: str,
+    config: str,
+    automation: bool,
+    extra: dict[str, Any] | None = None,
+    *,
+    output_file: str | None = None,
 ) -> int:
     body = {"question": question, **_config_body(config), **(extra or {})}
     _, info = client.request("POST", "/v1/runs", body)
@@ -180,6 +186,19 @@ def run_and_follow(
         except OSError:
             answer = ""
     n_agents = len(info.get("agents") or [])
+    written = None
+    if output_file and res["exit_code"] == 0 and res.get("answer_file"):
+        from .protocol.automation import write_output_file
+
+        try:
+            written = write_output_file(output_file, answer)
+        except OSError as exc:
+            print(f"massgen-run: cannot write --output-file {output_file}: {exc}", file=sys.stderr, flush=True)
+    if not automation:
+        # Human mode: config warnings on stderr (automation keeps them in status.json/result.json).
+        for w in res.get("config_warnings") or []:
+            where = f"{w.get('file')}:{w.get('line')}" if w.get("line") else w.get("file", "")
+            print(f"config warning: {where}: key={w.get('key')} {w.get('message')}", file=sys.stderr, flush=True)
     if automation:
         for line in tail_lines(
             exit_code=res["exit_code"],
@@ -190,6 +209,7 @@ def run_and_follow(
             answer_file=res.get("answer_file"),
             answer_text=answer,
             n_agents=n_agents,
+            output_file=written,
         ):
             _out(line)
     elif res["exit_code"] == 0:
@@ -218,8 +238,9 @@ def main(argv: list[str], socket_path: str | None = None) -> int:
         p.add_argument("--config", required=True, help="config file, or @examples/NAME")
         p.add_argument("--automation", action="store_true")
         p.add_argument("--sandbox", choices=("docker", "none"), help="ignored: nested runs use the parent's kind")
+        p.add_argument("--output-file", default=None, metavar="PATH", help="also write the final answer to PATH")
         args = p.parse_args(argv)
-        return run_and_follow(client, args.question, args.config, args.automation)
+        return run_and_follow(client, args.question, args.config, args.automation, output_file=args.output_file)
     except ClientError as exc:
         print(f"massgen-run: {exc}", file=sys.stderr)
         return exc.exit_code

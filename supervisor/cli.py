@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-VERBS = ("image", "ps", "status", "logs", "stop", "watch", "dashboard", "report")
+VERBS = ("image", "ps", "status", "logs", "stop", "watch", "dashboard", "report", "validate")
 EPILOG = """\
 examples:
   massgen-run --automation --config @examples/quickstart "What is 2+2?"
   massgen-run --config my_run.yaml "Summarise the design"      (live, human-readable)
+  massgen-run validate my_run.yaml [--json] [--strict]          (check a config, MassGen keys included)
   massgen-run image build                                       (build the sandbox images)
   massgen-run ps [--tree] | status RUN [--json] | logs RUN [-f] | watch
   massgen-run dashboard [--port N] | report RUN [-o FILE]       (web dashboard; one-file HTML report)
@@ -67,16 +68,29 @@ def _run_parser() -> argparse.ArgumentParser:
         "--logs-root", type=Path, default=None, help="where log dirs go (default ./.massgen/runs or $MASSGEN_LOGS_ROOT)"
     )
     p.add_argument("--image", default=None, help="agent image to use (default: built automatically)")
+    p.add_argument(
+        "--output-file", default=None, metavar="PATH", help="also write the final answer to PATH (OUTPUT_FILE: line)"
+    )
     return p
 
 
 class _Printer:
     """The CLI's listener: automation lines or a live human view."""
 
-    def __init__(self, automation: bool) -> None:
+    def __init__(self, automation: bool, output_file: str | None = None) -> None:
         self.automation = automation
+        self.output_file = output_file
         self.t0: float | None = None
         self.lines = 0
+
+    def config_notes(self, notes: Any) -> None:
+        # Human mode only: in automation mode stdout is the line contract and stderr is often
+        # the same file (`> out.txt 2>&1`); the warnings are in status.json and result.json.
+        if self.automation:
+            return
+        for note in notes:
+            if note.severity == "warning":
+                print(f"config warning: {note}", file=sys.stderr, flush=True)
 
     def out(self, line: str) -> None:
         print(line, flush=True)
@@ -133,6 +147,14 @@ class _Printer:
                 final_text = Path(result.answer_file).read_text(encoding="utf-8")
             except OSError:
                 final_text = ""
+        written = None
+        if self.output_file and result.exit_code == 0 and result.answer_file:
+            from agent_image.protocol.automation import write_output_file
+
+            try:
+                written = write_output_file(self.output_file, final_text)
+            except OSError as exc:
+                _stderr(f"massgen-run: cannot write --output-file {self.output_file}: {exc}")
         if self.automation:
             from agent_image.protocol.automation import tail_lines
 
@@ -145,12 +167,15 @@ class _Printer:
                 answer_file=result.answer_file,
                 answer_text=final_text,
                 n_agents=self.n_agents,
+                output_file=written,
             ):
                 self.out(line)
             return
         if result.exit_code == 0:
             print(f"\nfinal answer ({result.winner}, {dur:.1f}s):\n\n{final_text.rstrip()}\n")
             print(f"answer file: {result.answer_file}")
+            if written:
+                print(f"output file: {written}")
         else:
             print(f"\nrun ended: exit {result.exit_code} ({result.reason}): {result.detail}")
         print(f"status:      {result.status_file}")
@@ -253,14 +278,21 @@ def cmd_run(argv: list[str]) -> int:
     from .lifecycle import Listener, RunControl, RunRequest
     from .runtime.local import LocalRuntime
 
-    printer = _Printer(args.automation)
+    printer = _Printer(args.automation, args.output_file)
     logs_root = (args.logs_root or _default_logs_root()).absolute()
     daemon = _daemon_client() if args.sandbox == "docker" and not args.image else None
     if daemon is not None:
         from agent_image.client import ClientError, run_and_follow
 
         try:
-            return run_and_follow(daemon, args.question, args.config, args.automation, {"logs_root": str(logs_root)})
+            return run_and_follow(
+                daemon,
+                args.question,
+                args.config,
+                args.automation,
+                {"logs_root": str(logs_root)},
+                output_file=args.output_file,
+            )
         except ClientError as exc:
             _stderr(f"massgen-run: {exc}")
             return exc.exit_code
@@ -286,6 +318,9 @@ def cmd_run(argv: list[str]) -> int:
         def prepared(self, paths: Any, config: Any, question: str) -> None:
             printer.n_agents = len(config.agents) if config is not None else 0
             printer.prepared(paths, config, question)
+
+        def config_notes(self, notes: Any) -> None:
+            printer.config_notes(notes)
 
         def event(self, ev: Any) -> None:
             printer.event(ev)
@@ -522,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "dashboard":
             return _cli.cmd_dashboard(argv[1:], _Parser, _default_logs_root())
         return _cli.cmd_report(argv[1:], _Parser, _find_run, _default_logs_root())
+    if argv and argv[0] == "validate":
+        from .validate import main as validate_main
+
+        return validate_main(argv[1:], _Parser)
     if argv and argv[0] in VERBS:
         return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](
             argv[1:]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent_image.protocol.config import RunConfig
-from agent_image.protocol.loader import ConfigError, ConfigProblem, load_config
+from agent_image.protocol.loader import ConfigError, ConfigProblem, LoadedConfig, read_config
 
 _EXAMPLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
 
@@ -55,12 +55,49 @@ def find_example(name: str) -> Path:
     )
 
 
-def resolve_config(source: str) -> tuple[RunConfig, dict[str, Any], str]:
-    """Load and validate a config.
+def config_path(source: str) -> Path:
+    """The file a `--config` value names.
+
+    Raises:
+        ConfigError: an `@examples/` name that matches no example.
+    """
+    return find_example(source.split("/", 1)[1]) if source.startswith("@examples/") else Path(source).expanduser()
+
+
+def resolve_loaded(source: str) -> tuple[LoadedConfig, str]:
+    """Load, translate and validate a config; returns it with the path it came from.
 
     Raises:
         ConfigError: missing or invalid config (reason config_missing / config_invalid).
     """
-    path = find_example(source.split("/", 1)[1]) if source.startswith("@examples/") else Path(source).expanduser()
-    config, raw = load_config(path)
-    return config, raw, str(path)
+    path = config_path(source)
+    return read_config(path), str(path)
+
+
+def resolve_config(source: str) -> tuple[RunConfig, dict[str, Any], str]:
+    """Load and validate a config (see `resolve_loaded`).
+
+    Raises:
+        ConfigError: missing or invalid config (reason config_missing / config_invalid).
+    """
+    loaded, path = resolve_loaded(source)
+    return loaded.config, loaded.data, path
+
+
+def check_context_paths(config: RunConfig, source: str) -> tuple[list[Path], list[ConfigProblem]]:
+    """Resolve `orchestrator.context_paths` against the current directory (as MassGen does).
+
+    Returns:
+        the resolved host paths, and one problem per path that does not exist.
+    """
+    paths, problems = [], []
+    for i, cp in enumerate(config.orchestrator.context_paths):
+        p = Path(cp.path).expanduser()
+        p = (Path.cwd() / p) if not p.is_absolute() else p
+        if not p.exists():
+            problems.append(
+                ConfigProblem(source, f"orchestrator.context_paths.{i}.path", None, f"path does not exist: {p}")
+            )
+            continue
+        paths.append(p.resolve())
+    return paths, problems

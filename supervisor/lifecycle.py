@@ -13,12 +13,19 @@ from pathlib import Path
 from typing import Any
 
 from agent_image.protocol.config import RunConfig
-from agent_image.protocol.loader import ConfigError, ConfigProblem, dump_config, parse_config_text
+from agent_image.protocol.loader import (
+    ConfigError,
+    ConfigProblem,
+    LoadedConfig,
+    dump_config,
+    parse_config,
+    parse_config_text,
+)
 from agent_image.protocol.result import Reason, RunResult
 from agent_image.protocol.spec import RunSpec
 from agent_image.protocol.status import ContainerSection, RunState
 
-from .configs import resolve_config
+from .configs import check_context_paths, resolve_loaded
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
 from .runtime.base import (
@@ -148,6 +155,9 @@ class Listener:
 
     def prepared(self, paths: RunPaths, config: RunConfig | None, question: str) -> None: ...
 
+    def config_notes(self, notes: tuple[ConfigProblem, ...]) -> None:
+        """The config's warnings and info notes (errors end the run and are in its result)."""
+
     def event(self, ev: Any) -> None: ...
 
     def progress(self, message: str) -> None: ...
@@ -181,19 +191,7 @@ def _key_problems(config: RunConfig, source: str, sandbox: str) -> list[ConfigPr
 
 
 def _context_paths(config: RunConfig, source: str) -> tuple[list[Path], list[ConfigProblem]]:
-    paths, problems = [], []
-    base = Path(source).parent if not source.startswith("@") else Path.cwd()
-    for i, cp in enumerate(config.orchestrator.context_paths):
-        p = Path(cp.path).expanduser()
-        p = (Path.cwd() / p) if not p.is_absolute() else p
-        if not p.exists():
-            problems.append(
-                ConfigProblem(source, f"orchestrator.context_paths.{i}.path", None, f"path does not exist: {p}")
-            )
-            continue
-        paths.append(p.resolve())
-    del base
-    return paths, problems
+    return check_context_paths(config, source)
 
 
 def _container_section(facts: Any) -> ContainerSection:
@@ -234,14 +232,13 @@ class RunExecution:
         self.limits: Limits | None = None
         self.prepared = asyncio.Event()
 
-    def _resolve(self) -> tuple[RunConfig, dict[str, Any], str]:
+    def _resolve(self) -> tuple[LoadedConfig, str]:
         req = self.req
         if req.config_error is not None:
             raise ConfigError([ConfigProblem(req.config_source, "", None, req.config_error)], Reason.CONFIG_MISSING)
         if req.config_text is not None:
-            config, raw = parse_config_text(req.config_text, req.config_source)
-            return config, raw, req.config_source
-        return resolve_config(req.config_source)
+            return parse_config(req.config_text, req.config_source), req.config_source
+        return resolve_loaded(req.config_source)
 
     async def run(self) -> RunResult:
         req = self.req
@@ -262,16 +259,21 @@ class RunExecution:
         try:
             try:
                 # Parsing untrusted YAML (a nested run's config) must not stall the event loop.
-                config, raw, source = await asyncio.to_thread(self._resolve)
+                loaded, source = await asyncio.to_thread(self._resolve)
             except ConfigError as exc:
                 self.prepared.set()
                 self.listener.prepared(paths, None, req.question)
                 for p in exc.problems:
                     mat.log(f"config error: {p}", "error")
+                mat.set_config_notes(exc.notes)
+                self.listener.config_notes(exc.notes)
                 return self._end(Verdict(Reason(exc.reason), str(exc)))
+            config, raw = loaded.config, loaded.data
             self.config = config
+            mat.set_config_notes(loaded.notes)
             self.prepared.set()
             self.listener.prepared(paths, config, req.question)
+            self.listener.config_notes(loaded.notes)
             atomic_write(paths.config, dump_config(raw))
             try:
                 self.hooks.check(config, source)

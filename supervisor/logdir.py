@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 RUN_ID_RE = re.compile(r"^log_\d{8}_\d{6}_\d{6}_[0-9a-f]{6}$")
-SAFE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+# Agent ids (dots allowed after the first letter, as in MassGen ids such as `gemini2.5flash`).
+SAFE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 LABEL_RE = re.compile(r"^agent\d{1,3}\.\d{1,6}$")
 
 

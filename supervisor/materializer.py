@@ -9,7 +9,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from agent_image.protocol.events import (
 )
 from agent_image.protocol.reducer import StatusReducer
 from agent_image.protocol.result import RunResult
-from agent_image.protocol.status import ContainerSection, RunState, Status
+from agent_image.protocol.status import ConfigNote, ContainerSection, RunState, Status
 
 from .logdir import LABEL_RE, SAFE_NAME_RE, RunPaths, atomic_write, atomic_write_json
 from .verdict import Verdict
@@ -239,6 +239,7 @@ class Materializer:
                 st.run.supervisor_id = old.run.supervisor_id
                 st.run.supervisor_pid = os.getpid()
                 st.meta.question = st.meta.question or old.meta.question
+                st.meta.config_warnings = old.meta.config_warnings
         try:
             state = json.loads((self.paths.log_dir / FOLLOW_STATE).read_text(encoding="utf-8"))
             self.resume_offset = int(state.get("offset", 0))
@@ -393,6 +394,17 @@ class Materializer:
 
     # -- supervisor facts --------------------------------------------------------------------
 
+    def set_config_notes(self, notes: Iterable[Any]) -> None:
+        """Record the config's warnings and info notes: massgen.log, status.json meta.config_warnings
+        (warnings only) and, at the end, result.json."""
+        kept = []
+        for note in notes:
+            self.log(f"config {note.severity}: {note}", "warning" if note.severity == "warning" else "info")
+            if note.severity == "warning":
+                kept.append(ConfigNote.model_validate(note.to_dict()))
+        self.status.meta.config_warnings = kept
+        self._dirty = True
+
     def set_run(self, **fields: object) -> None:
         for k, v in fields.items():
             setattr(self.status.run, k, v)
@@ -466,6 +478,7 @@ class Materializer:
             duration_s=round(now - started, 3) if started else None,
             container_exit_code=container_exit,
             container_id=st.container.id if st.container else None,
+            config_warnings=list(st.meta.config_warnings),
         )
         if self.collisions > MAX_COLLISION_LOGS:
             self.log(

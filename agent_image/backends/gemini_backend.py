@@ -260,11 +260,16 @@ class GeminiBackend:
                 for t in tools
             ]
             declared = [types.Tool(function_declarations=decls)]
+        if self._cfg.enable_web_search:
+            # Provider-side search: Google runs it, so the sandbox needs no network.
+            declared = [*(declared or []), types.Tool(google_search=types.GoogleSearch())]
         return types.GenerateContentConfig(
             system_instruction=system,
             tools=declared,
             automatic_function_calling=types.AutomaticFunctionCallingConfig(disable=True),
             temperature=self._cfg.temperature,
+            top_p=self._cfg.top_p,
+            top_k=self._cfg.top_k,
             max_output_tokens=self._cfg.max_tokens,
         )
 

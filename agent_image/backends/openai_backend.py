@@ -203,6 +203,13 @@ class OpenAIBackend:
             params["temperature"] = self._cfg.temperature
         if self._cfg.max_tokens is not None:
             params[self._max_tokens_field] = self._cfg.max_tokens
+        # MassGen's text.verbosity / reasoning.effort arrive here as their Chat Completions names.
+        for name in ("top_p", "verbosity", "reasoning_effort"):
+            value = getattr(self._cfg, name)
+            if value is not None:
+                params[name] = value
+        if self._cfg.extra_body:
+            params["extra_body"] = dict(self._cfg.extra_body)
         if stream:
             params["stream"] = True
             params["stream_options"] = {"include_usage": True}

@@ -34,7 +34,12 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
     for agent in config.agents:
         ws = workspace / agent.id
         ws.mkdir(parents=True, exist_ok=True)
-        tools[agent.id] = ToolBox(ws, contexts)  # default env: an allowlist, never secrets
+        tools[agent.id] = ToolBox(  # default env: an allowlist, never secrets
+            ws,
+            contexts,
+            allowed_commands=agent.backend.command_line_allowed_commands,
+            blocked_commands=agent.backend.command_line_blocked_commands,
+        )
 
         def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
             assert orch is not None

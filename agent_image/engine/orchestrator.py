@@ -206,7 +206,12 @@ class Orchestrator:
         answers = self.answers_by_anon()
         messages = [
             Message(role="system", content=prompts.system_prompt(s.system_message, s.anon, self._tool_names(s))),
-            Message(role="user", content=prompts.coordination_prompt(self.question, answers, s.anon)),
+            Message(
+                role="user",
+                content=prompts.coordination_prompt(
+                    self.question, answers, s.anon, self.config.orchestrator.voting_sensitivity
+                ),
+            ),
         ]
         cap = self.config.orchestrator.max_new_answers_per_agent
 

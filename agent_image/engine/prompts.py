@@ -32,14 +32,30 @@ def system_prompt(own_message: str | None, anon: str, tool_names: list[str]) -> 
     )
 
 
-def coordination_prompt(question: str, answers: Mapping[str, str], anon: str) -> str:
+# orchestrator.voting_sensitivity (MassGen's key): how critical a vote should be.
+VOTING_SENSITIVITY = {
+    "lenient": "If an existing answer is reasonable and addresses the question, vote for it rather than "
+    "writing another one.",
+    "balanced": "Vote for an existing answer only when it is accurate, complete and well reasoned; "
+    "otherwise submit a better one.",
+    "strict": "Be highly critical: vote only for an answer that is correct, complete and clearly the best "
+    "possible; if anything can be improved, submit an improved answer instead.",
+}
+
+
+def coordination_prompt(
+    question: str, answers: Mapping[str, str], anon: str, voting_sensitivity: str | None = None
+) -> str:
     parts = ["<ORIGINAL MESSAGE>", question, "<END OF ORIGINAL MESSAGE>", "", "<CURRENT ANSWERS from the agents>"]
     if not answers:
         parts.append("(no answers available yet)")
     for name, content in answers.items():
         mine = " (your own latest answer)" if name == anon else ""
         parts += [f"<{name}>{mine}", content, f"<end of {name}>"]
-    parts += ["<END OF CURRENT ANSWERS>", "", ENFORCEMENT]
+    parts += ["<END OF CURRENT ANSWERS>", ""]
+    if voting_sensitivity in VOTING_SENSITIVITY:
+        parts.append(VOTING_SENSITIVITY[voting_sensitivity])
+    parts.append(ENFORCEMENT)
     return "\n".join(parts)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 PROGRESS_LINE = "[Coordination in progress - monitor status.json for real-time updates]"
@@ -29,6 +30,7 @@ def head_lines(log_dir: str, run_id: str, status_file: str, agents: Sequence[str
         f"LOG_DIR: {ascii_path(log_dir)}",
         f"RUN_ID: {ascii_line(run_id)}",
         f"STATUS_FILE: {ascii_path(status_file)}",
+        f"STATUS: {ascii_path(status_file)}",  # MassGen's name for the same path
     ]
     if agents is not None:
         lines += [f"AGENTS: {ascii_line(', '.join(agents))}", f"QUESTION: {ascii_line(question)}", PROGRESS_LINE]
@@ -45,15 +47,46 @@ def tail_lines(
     answer_file: str | None,
     answer_text: str,
     n_agents: int,
+    output_file: str | None = None,
 ) -> list[str]:
+    """The closing lines. FINAL_DIR is the winner's folder (answer.txt, workspace/); OUTPUT_FILE
+    is printed when `--output-file` got a copy of the final answer."""
     dur = duration_s or 0.0
     if exit_code == 0:
-        return [
+        final_dir = os.path.dirname(answer_file) if answer_file else ""
+        lines = [
             f"WINNER: {ascii_line(str(winner))}",
             f"DURATION: {dur:.1f}s",
             f"ANSWER_FILE: {ascii_path(answer_file)}",
+            f"FINAL_DIR: {ascii_path(final_dir)}",
+        ]
+        if output_file:
+            lines.append(f"OUTPUT_FILE: {ascii_path(output_file)}")
+        return lines + [
             f"ANSWER_PREVIEW: {ascii_line(answer_text[:200])}",
             f"COMPLETED: {n_agents} agents, {dur:.1f}s total",
         ]
     head = {3: "TIMEOUT", 4: "INTERRUPTED"}.get(exit_code, "FAILED")
     return [f"{head}: {ascii_line(reason, 60)}: {ascii_line(detail, 300)}"]
+
+
+def write_output_file(path: str, answer_text: str) -> str:
+    """`--output-file PATH`: a copy of the final answer; returns the absolute path written.
+
+    Written to a temporary file next to it and renamed, so a reader never sees half an answer.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    target = os.path.abspath(os.path.expanduser(path))
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(answer_text)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target

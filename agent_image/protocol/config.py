@@ -18,7 +18,9 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+# Dots are allowed after the first letter (MassGen ids such as `gemini2.5flash`); the leading
+# letter keeps `.` and `..` out, since ids are path components (final/<id>/, agents/<id>/).
+_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -36,6 +38,8 @@ class ContextPath(_Strict):
 
     path: str
     permission: Permission = Permission.READ
+    # MassGen: sub-paths that stay read-only under a `write` path.
+    protected_paths: list[str] = Field(default_factory=list)
 
 
 # --- scripted backend steps -------------------------------------------------------------
@@ -120,9 +124,29 @@ class BackendConfig(_Strict):
     base_url: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=1)  # gemini (openai-compatible: via extra_body)
+    verbosity: Literal["low", "medium", "high"] | None = None  # openai (MassGen: text.verbosity)
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # openai (reasoning.effort)
+    extra_body: dict[str, Any] | None = None  # openai: merged into the request body
+    enable_web_search: bool = False  # gemini: the provider-side google_search tool
+    # The shell tool refuses a command unless it matches an allowed pattern (when any are
+    # given) and matches no blocked one; patterns use re.match on the whole command (MassGen).
+    command_line_allowed_commands: list[str] = Field(default_factory=list)
+    command_line_blocked_commands: list[str] = Field(default_factory=list)
     steps: list[ScriptStep] = Field(default_factory=list)
     final: str | None = None  # scripted: final presentation template (default: own latest answer)
     stream: bool = True
+
+    @field_validator("command_line_allowed_commands", "command_line_blocked_commands")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression: {pattern!r} ({exc})") from exc
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
@@ -134,6 +158,16 @@ class BackendConfig(_Strict):
                 raise ValueError(f"backend type {self.type!r} needs a model")
             if self.steps or self.final is not None:
                 raise ValueError("steps/final are only for the scripted backend")
+        only = {
+            "verbosity": "openai",
+            "reasoning_effort": "openai",
+            "extra_body": "openai",
+            "top_k": "gemini",
+            "enable_web_search": "gemini",
+        }
+        for name, kind in only.items():
+            if getattr(self, name) not in (None, False) and self.type != kind:
+                raise ValueError(f"{name} is only for the {kind} backend")
         return self
 
 
@@ -155,11 +189,8 @@ class OrchestratorConfig(_Strict):
     max_new_answers_per_agent: int | None = Field(default=None, ge=1)
     max_invalid_turns: int = Field(default=3, ge=1, le=20)
     max_tool_calls_per_turn: int = Field(default=50, ge=1, le=1000)
-    # MassGen keys that mean nothing here but appear in its configs; accepted and ignored.
-    snapshot_storage: str | None = None
-    agent_temporary_workspace: str | None = None
+    # MassGen's wording of the vote prompt: a sentence in the voting prompt.
     voting_sensitivity: Literal["lenient", "balanced", "strict"] | None = None
-    coordination: dict[str, Any] | None = None
 
 
 class TimeoutSettings(_Strict):

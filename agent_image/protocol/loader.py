@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from .config import RunConfig
+from . import compat
+from .config import (
+    AgentConfig,
+    BackendConfig,
+    Budget,
+    ContextPath,
+    OrchestratorConfig,
+    RunConfig,
+    SandboxConfig,
+    TimeoutSettings,
+    UiConfig,
+)
 
+_LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_CONFIG_BYTES = 1 << 20
 # Nodes in a document once every alias is expanded. Real configs have a few hundred; nested
 # aliases ("billion laughs") reach billions from a few hundred bytes, and the validated data
@@ -21,17 +34,41 @@ MAX_EXPANDED_NODES = 200_000
 
 @dataclass(frozen=True)
 class ConfigProblem:
-    """One thing wrong with a config file."""
+    """One finding about a config file: an error (the run cannot start), a warning (it runs,
+    differently from MassGen or with a key ignored) or an info note (a MassGen key mapped)."""
 
     file: str
     key: str
     line: int | None
     message: str
+    severity: Literal["error", "warning", "info"] = "error"
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
         key = f" key={self.key}" if self.key else ""
         return _one_line(f"{where}:{key} {self.message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "severity": self.severity,
+            "file": self.file,
+            "key": self.key,
+            "line": self.line,
+            "message": _one_line(self.message),
+        }
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    """A valid config, in this project's own terms, and what loading it had to say."""
+
+    config: RunConfig
+    data: dict[str, Any]  # the translated document: what config.yaml records and the engine runs
+    notes: tuple[ConfigProblem, ...] = field(default=())  # warnings and info notes, in file order
+
+    @property
+    def warnings(self) -> tuple[ConfigProblem, ...]:
+        return tuple(n for n in self.notes if n.severity == "warning")
 
 
 def _one_line(text: str) -> str:
@@ -42,9 +79,12 @@ def _one_line(text: str) -> str:
 class ConfigError(ValueError):
     """A config that cannot be run; `problems` lists every finding, the first is the headline."""
 
-    def __init__(self, problems: list[ConfigProblem], reason: str = "config_invalid") -> None:
+    def __init__(
+        self, problems: list[ConfigProblem], reason: str = "config_invalid", notes: tuple[ConfigProblem, ...] = ()
+    ) -> None:
         self.problems = problems
         self.reason = reason
+        self.notes = notes  # warnings and info notes found next to the errors (for `validate`)
         super().__init__(str(problems[0]) + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""))
 
 
@@ -142,14 +182,62 @@ def _clean_loc(loc: tuple[Any, ...], data: Any) -> tuple[Any, ...]:
     return tuple(out)
 
 
+# The schema's mappings by the key that holds them, for "did you mean" on unknown keys.
+_MODELS: dict[str, type[BaseModel]] = {
+    "": RunConfig,
+    "agents": AgentConfig,
+    "agent": AgentConfig,
+    "backend": BackendConfig,
+    "orchestrator": OrchestratorConfig,
+    "context_paths": ContextPath,
+    "timeout_settings": TimeoutSettings,
+    "sandbox": SandboxConfig,
+    "budget": Budget,
+    "ui": UiConfig,
+}
+
+
+def _known_keys(parent: tuple[Any, ...]) -> list[str]:
+    names = [p for p in parent if isinstance(p, str)]
+    kind = names[-1] if names else ""
+    known: set[str] = set(compat.KNOWN_KEYS.get(kind, ()))
+    model = _MODELS.get(kind)
+    if model is not None:
+        known |= set(model.model_fields)
+    if kind == "":
+        known.add("agent")
+    return sorted(known)
+
+
+def did_you_mean(loc: tuple[Any, ...]) -> str | None:
+    """The known key closest to an unknown one at the same place, if any is close."""
+    if not loc or not isinstance(loc[-1], str):
+        return None
+    close = difflib.get_close_matches(loc[-1], _known_keys(loc[:-1]), n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dict[str, Any]]:
-    """Parse and validate YAML text.
+    """Parse and validate YAML text (see `parse_config`); the translated document is returned.
 
     Raises:
-        ConfigError: syntax errors, schema errors, or a document that is not a mapping.
+        ConfigError: syntax errors, schema errors, refused keys, or a document that is not a mapping.
     """
+    loaded = parse_config(text, file)
+    return loaded.config, loaded.data
+
+
+def parse_config(text: str, file: str = "<config>") -> LoadedConfig:
+    """Parse YAML text, translate MassGen keys (`compat`) and validate strictly.
+
+    Raises:
+        ConfigError: syntax errors, schema errors, refused keys, or a document that is not a mapping;
+            every error is listed (refusals first), and the warnings found so far ride along.
+    """
+    # One parse (libyaml's when built in): the node tree is checked, then constructed.
+    ld = _LOADER(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = ld.get_single_node()
         if node is not None:
             # before constructing, validating or indexing anything: all of those see the expansion
             size, cyclic = _expanded_size(node, MAX_EXPANDED_NODES)
@@ -160,20 +248,29 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
                 raise ConfigError(
                     [ConfigProblem(file, "", None, f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes")]
                 )
-        data = yaml.safe_load(text)
+        data = ld.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        if "nesting depth" in problem:  # libyaml's own limit
+            raise ConfigError([ConfigProblem(file, "", line, "YAML nested too deeply")]) from exc
         raise ConfigError([ConfigProblem(file, "", line, f"YAML syntax error: {problem}")]) from exc
     except RecursionError as exc:  # PyYAML composes and constructs recursively
         raise ConfigError([ConfigProblem(file, "", None, "YAML nested too deeply")]) from exc
+    finally:
+        ld.dispose()
     if not isinstance(data, dict):
         raise ConfigError([ConfigProblem(file, "", 1, "config must be a YAML mapping with an 'agents' list")])
     index = _line_index(node) if node is not None else {}
+    tr = compat.translate(data)
+    notes = [ConfigProblem(file, n.key, _nearest_line(index, n.loc), n.message, n.severity) for n in tr.notes]
+    refusals = [n for n in notes if n.severity == "error"]
+    kept = tuple(n for n in notes if n.severity != "error")
+    data = tr.data
     alias = "agent" in data and "agents" not in data
     try:
-        return RunConfig.model_validate(data), data
+        config = RunConfig.model_validate(data)
     except ValidationError as exc:
         validated = {**data, "agents": [data["agent"]]} if alias else data
         problems = []
@@ -186,19 +283,40 @@ def parse_config_text(text: str, file: str = "<config>") -> tuple[RunConfig, dic
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+                suggestion = did_you_mean(loc)
+                if suggestion:
+                    msg += f"; did you mean {suggestion!r}?"
             elif err["type"] == "missing":
                 msg = "required key is missing"
+            elif err["type"] == "too_long" and loc == ("agents",):
+                msg = (
+                    f"at most 16 agents per run (got {len(validated.get('agents') or [])}); split the work into "
+                    "several runs, or start nested runs from an agent's shell"
+                )
             problems.append(ConfigProblem(file, key, _nearest_line(index, loc), msg))
         # union errors repeat per member; keep the first of each key
-        unique: list[ConfigProblem] = []
+        unique: list[ConfigProblem] = list(refusals)
         for p in problems:
             if p.key not in {u.key for u in unique}:
                 unique.append(p)
-        raise ConfigError(unique) from exc
+        raise ConfigError(unique, notes=kept) from exc
+    if refusals:
+        raise ConfigError(refusals, notes=kept)
+    return LoadedConfig(config, data, kept)
 
 
 def load_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
-    """Read and validate a config file.
+    """Read and validate a config file (see `read_config`).
+
+    Raises:
+        ConfigError: reason config_missing when the file cannot be read, config_invalid otherwise.
+    """
+    loaded = read_config(path)
+    return loaded.config, loaded.data
+
+
+def read_config(path: Path) -> LoadedConfig:
+    """Read, translate and validate a config file.
 
     Raises:
         ConfigError: reason config_missing when the file cannot be read, config_invalid otherwise.
@@ -211,7 +329,7 @@ def load_config(path: Path) -> tuple[RunConfig, dict[str, Any]]:
         raise ConfigError([ConfigProblem(str(path), "", None, "config file not found")], "config_missing") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError([ConfigProblem(str(path), "", None, f"cannot read config: {exc}")], "config_missing") from exc
-    return parse_config_text(text, str(path))
+    return parse_config(text, str(path))
 
 
 def dump_config(data: dict[str, Any]) -> str:

@@ -87,6 +87,13 @@ class StatusReducer:
         st.coordination.total_answers = sum(a.answer_count for a in st.agents.values())
         st.coordination.standing_votes = len(self._standing)
         st.coordination.active_agents = [a for a in self._order if a in self._working]
+        st.coordination.active_agent = st.coordination.active_agents[0] if st.coordination.active_agents else None
+        for entry in st.agents.values():
+            entry.times_restarted = max(0, entry.turns - 1)
+        totals = st.telemetry.totals
+        st.costs.total_estimated_cost = totals.cost_usd
+        st.costs.total_input_tokens = totals.prompt_tokens
+        st.costs.total_output_tokens = totals.completion_tokens
         if self._finished:
             st.coordination.completion_percentage = 100
             return
@@ -208,6 +215,9 @@ class StatusReducer:
             st.run.detail = ev.detail or None
             st.run.finished_at = ev.ts
             st.coordination.phase = Phase.DONE if ev.exit_code == 0 else Phase.FAILED
+            st.is_complete = True
+            st.finish_reason = {0: "completed", 3: "timeout"}.get(ev.exit_code, "error")
+            st.finish_reason_details = f"{ev.reason}: {ev.detail}" if ev.detail else ev.reason
             self._working.clear()
         self._touch(ev.ts)
         self._recompute()

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from enum import IntEnum, StrEnum
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from .status import ConfigNote
 
 RESULT_SCHEMA_VERSION = 1
 
@@ -100,3 +102,4 @@ class RunResult(BaseModel):
     duration_s: float | None = None
     container_exit_code: int | None = None
     container_id: str | None = None
+    config_warnings: list[ConfigNote] = Field(default_factory=list)

@@ -39,6 +39,16 @@ class AgentStatus(StrEnum):
     FAILED = "failed"
 
 
+class ConfigNote(_M):
+    """A config warning (or info note) found when the run's config was loaded."""
+
+    severity: str
+    key: str = ""
+    line: int | None = None
+    message: str
+    file: str = ""
+
+
 class Meta(_M):
     run_id: str = ""
     session_id: str = ""  # same as run_id; MassGen's name for it
@@ -47,6 +57,7 @@ class Meta(_M):
     start_time: float | None = None
     last_updated: float | None = None
     elapsed_seconds: float = 0.0
+    config_warnings: list[ConfigNote] = Field(default_factory=list)
 
 
 class RunSection(_M):
@@ -67,6 +78,7 @@ class RunSection(_M):
 class Coordination(_M):
     phase: Phase = Phase.STARTING
     active_agents: list[str] = Field(default_factory=list)
+    active_agent: str | None = None  # MassGen's field: the first of active_agents, or null
     completion_percentage: int = Field(default=0, ge=0, le=100)
     is_final_presentation: bool = False
     total_answers: int = 0
@@ -95,6 +107,7 @@ class AgentEntry(_M):
     latest_answer_label: str | None = None
     vote_cast: VoteInfo | None = None
     turns: int = 0
+    times_restarted: int = 0  # MassGen's field: turns after the first (each new look at the answers)
     errors: int = 0
     last_activity: float | None = None
     error: AgentErrorInfo | None = None
@@ -144,8 +157,22 @@ class ChildEntry(_M):
     log_dir: str | None = None
 
 
+class Costs(_M):
+    """MassGen's `costs` section: the same numbers as telemetry.totals."""
+
+    total_estimated_cost: float = 0.0
+    total_input_tokens: int = 0
+    total_output_tokens: int = 0
+
+
 class Status(_M):
     schema_version: int = STATUS_SCHEMA_VERSION
+    # MassGen's top-level fields (v0.1.38+): is_complete is run.state == finished; finish_reason
+    # is in_progress, completed (exit 0), timeout (exit 3) or error (any other exit);
+    # finish_reason_details is "<reason>: <detail>" once finished.
+    is_complete: bool = False
+    finish_reason: str = "in_progress"
+    finish_reason_details: str | None = None
     meta: Meta = Field(default_factory=Meta)
     run: RunSection = Field(default_factory=RunSection)
     coordination: Coordination = Field(default_factory=Coordination)
@@ -153,4 +180,5 @@ class Status(_M):
     results: Results = Field(default_factory=Results)
     container: ContainerSection | None = None
     telemetry: Telemetry = Field(default_factory=Telemetry)
+    costs: Costs = Field(default_factory=Costs)
     children: list[ChildEntry] = Field(default_factory=list)

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import math
+import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,8 +137,14 @@ class ToolBox:
         max_output_bytes: int = 64_000,
         max_file_bytes: int = 1_000_000,
         env: Mapping[str, str] | None = None,
+        allowed_commands: Sequence[str] = (),
+        blocked_commands: Sequence[str] = (),
     ) -> None:
         self.workspace = Path(workspace)
+        # MassGen's command_line_allowed/blocked_commands: re.match on the whole command string.
+        # Defence in depth only; the sandbox is the boundary.
+        self.allowed_commands = tuple(re.compile(p) for p in allowed_commands)
+        self.blocked_commands = tuple(re.compile(p) for p in blocked_commands)
         self.context_paths = tuple((Path(p), bool(w)) for p, w in context_paths)
         self.shell_timeout = shell_timeout
         self.max_shell_timeout = shell_timeout * TIMEOUT_CAP_FACTOR
@@ -270,6 +277,12 @@ class ToolBox:
                 f"(at most {self.max_shell_timeout:g}); got {args['timeout']!r}"
             )
         timeout = min(timeout, self.max_shell_timeout)
+        if self.allowed_commands and not any(p.match(command) for p in self.allowed_commands):
+            allowed = ", ".join(p.pattern for p in self.allowed_commands)
+            return _failure("shell", f"command not allowed by this agent's config (allowed patterns: {allowed})")
+        blocked = next((p for p in self.blocked_commands if p.match(command)), None)
+        if blocked is not None:
+            return _failure("shell", f"command blocked by this agent's config (pattern {blocked.pattern!r})")
         try:
             out = await run_shell(
                 command,

@@ -38,5 +38,38 @@ def test_head_and_tail_lines_follow_the_contract() -> None:
     )
     lines = head + ok
     assert len(lines) <= 20 and all(line.isascii() and "\n" not in line for line in lines + fail)
-    assert ok[2] == "ANSWER_FILE: /a b/final/x/answer.txt" and len(ok[3]) <= len("ANSWER_PREVIEW: ") + 203
+    assert ok[2] == "ANSWER_FILE: /a b/final/x/answer.txt" and len(ok[4]) <= len("ANSWER_PREVIEW: ") + 203
+    assert ok[3] == "FINAL_DIR: /a b/final/x"  # MassGen's line: the winner's folder (answer.txt, workspace/)
+    assert head[3] == "STATUS: /a b/log_1/status.json"  # MassGen's name for STATUS_FILE
     assert fail == [fail[0]] and fail[0].startswith("TIMEOUT: timeout: ") and len(fail[0]) < 40 + 4 * 303
+
+
+def test_output_file_line_follows_final_dir(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """With --output-file, the answer is copied there (atomically) and OUTPUT_FILE names its absolute path."""
+    from agent_image.protocol.automation import write_output_file
+
+    target = write_output_file(str(tmp_path / "sub" / "answer.md"), "the answer\n")
+    assert target == str(tmp_path / "sub" / "answer.md")
+    assert (tmp_path / "sub" / "answer.md").read_text() == "the answer\n"
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["answer.md"]  # no temp file left
+    ok = tail_lines(
+        exit_code=0,
+        reason="completed",
+        detail="",
+        winner="x",
+        duration_s=1.0,
+        answer_file="/l/final/x/answer.txt",
+        answer_text="a",
+        n_agents=1,
+        output_file=target,
+    )
+    assert [line.split(":", 1)[0] for line in ok] == [
+        "WINNER",
+        "DURATION",
+        "ANSWER_FILE",
+        "FINAL_DIR",
+        "OUTPUT_FILE",
+        "ANSWER_PREVIEW",
+        "COMPLETED",
+    ]
+    assert ok[4] == f"OUTPUT_FILE: {target}"

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent_image.protocol.config import Permission, RunConfig, SleepStep
-from agent_image.protocol.loader import ConfigError, load_config, parse_config_text
+from agent_image.protocol.loader import ConfigError, load_config, parse_config_text, read_config
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
@@ -87,7 +87,8 @@ def test_single_agent_dict_and_massgen_keys_parse(tmp_path: Path) -> None:
           logging_enabled: true
         """,
     )
-    config, _ = load_config(path)
+    loaded = read_config(path)
+    config = loaded.config
     assert config.agent_ids == ["solo"]
     paths = config.orchestrator.context_paths
     assert [(p.path, p.permission) for p in paths] == [
@@ -96,7 +97,12 @@ def test_single_agent_dict_and_massgen_keys_parse(tmp_path: Path) -> None:
         ("/data/default", Permission.READ),
     ]
     assert config.orchestrator.max_new_answers_per_agent == 2
-    assert config.orchestrator.snapshot_storage == "snapshots"
+    # MassGen's snapshot folders mean nothing here: translated away, each with a note saying so
+    assert "snapshot_storage" not in loaded.data["orchestrator"]
+    noted = {n.key: n.severity for n in loaded.notes}
+    assert noted["orchestrator.snapshot_storage"] == "info"
+    assert noted["orchestrator.agent_temporary_workspace"] == "warning"
+    assert noted["orchestrator.context_paths.1.permission"] == "warning"
     assert config.timeout_settings.orchestrator_timeout_seconds == 300
     assert config.ui is not None and config.ui.display_type == "rich_terminal"
 

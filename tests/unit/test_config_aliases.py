@@ -19,13 +19,14 @@ def _bomb(levels: int, fan_out: int = 10) -> str:
     lines = [
         "agents:",
         "  - id: a",
-        "    backend: {type: scripted}",
-        "orchestrator:",
-        "  coordination:",
-        "    l0: &l0 [" + ", ".join(["x"] * fan_out) + "]",
+        "    backend:",
+        "      type: openai",
+        "      model: m",
+        "      extra_body:",
+        "        l0: &l0 [" + ", ".join(["x"] * fan_out) + "]",
     ]
     for i in range(1, levels):
-        lines.append(f"    l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fan_out) + "]")
+        lines.append(f"        l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fan_out) + "]")
     return "\n".join(lines) + "\n"
 
 
@@ -55,7 +56,7 @@ def test_expansion_below_budget_is_accepted() -> None:
     """Aliases that expand to a moderate size are not refused (the budget counts expanded nodes)."""
     config, data = parse_config_text(_bomb(3), "ok.yaml")  # 10**3 scalars
     assert config.agents[0].id == "a"
-    assert data["orchestrator"]["coordination"]["l2"][9][9] == ["x"] * 10
+    assert data["agents"][0]["backend"]["extra_body"]["l2"][9][9] == ["x"] * 10
 
 
 def test_alias_cycle_is_refused() -> None:
@@ -115,8 +116,8 @@ def test_line_index_enters_each_node_once() -> None:
     index = loader._line_index(node)
     assert time.monotonic() - start < 1.0
     assert len(index) < 200
-    coordination = ("orchestrator", "coordination")
-    assert index[coordination + ("l0", 3)] == 6  # inside the anchor: indexed
-    assert index[coordination + ("l1",)] == 7  # a key holding aliases: its own line
-    assert index[coordination + ("l1", 3)] == 6  # an aliased item: PyYAML keeps only its anchor's line
-    assert coordination + ("l1", 3, 0) not in index  # not expanded below the alias
+    extra = ("agents", 0, "backend", "extra_body")
+    assert index[extra + ("l0", 3)] == 7  # inside the anchor: indexed
+    assert index[extra + ("l1",)] == 8  # a key holding aliases: its own line
+    assert index[extra + ("l1", 3)] == 7  # an aliased item: PyYAML keeps only its anchor's line
+    assert extra + ("l1", 3, 0) not in index  # not expanded below the alias

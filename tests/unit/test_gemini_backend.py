@@ -396,3 +396,15 @@ def test_gateway_socket(monkeypatch: pytest.MonkeyPatch) -> None:
     assert req.path.startswith("/gemini/v1") and req.path.endswith("/models/gemini-test:streamGenerateContent")
     assert req.headers["x-goog-api-key"] == "sandbox"
     assert req.headers["host"] == "massgen-gateway"
+
+
+def test_web_search_and_sampling_params_reach_the_wire() -> None:
+    """enable_web_search adds the provider-side google_search tool next to the functions; top_p/top_k are sent."""
+    with FakeGemini(lambda r: Reply(text="ok")) as f:
+        run(GeminiBackend(cfg(f.base_url, enable_web_search=True, top_p=0.5, top_k=20), api_key=KEY), QUESTION)
+    body = f.requests[0]
+    tools = body["tools"]
+    assert any("googleSearch" in t or "google_search" in t for t in tools), tools
+    assert any("functionDeclarations" in t or "function_declarations" in t for t in tools)
+    gen = body.get("generationConfig") or body.get("generation_config")
+    assert gen["topP"] == 0.5 and gen["topK"] == 20

@@ -339,3 +339,18 @@ def test_fake_lists_models() -> None:
 
     with FakeOpenAI() as f:
         assert asyncio.run(go(f.base_url)) == ["fake-model"]
+
+
+def test_massgen_sampling_and_reasoning_params_reach_the_wire() -> None:
+    """top_p, verbosity (MassGen text.verbosity), reasoning_effort (reasoning.effort) and extra_body are sent."""
+    extra = {"chat_template_kwargs": {"enable_thinking": True}, "top_k": 50}
+    with FakeOpenAI(lambda r: Reply(text="ok")) as f:
+        run(
+            OpenAIBackend(
+                cfg(f.base_url, top_p=0.7, verbosity="low", reasoning_effort="high", extra_body=extra), api_key=KEY
+            ),
+            QUESTION,
+        )
+    body = f.requests[0]
+    assert (body["top_p"], body["verbosity"], body["reasoning_effort"]) == (0.7, "low", "high")
+    assert body["chat_template_kwargs"] == {"enable_thinking": True} and body["top_k"] == 50

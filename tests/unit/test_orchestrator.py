@@ -261,3 +261,14 @@ def test_one_broken_backend_does_not_stop_the_others(tmp_path: Path) -> None:
     assert (outcome.exit_code, outcome.winner, outcome.final_answer) == (0, "a", "the final")
     calls = [e for e in w.events if e.type == "model_call"]
     assert calls and all(e.model == "fake-1" for e in calls)
+
+
+def test_voting_sensitivity_adds_its_sentence_to_the_voting_prompt() -> None:
+    """orchestrator.voting_sensitivity (MassGen) is one sentence of the coordination prompt; none without it."""
+    from agent_image.engine import prompts
+
+    plain = prompts.coordination_prompt("Q", {"agent1": "A"}, "agent2")
+    for level, sentence in prompts.VOTING_SENSITIVITY.items():
+        text = prompts.coordination_prompt("Q", {"agent1": "A"}, "agent2", level)
+        assert sentence in text and sentence not in plain
+        assert text.endswith(prompts.ENFORCEMENT)

@@ -543,3 +543,15 @@ def test_each_toolbox_has_its_own_todo_list(ws: Path) -> None:
     first, second = ToolBox(ws), ToolBox(ws)
     call(first, "todo", {"action": "add", "text": "mine"})
     assert "(no todos)" in call(second, "todo", {"action": "list"}).content
+
+
+def test_allowed_and_blocked_commands_filter_the_shell(ws: Path) -> None:
+    """MassGen's command_line_allowed/blocked_commands: re.match on the whole command; refusals run nothing."""
+    box = ToolBox(ws, allowed_commands=[r"^(echo|touch) "], blocked_commands=[r".*forbidden"])
+    ok, data = shell(box, "echo hi")
+    assert ok.ok and data["stdout"] == "hi\n"
+    refused = call(box, "shell", {"command": "rm -rf x"})
+    assert not refused.ok and "not allowed" in refused.content and "^(echo|touch) " in refused.content
+    blocked = call(box, "shell", {"command": "touch forbidden"})
+    assert not blocked.ok and "blocked" in blocked.content
+    assert not (ws / "forbidden").exists()

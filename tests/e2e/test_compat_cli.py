@@ -1,0 +1,130 @@
+"""MassGen keys through the real CLI: warnings in massgen.log, status.json and result.json, on stderr in
+human mode and never on stdout in --automation; `validate`; the MassGen poller fields and lines."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from tests.cli_helpers import load, massgen_run, parse_lines, write_config
+
+MASSGEN_STYLE = """\
+agents:
+  - id: agent.a
+    backend:
+      type: scripted
+      cwd: workspace1
+      enable_mcp_command_line: true
+      command_line_execution_mode: local
+      steps:
+        - shell: "echo hi"
+        - answer: "four"
+        - vote: auto
+  - id: agent_b
+    backend:
+      type: scripted
+      steps:
+        - sleep: 0.5
+        - vote: auto
+orchestrator:
+  snapshot_storage: snapshots
+  agent_temporary_workspace: temp_workspaces
+  voting_sensitivity: balanced
+ui:
+  display_type: rich_terminal
+  logging_enabled: true
+  type: rich_terminal
+"""
+
+
+def test_warnings_go_to_files_and_never_to_stdout_in_automation(tmp_path: Path) -> None:
+    """A MassGen-style config runs (exit 0); its warnings are in massgen.log, status.json and result.json only."""
+    cfg = write_config(tmp_path, MASSGEN_STYLE)
+    p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "config warning" not in p.stdout and "command_line_execution_mode" not in p.stdout
+    assert "command_line_execution_mode" not in p.stderr  # stderr is often the same file (2>&1)
+    f = parse_lines(p.stdout)
+    log_dir = Path(f["LOG_DIR"])
+    st, res = load(log_dir / "status.json"), load(log_dir / "result.json")
+    keys = {w["key"] for w in st["meta"]["config_warnings"]}
+    assert "agents.0.backend.command_line_execution_mode" in keys
+    assert "ui.type" in keys and "orchestrator.agent_temporary_workspace" in keys
+    assert all(w["severity"] == "warning" and w["line"] for w in st["meta"]["config_warnings"])
+    assert res["config_warnings"] == st["meta"]["config_warnings"]
+    log = (log_dir / "massgen.log").read_text()
+    assert "config warning:" in log and "config info:" in log and "backend.cwd" in log
+    # MassGen pollers: the lines and the fields they read
+    assert f["STATUS"] == f["STATUS_FILE"]
+    assert f["FINAL_DIR"] == str(Path(f["ANSWER_FILE"]).parent)
+    assert st["is_complete"] is True and st["finish_reason"] == "completed"
+    assert st["finish_reason_details"] == "completed"
+    assert st["coordination"]["active_agent"] is None
+    assert set(st["costs"]) == {"total_estimated_cost", "total_input_tokens", "total_output_tokens"}
+    assert all("times_restarted" in a for a in st["agents"].values())
+    assert "agent.a" in st["agents"]  # a dotted MassGen id
+
+
+def test_human_mode_prints_warnings_on_stderr(tmp_path: Path) -> None:
+    """Without --automation the warnings are on stderr, one line each, naming file, line and key."""
+    cfg = write_config(tmp_path, MASSGEN_STYLE)
+    p = massgen_run(["--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    warned = [line for line in p.stderr.splitlines() if line.startswith("config warning: ")]
+    assert any(f"{cfg}:" in w and "key=agents.0.backend.command_line_execution_mode" in w for w in warned)
+    assert "config warning" not in p.stdout
+
+
+def test_output_file_gets_the_final_answer(tmp_path: Path) -> None:
+    """--output-file PATH: the final answer is copied there and OUTPUT_FILE names it."""
+    out = tmp_path / "out" / "final.md"
+    p = massgen_run(
+        ["--automation", "--sandbox", "none", "--output-file", str(out), "--config", "@examples/quickstart", "q"],
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = parse_lines(p.stdout)
+    assert f["OUTPUT_FILE"] == str(out)
+    assert out.read_text() == Path(f["ANSWER_FILE"]).read_text()
+
+
+def test_validate_verb(tmp_path: Path) -> None:
+    """`validate`: 0 with warnings listed, 1 with --strict; errors exit 1 with did-you-mean; --json is one object."""
+    cfg = write_config(tmp_path, MASSGEN_STYLE)
+    p = massgen_run(["validate", str(cfg)], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-1].startswith(f"OK: {cfg} (")
+    assert any(line.startswith("warning: ") and "command_line_execution_mode" in line for line in p.stdout.splitlines())
+    assert massgen_run(["validate", "--strict", str(cfg)], tmp_path).returncode == 1
+    j = massgen_run(["validate", "--json", str(cfg)], tmp_path)
+    doc = json.loads(j.stdout)
+    assert doc["valid"] is True and doc["errors"] == [] and doc["warnings"] and doc["notes"]
+    assert not (tmp_path / ".massgen").exists()  # nothing started, no log dir
+    bad = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: scripted, stepz: []}\n", "bad.yaml")
+    b = massgen_run(["validate", str(bad)], tmp_path)
+    assert b.returncode == 1
+    assert "key=agents.0.backend.stepz unknown key; did you mean 'steps'?" in b.stdout
+    assert b.stdout.splitlines()[-1] == f"INVALID: {bad}: 1 error(s)"
+    refused = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: claude_code, model: sonnet}\n", "cc.yaml")
+    r = json.loads(massgen_run(["validate", "--json", str(refused)], tmp_path).stdout)
+    assert r["valid"] is False and r["errors"][0]["key"] == "agents.0.backend.type"
+    missing = write_config(
+        tmp_path,
+        "agents:\n  - id: a\n    backend: {type: scripted}\norchestrator:\n  context_paths: [{path: nowhere}]\n",
+        "m.yaml",
+    )
+    m = massgen_run(["validate", str(missing)], tmp_path)
+    assert m.returncode == 1 and "path does not exist" in m.stdout
+
+
+def test_validate_is_fast(tmp_path: Path) -> None:
+    """A generous bound on the CLI's validate (the bench measures the real figure against a baseline)."""
+    cfg = write_config(tmp_path, MASSGEN_STYLE)
+    times = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        assert massgen_run(["validate", str(cfg)], tmp_path).returncode == 0
+        times.append(time.monotonic() - t0)
+    assert statistics.median(times) < 5.0
