@@ -145,7 +145,7 @@ class Hub:
         return scratch.scan()
 
     def _observe(self, root: Path) -> Any:
-        from watchdog.events import FileSystemEventHandler
+        from watchdog.events import FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEventHandler
         from watchdog.observers import Observer
 
         hub = self
@@ -167,7 +167,15 @@ class Hub:
         warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.")
         observer = Observer()
         try:
-            observer.schedule(_Handler(), str(root), recursive=True)
+            # Only writes and renames: watchdog's default mask includes opens and closes, and
+            # its own walk of a big tree (opening every directory) then overflows the inotify
+            # queue, which makes it walk again, and so on.
+            observer.schedule(
+                _Handler(),
+                str(root),
+                recursive=True,
+                event_filter=[FileMovedEvent, FileModifiedEvent, FileCreatedEvent],
+            )
             observer.start()
         except OSError as exc:  # e.g. the inotify watch limit: the fallback pass keeps pages right
             log.warning("dashboard: cannot watch %s (%s); updates come from the %gs rescan", root, exc, self.fallback_s)
