@@ -20,7 +20,8 @@ from pydantic import ValidationError
 from agent_image.protocol.api import ErrorBody, SubmitRun
 
 from .core import RunRecord, Supervisor
-from .lifecycle import PolicyError, RunRequest
+from .errors import PolicyError
+from .lifecycle import RunRequest
 from .logdir import RUN_ID_RE, atomic_write
 
 log = logging.getLogger(__name__)

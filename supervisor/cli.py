@@ -193,13 +193,13 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
     Raises:
         SystemExit: preflight found a problem (exit 1 with the problems on stderr).
     """
-    from .images import BuildError, ensure_images, preflight
-    from .runtime.base import RuntimeError_
+    from .errors import BuildError, ContainerRuntimeError
+    from .images import ensure_images, preflight
     from .runtime.docker import DockerRuntime
 
     try:
         runtime = DockerRuntime()
-    except RuntimeError_ as exc:
+    except ContainerRuntimeError as exc:
         problems = preflight()
         raise _PreflightFailed(problems or [str(exc)]) from exc
     if image:
@@ -214,7 +214,7 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
         _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
     try:
         return runtime, ensure_images(runtime, progress=_stderr)
-    except (BuildError, RuntimeError_) as exc:
+    except (BuildError, ContainerRuntimeError) as exc:
         raise _PreflightFailed([f"image build failed: {exc}"]) from exc
 
 
@@ -516,13 +516,13 @@ def cmd_image(argv: list[str]) -> int:
     b = sub.add_parser("build", help="build the base and agent images (what is missing)")
     b.add_argument("--force", action="store_true", help="rebuild even when present")
     args = p.parse_args(argv)
-    from .images import BuildError, ensure_images, preflight
-    from .runtime.base import RuntimeError_
+    from .errors import BuildError, ContainerRuntimeError
+    from .images import ensure_images, preflight
     from .runtime.docker import DockerRuntime
 
     try:
         runtime = DockerRuntime()
-    except RuntimeError_ as exc:
+    except ContainerRuntimeError as exc:
         for prob in preflight() or [str(exc)]:
             _stderr(f"massgen-run image build: {prob}")
         return 1
@@ -533,7 +533,7 @@ def cmd_image(argv: list[str]) -> int:
         return 1
     try:
         tag = ensure_images(runtime, progress=_stderr, force=args.force)
-    except (BuildError, RuntimeError_) as exc:
+    except (BuildError, ContainerRuntimeError) as exc:
         _stderr(f"massgen-run image build: {exc}")
         return 2
     print(tag)

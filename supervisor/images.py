@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
-from supervisor.runtime.base import RuntimeError_, RuntimeUnavailable
+from supervisor.errors import BuildError, ContainerRuntimeError, ImageBuildFailed, RuntimeUnavailable
 
 __all__ = [
     "AGENT_IMAGE_REPO",
@@ -47,14 +47,6 @@ _SKIP_DIRS = frozenset({"__pycache__", ".pytest_cache", ".mypy_cache", ".ruff_ca
 _SKIP_SUFFIXES = (".pyc", ".pyo")
 
 Progress = Callable[[str], None]
-
-
-class BuildError(Exception):
-    """An image could not be built; `detail` says which step and why."""
-
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-        super().__init__(f"image build failed: {detail}")
 
 
 class ImageStore(Protocol):
@@ -188,7 +180,7 @@ def preflight(runtime: ImageStore | None = None, *, cache: Path | None = None) -
     try:
         runtime.ping()
         engine_up = True
-    except RuntimeError_ as exc:
+    except ContainerRuntimeError as exc:
         where = getattr(runtime, "endpoint", None) or "the configured engine"
         problems.append(
             f"no container engine answers at {where} ({exc}); start one with "
@@ -200,7 +192,7 @@ def preflight(runtime: ImageStore | None = None, *, cache: Path | None = None) -
             if runtime.image_labels(agent_image_tag()) is not None:
                 return problems  # nothing to build
             base_needed = not _base_is_current(runtime)
-        except (RuntimeError_, BuildError) as exc:
+        except (ContainerRuntimeError, BuildError) as exc:
             problems.append(f"cannot inspect images: {exc}")
             base_needed = False
         if base_needed and not _rootfs_tarball(cache).is_file():
@@ -258,8 +250,8 @@ def ensure_images(runtime: ImageStore, *, progress: Progress, force: bool = Fals
             _build_agent(runtime, source, wheels, tag, progress, force=force)
         except RuntimeUnavailable:
             raise
-        except RuntimeError_ as exc:
-            tail = str(getattr(exc, "log_tail", "")).strip().splitlines()[-15:]
+        except ContainerRuntimeError as exc:
+            tail = exc.log_tail.strip().splitlines()[-15:] if isinstance(exc, ImageBuildFailed) else []
             detail = str(exc) + "".join(f"\n  {line}" for line in tail)
             raise BuildError(detail) from exc
     return tag
@@ -270,7 +262,7 @@ def _exists(runtime: ImageStore, tag: str) -> bool:
         return runtime.image_labels(tag) is not None
     except RuntimeUnavailable:
         raise
-    except RuntimeError_ as exc:
+    except ContainerRuntimeError as exc:
         raise BuildError(str(exc)) from exc
 
 
@@ -596,7 +588,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     try:
         tag = ensure_images(runtime, progress=progress, force=args.force)
-    except (BuildError, RuntimeError_) as exc:
+    except (BuildError, ContainerRuntimeError) as exc:
         print(f"image: FAILED: {exc}", file=sys.stderr)
         return 1
     print(tag)

@@ -26,6 +26,7 @@ from agent_image.protocol.spec import RunSpec
 from agent_image.protocol.status import ContainerSection, RunState
 
 from .configs import check_context_paths, resolve_loaded
+from .errors import ContainerRuntimeError, ImageMissing, PolicyError
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
 from .runtime.base import (
@@ -36,10 +37,8 @@ from .runtime.base import (
     LABEL_RUN,
     LABEL_SUPERVISOR,
     LABEL_WORKSPACE,
-    ImageMissing,
     Mount,
     Runtime,
-    RuntimeError_,
     SandboxHandle,
     SandboxSpec,
 )
@@ -85,15 +84,6 @@ class RunRequest:
     config_text: str | None = None  # a submitted config (nested runs); config_source then only names it
     limits_cap: Limits | None = None  # a nested run's resources: at most its parent's
     config_error: str | None = None  # the client could not read the config: record config_missing
-
-
-class PolicyError(Exception):
-    """The supervisor refuses to start this run as configured (a limit, a path, a mode)."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        self.reason = reason
-        self.detail = detail
-        super().__init__(f"{reason}: {detail}")
 
 
 class RunHooks:
@@ -429,7 +419,7 @@ class RunExecution:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:
                         return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
-                    except RuntimeError_ as exc:
+                    except ContainerRuntimeError as exc:
                         return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
                     try:
                         await self.hooks.services_ready(self)

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING
 
 from agent_image.protocol.config import RunConfig
 
-from .lifecycle import PolicyError, RunExecution, RunHooks
+from .errors import PolicyError, SnapshotError
+from .lifecycle import RunExecution, RunHooks
 from .runtime.base import Mount
-from .snapshot import SnapshotError, snapshot_dir_async
+from .snapshot import snapshot_dir_async
 from .sockets import socket_root
 
 if TYPE_CHECKING:

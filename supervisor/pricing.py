@@ -17,21 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import DataFileError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PRICING_FILE = Path(__file__).resolve().parent.parent / "configs" / "pricing.json"
 MAX_DATA_FILE_BYTES = 1 << 20
 # "gpt-4o-2024-08-06" -> "gpt-4o", "gemini-2.0-flash-001" -> "gemini-2.0-flash", "...-latest".
 _VERSION_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{3,8}|latest)$")
-
-
-class DataFileError(ValueError):
-    """A pricing or keys file that cannot be used; the message names the file (never its values)."""
-
-    def __init__(self, path: str, problem: str) -> None:
-        self.path = path
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 def read_data_file(path: str | os.PathLike[str]) -> Any:

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import SnapshotError
+
 DEFAULT_LIMIT_BYTES = 256 << 20
 DEFAULT_LIMIT_ENTRIES = 100_000
 MAX_DEPTH = 64
@@ -34,10 +36,6 @@ _SRC_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DST_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # The entry changed between listing and opening (now a symlink, a file, or gone): skip it.
 _RACED = {errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.ENXIO, errno.EISDIR}
-
-
-class SnapshotError(Exception):
-    """The folder cannot be snapshotted safely (escape attempt, not a directory, too large)."""
 
 
 @dataclass

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from ..pricing import DataFileError, read_data_file
+from ..errors import DataFileError
+from ..pricing import read_data_file
 
 PROVIDERS = ("openai", "gemini")
 DEFAULT_OPENAI_BASE_URL = "https://api.openai.com/v1"

@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+# A runtime's errors, part of its contract (the whole tree is drawn in supervisor/errors.py).
+from ..errors import ContainerRuntimeError as ContainerRuntimeError
+from ..errors import ImageMissing as ImageMissing
+from ..errors import RuntimeUnavailable as RuntimeUnavailable
+from ..errors import SandboxStartFailed as SandboxStartFailed
+
 # Labels carried by every container we create; reconciliation finds containers by these only.
 LABEL_OWNER = "io.massgen.sandbox"  # value: "1"
 LABEL_SUPERVISOR = "io.massgen.supervisor-id"
@@ -107,26 +113,3 @@ class Runtime(Protocol):
     def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
         """Sandboxes carrying all the given labels (and the owner label)."""
         ...
-
-
-class RuntimeError_(Exception):
-    """Root of runtime failures."""
-
-
-class RuntimeUnavailable(RuntimeError_):
-    def __init__(self, detail: str) -> None:
-        self.detail = detail
-        super().__init__(f"container engine unavailable: {detail}")
-
-
-class ImageMissing(RuntimeError_):
-    def __init__(self, image: str) -> None:
-        self.image = image
-        super().__init__(f"image not found: {image}")
-
-
-class SandboxStartFailed(RuntimeError_):
-    def __init__(self, run_id: str, detail: str) -> None:
-        self.run_id = run_id
-        self.detail = detail
-        super().__init__(f"run_id={run_id} sandbox failed to start: {detail}")

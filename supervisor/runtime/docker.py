@@ -17,17 +17,21 @@ import docker.errors
 import docker.types
 import requests.exceptions
 
+from supervisor.errors import (
+    ContainerRuntimeError,
+    ImageBuildFailed,
+    ImageMissing,
+    RuntimeCallFailed,
+    RuntimeUnavailable,
+    SandboxStartFailed,
+)
 from supervisor.runtime.base import (
     LABEL_OWNER,
     LABEL_RUN,
     ExitInfo,
-    ImageMissing,
-    RuntimeError_,
-    RuntimeUnavailable,
     SandboxFacts,
     SandboxHandle,
     SandboxSpec,
-    SandboxStartFailed,
 )
 
 __all__ = ["DockerHandle", "DockerRuntime", "ImageBuildFailed", "RuntimeCallFailed"]
@@ -40,26 +44,6 @@ _UNKNOWN_EXIT = -1
 
 
 LOG_TAIL_LINES = 2000  # what massgen.log keeps of a sandbox's own output
-
-
-class RuntimeCallFailed(RuntimeError_):
-    """The engine answered but refused or failed an operation on an existing sandbox or image."""
-
-    def __init__(self, op: str, target: str, detail: str) -> None:
-        self.op = op
-        self.target = target
-        self.detail = detail
-        super().__init__(f"op={op} target={target} failed: {detail}")
-
-
-class ImageBuildFailed(RuntimeError_):
-    """`docker build` (or import) of an image failed; `log_tail` holds the last build output."""
-
-    def __init__(self, tag: str, detail: str, log_tail: str = "") -> None:
-        self.tag = tag
-        self.detail = detail
-        self.log_tail = log_tail
-        super().__init__(f"image={tag} build failed: {detail}")
 
 
 @dataclass
@@ -122,14 +106,12 @@ class DockerRuntime:
     def _docker(self) -> docker.DockerClient:
         with self._lock:
             if self._client is None:
-                try:
+                with self._engine("connect", self.endpoint):
                     self._client = docker.from_env(
                         timeout=int(math.ceil(self._timeout)),
                         max_pool_size=self._max_pool_size,
                         environment=self._environment,
                     )
-                except docker.errors.DockerException as exc:
-                    raise RuntimeUnavailable(_explain(exc)) from exc
             return self._client
 
     @property
@@ -138,10 +120,15 @@ class DockerRuntime:
 
     @contextmanager
     def _engine(self, op: str, target: str) -> Iterator[None]:
-        """Map engine-level failures of one call to our errors; callers handle NotFound first."""
+        """Map the Docker SDK's failures of one call to our errors (the only place that does).
+
+        The engine's refusals (APIError, NotFound included) become `RuntimeCallFailed` with the
+        SDK error as `__cause__` (see `_gone`), failures to reach it `RuntimeUnavailable`.
+        Callers translate further where an operation has its own error (create, build).
+        """
         try:
             yield
-        except RuntimeError_:
+        except ContainerRuntimeError:
             raise
         except docker.errors.APIError as exc:
             raise RuntimeCallFailed(op, target, _explain(exc)) from exc
@@ -209,18 +196,17 @@ class DockerRuntime:
             ),
         }
         try:
-            container = self._docker.containers.create(**kwargs)
-        except docker.errors.ImageNotFound as exc:
-            raise ImageMissing(spec.image) from exc
-        except docker.errors.APIError as exc:
-            raise SandboxStartFailed(spec.run_id, f"create: {_explain(exc)}") from exc
-        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise RuntimeUnavailable(_explain(exc)) from exc
+            with self._engine("create", spec.image):
+                container = self._docker.containers.create(**kwargs)
+        except RuntimeCallFailed as exc:
+            if isinstance(exc.__cause__, docker.errors.ImageNotFound):
+                raise ImageMissing(spec.image) from exc.__cause__
+            raise SandboxStartFailed(spec.run_id, f"create: {exc.detail}") from exc.__cause__
         handle = DockerHandle(container.id)
         try:
             with self._engine("start", handle.id):
                 container.start()
-        except RuntimeError_ as exc:
+        except ContainerRuntimeError as exc:
             # A created-but-never-started container would only be found later by label; drop it.
             self._remove_quietly(handle)
             if isinstance(exc, RuntimeCallFailed):
@@ -241,15 +227,16 @@ class DockerRuntime:
         error: str | None = None
         if timeout > 0:
             try:
-                result = self._api.wait(handle.id, timeout=timeout)
-            except docker.errors.NotFound:
-                return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
-            except docker.errors.APIError as exc:
-                raise RuntimeCallFailed("wait", handle.id, _explain(exc)) from exc
-            except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-                if _is_read_timeout(exc):
-                    return None
-                raise RuntimeUnavailable(f"op=wait target={handle.id}: {_explain(exc)}") from exc
+                with self._engine("wait", handle.id):
+                    result = self._api.wait(handle.id, timeout=timeout)
+            except RuntimeCallFailed as exc:
+                if isinstance(exc.__cause__, docker.errors.NotFound):
+                    return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
+                raise
+            except RuntimeUnavailable as exc:
+                if exc.__cause__ is not None and _is_read_timeout(exc.__cause__):
+                    return None  # still running after `timeout`
+                raise
             err = (result or {}).get("Error") or {}
             error = err.get("Message") or None
         state = self._inspect_state(handle)
@@ -426,40 +413,37 @@ class DockerRuntime:
         tail: list[str] = []
         image_id = ""
         try:
-            stream = self._api.build(
-                path=str(context_dir),
-                tag=tag,
-                dockerfile=dockerfile,
-                buildargs=dict(buildargs or {}),
-                labels=dict(labels or {}),
-                network_mode="none",
-                pull=False,
-                rm=True,
-                forcerm=True,
-                nocache=nocache,
-                decode=True,
-                timeout=int(math.ceil(timeout)),
-            )
-            for chunk in stream:
-                if "error" in chunk or "errorDetail" in chunk:
-                    detail = (chunk.get("errorDetail") or {}).get("message") or chunk.get("error")
-                    raise ImageBuildFailed(tag, str(detail).strip(), "".join(tail[-40:]))
-                if "aux" in chunk and "ID" in chunk["aux"]:
-                    image_id = chunk["aux"]["ID"]
-                text = chunk.get("stream")
-                if text:
-                    tail.append(text)
-                    del tail[:-200]
-                    if on_line is not None:
-                        for line in text.splitlines():
-                            if line.strip():
-                                on_line(line.rstrip())
-        except ImageBuildFailed:
-            raise
-        except docker.errors.APIError as exc:
-            raise ImageBuildFailed(tag, _explain(exc), "".join(tail[-40:])) from exc
-        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise RuntimeUnavailable(f"op=build target={tag}: {_explain(exc)}") from exc
+            with self._engine("build", tag):
+                stream = self._api.build(
+                    path=str(context_dir),
+                    tag=tag,
+                    dockerfile=dockerfile,
+                    buildargs=dict(buildargs or {}),
+                    labels=dict(labels or {}),
+                    network_mode="none",
+                    pull=False,
+                    rm=True,
+                    forcerm=True,
+                    nocache=nocache,
+                    decode=True,
+                    timeout=int(math.ceil(timeout)),
+                )
+                for chunk in stream:
+                    if "error" in chunk or "errorDetail" in chunk:
+                        detail = (chunk.get("errorDetail") or {}).get("message") or chunk.get("error")
+                        raise ImageBuildFailed(tag, str(detail).strip(), "".join(tail[-40:]))
+                    if "aux" in chunk and "ID" in chunk["aux"]:
+                        image_id = chunk["aux"]["ID"]
+                    text = chunk.get("stream")
+                    if text:
+                        tail.append(text)
+                        del tail[:-200]
+                        if on_line is not None:
+                            for line in text.splitlines():
+                                if line.strip():
+                                    on_line(line.rstrip())
+        except RuntimeCallFailed as exc:
+            raise ImageBuildFailed(tag, exc.detail, "".join(tail[-40:])) from exc.__cause__
         if not image_id:
             labels_now = self.image_labels(tag)
             if labels_now is None:
@@ -477,16 +461,15 @@ class DockerRuntime:
         if not repository or "/" in version:
             repository, version = tag, "latest"
         try:
-            self._api.import_image(
-                src=str(tar_path),
-                repository=repository,
-                tag=version,
-                changes=list(changes) or None,
-            )
-        except docker.errors.APIError as exc:
-            raise ImageBuildFailed(tag, f"import {tar_path}: {_explain(exc)}") from exc
-        except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
-            raise RuntimeUnavailable(f"op=import target={tag}: {_explain(exc)}") from exc
+            with self._engine("import", tag):
+                self._api.import_image(
+                    src=str(tar_path),
+                    repository=repository,
+                    tag=version,
+                    changes=list(changes) or None,
+                )
+        except RuntimeCallFailed as exc:
+            raise ImageBuildFailed(tag, f"import {tar_path}: {exc.detail}") from exc.__cause__
         if not self.image_exists(tag):
             raise ImageBuildFailed(tag, f"import of {tar_path} produced no image")
 
@@ -532,7 +515,7 @@ class DockerRuntime:
     def _remove_quietly(self, handle: SandboxHandle) -> None:
         try:
             self.remove(handle)
-        except RuntimeError_ as exc:
+        except ContainerRuntimeError as exc:
             log.warning("cleanup failed container=%s error=%s", handle.id[:12], exc)
 
 

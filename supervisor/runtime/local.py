@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .base import ExitInfo, SandboxFacts, SandboxSpec, SandboxStartFailed
+from ..errors import SandboxStartFailed
+from .base import ExitInfo, SandboxFacts, SandboxSpec
 
 
 @dataclass

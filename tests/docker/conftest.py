@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
+from supervisor.errors import ContainerRuntimeError
 from supervisor.images import ensure_images
 from supervisor.runtime.base import (
     LABEL_RUN,
     ExitInfo,
-    RuntimeError_,
     SandboxHandle,
     SandboxSpec,
 )
@@ -37,7 +37,7 @@ def runtime() -> DockerRuntime:
     rt = DockerRuntime.from_env(timeout=60)
     try:
         rt.ping()
-    except RuntimeError_ as exc:
+    except ContainerRuntimeError as exc:
         _unreachable(f"no Docker engine answers ({exc}); start one with `bash .ci/docker-up.sh`")
     return rt
 

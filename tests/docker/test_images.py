@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.errors import ImageBuildFailed
 from supervisor.images import (
     AGENT_IMAGE_REPO,
     BASE_IMAGE,
@@ -17,7 +18,7 @@ from supervisor.images import (
     ensure_images,
     preflight,
 )
-from supervisor.runtime.docker import DockerRuntime, ImageBuildFailed
+from supervisor.runtime.docker import DockerRuntime
 from tests.docker.conftest import Sandboxes
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(120)]

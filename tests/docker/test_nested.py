@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from supervisor.runtime.base import LABEL_LOG_DIR, LABEL_PARENT, LABEL_RUN, RuntimeError_
+from supervisor.errors import ContainerRuntimeError
+from supervisor.runtime.base import LABEL_LOG_DIR, LABEL_PARENT, LABEL_RUN
 from supervisor.runtime.docker import DockerHandle, DockerRuntime
 from tests.cli_helpers import cli_env, load, massgen_run, parse_lines
 
@@ -275,7 +276,7 @@ def _reap(runtime: DockerRuntime, tmp_path: Path) -> Iterator[None]:
     yield
     for facts in runtime.list_owned({}):
         if facts.labels.get(LABEL_LOG_DIR, "").startswith(str(tmp_path)):
-            with contextlib.suppress(RuntimeError_):
+            with contextlib.suppress(ContainerRuntimeError):
                 runtime.kill(DockerHandle(facts.id))
             runtime.remove(DockerHandle(facts.id))
 

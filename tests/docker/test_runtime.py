@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from supervisor.runtime.base import LABEL_OWNER, LABEL_RUN, ImageMissing, Mount, SandboxStartFailed
+from supervisor.errors import ImageMissing, SandboxStartFailed
+from supervisor.runtime.base import LABEL_OWNER, LABEL_RUN, Mount
 from supervisor.runtime.docker import DockerHandle, DockerRuntime
 from tests.docker.conftest import LABEL_TEST, Sandboxes
 
@@ -268,7 +269,7 @@ def test_runsc_runs_python(runtime: DockerRuntime, sandboxes: Sandboxes) -> None
 
 def test_unreachable_engine_raises_runtime_unavailable(tmp_path: Path) -> None:
     """A runtime pointed at a dead socket raises RuntimeUnavailable, not a docker exception."""
-    from supervisor.runtime.base import RuntimeUnavailable
+    from supervisor.errors import RuntimeUnavailable
 
     dead = DockerRuntime(environment={"DOCKER_HOST": f"unix://{tmp_path}/none.sock"}, timeout=5)
     with pytest.raises(RuntimeUnavailable):

@@ -25,6 +25,7 @@ from openai.types.chat import ChatCompletionMessageFunctionToolCall, ChatComplet
 
 from agent_image.backends.base import Message, ToolSpec
 from agent_image.protocol.config import BackendConfig
+from supervisor.errors import DataFileError
 from supervisor.gateway import (
     BudgetMeter,
     CallRecord,
@@ -36,7 +37,7 @@ from supervisor.gateway import (
     upstreams_from_env,
     usage_from,
 )
-from supervisor.pricing import DEFAULT_PRICING_FILE, DataFileError, Pricing
+from supervisor.pricing import DEFAULT_PRICING_FILE, Pricing
 from tests.fakes import FakeGemini, FakeOpenAI, FakeServer, FakeToolCall, Fault, Reply, closed, sequence
 
 OPENAI_KEY = "sk-host-real-0123456789abcdefSECRET"

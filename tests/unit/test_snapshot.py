@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from supervisor import snapshot
-from supervisor.snapshot import SnapshotError, snapshot_dir, snapshot_dir_async
+from supervisor.errors import SnapshotError
+from supervisor.snapshot import snapshot_dir, snapshot_dir_async
 
 
 def _tree(top: Path) -> dict[str, str]:
