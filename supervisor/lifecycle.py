@@ -29,6 +29,7 @@ from .configs import check_context_paths, resolve_loaded
 from .errors import ContainerRuntimeError, ImageMissing, PolicyError
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
+from .outbox_watch import OutboxWatch
 from .runtime.base import (
     LABEL_DEADLINE,
     LABEL_LOG_DIR,
@@ -53,6 +54,14 @@ SANDBOX_UID = 10001
 POLL_S = 0.5
 STOP_OVERDUE_S = 10.0  # past grace + this, a stop that has not ended the sandbox becomes a kill
 MAX_OUTBOX_BYTES = 256 << 20  # a sandbox writing more events than this is stopped (limit_exceeded)
+# Lines that are not acceptable events (junk, forgeries, out of sequence): the engine writes
+# none, so past this many the sandbox is flooding and is stopped (limit_exceeded).
+MAX_IGNORED_LINES = 100_000
+# After the sandbox exited: how long the follower may spend on what is left of the outbox
+# (yielding between slices), and how long when the run already failed for flooding it.
+FINAL_DRAIN_S = 60.0
+FINAL_DRAIN_FLOODED_S = 2.0
+MAX_OUTPUT_BYTES = 256 << 10  # of the sandbox's own stdout/stderr, the tail kept in massgen.log
 REMOVE_TIMEOUT_S = 30.0
 KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
 
@@ -500,14 +509,17 @@ class RunExecution:
         verb = "following" if offset else "started"
         mat.log(f"sandbox {verb}: id={facts.id} image={facts.image} runtime={facts.runtime}")
         mat.listeners.append(self.listener.event)
-        tailer = OutboxTailer(paths.sandbox / "events.jsonl", offset=offset)
+        tailer = OutboxTailer(paths.sandbox / "events.jsonl", offset=offset, max_offset=MAX_OUTBOX_BYTES)
         wake = asyncio.Event()
-        observer = _watch(paths.sandbox, wake)
+        watch = OutboxWatch(paths.sandbox, wake)
+        if not watch.start():
+            mat.log(f"file watching unavailable; polling the outbox every {POLL_S:g}s", "warning")
         exit_task = asyncio.create_task(self._wait_exit(handle))
         stop_task: asyncio.Task[None] | None = None
         stop_started = 0.0
         killed = False
         stopped_for: str | None = None
+        flooded = False
         try:
             while not exit_task.done():
                 waits: list[asyncio.Future[Any]] = [exit_task, asyncio.ensure_future(wake.wait())]
@@ -528,8 +540,10 @@ class RunExecution:
                 wake.clear()
                 mat.drain(tailer)
                 if tailer.more:
-                    wake.set()
-                self._check_outbox(tailer)
+                    wake.set()  # the drain's time slice ran out: back after the loop's other work
+                if not watch.on_file and (fd := tailer.fileno()) is not None:
+                    watch.watch_file(fd)
+                flooded = self._check_outbox(tailer) or flooded
                 mat.write_status()
                 if ctl.detach.is_set() and stop_task is None:
                     raise Detached()
@@ -539,9 +553,11 @@ class RunExecution:
                     elif time.time() >= deadline:
                         stopped_for = "timeout"
                     if stopped_for is not None:
-                        mat.log(f"stopping sandbox: {stopped_for} (grace {grace:g}s)", "warning")
+                        # A flooding sandbox gets no grace: it would spend it writing more.
+                        stop_grace = 0.0 if flooded else grace
+                        mat.log(f"stopping sandbox: {stopped_for} (grace {stop_grace:g}s)", "warning")
                         stop_started = time.monotonic()
-                        stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, grace))
+                        stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, stop_grace))
                 elif not killed:
                     stop_failed = stop_task.done() and stop_task.exception() is not None
                     overdue = time.monotonic() - stop_started > grace + STOP_OVERDUE_S
@@ -554,36 +570,68 @@ class RunExecution:
                             await asyncio.to_thread(runtime.kill, handle)
             info = exit_task.result()
         finally:
-            if observer is not None:
-                observer.stop()
+            watch.close()
             if not exit_task.done():
                 exit_task.cancel()
         if stop_task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(stop_task, grace + STOP_OVERDUE_S)
-        while (mat.drain(tailer) or tailer.more) and tailer.offset <= 2 * MAX_OUTBOX_BYTES:
-            await asyncio.sleep(0)
+        # The sandbox may have flooded the outbox and exited before we got there.
+        if self._check_outbox(tailer) and stopped_for is None:
+            flooded, stopped_for = True, Reason.LIMIT_EXCEEDED.value
+        await self._final_drain(tailer, FINAL_DRAIN_FLOODED_S if flooded else FINAL_DRAIN_S)
         tailer.close()
         output = await asyncio.to_thread(runtime.logs, handle)
         if output.strip():
-            mat.log(
-                "---- sandbox output ----\n"
-                + output.decode("utf-8", "replace").rstrip()
-                + "\n---- end of sandbox output ----"
-            )
+            text = output[-MAX_OUTPUT_BYTES:].decode("utf-8", "replace").rstrip()
+            cut = f" (the last {MAX_OUTPUT_BYTES >> 10} KiB)" if len(output) > MAX_OUTPUT_BYTES else ""
+            mat.log(f"---- sandbox output{cut} ----\n{text}\n---- end of sandbox output ----")
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
         verdict = self._verdict(info, facts, stopped_for)
         return self._end(verdict, container_exit=info.exit_code)
 
-    def _check_outbox(self, tailer: OutboxTailer) -> None:
-        """A sandbox flooding its outbox is stopped before it exhausts the supervisor's disk."""
-        ctl = self.control
-        if tailer.offset > MAX_OUTBOX_BYTES and not ctl.interrupt.is_set():
-            detail = f"the sandbox wrote more than {MAX_OUTBOX_BYTES >> 20} MiB of events"
-            ctl.verdict = Verdict(Reason.LIMIT_EXCEEDED, detail)
-            ctl.interrupt_reason = Reason.LIMIT_EXCEEDED.value
-            ctl.interrupt.set()
+    async def _final_drain(self, tailer: OutboxTailer, budget_s: float) -> None:
+        """What the sandbox wrote before it exited, in slices that yield, for at most `budget_s`."""
+        mat = self.mat
+        assert mat is not None
+        end = time.monotonic() + budget_s
+        while True:
+            mat.drain(tailer)
+            if not tailer.more:
+                return
+            if time.monotonic() >= end:
+                mat.log(
+                    f"outbox not read past byte {tailer.offset} of {tailer.size()}: {budget_s:g}s spent draining",
+                    "warning",
+                )
+                return
+            await asyncio.sleep(0)
+
+    def _check_outbox(self, tailer: OutboxTailer) -> bool:
+        """A sandbox flooding its outbox is stopped before it costs the host its disk or its CPU.
+
+        Measured by the file's size (one fstat), not by how far the follower has read: a flood
+        is caught as it happens, however far behind the follower is.
+        """
+        ctl, mat = self.control, self.mat
+        assert mat is not None
+        if ctl.verdict is not None and ctl.verdict.reason == Reason.LIMIT_EXCEEDED:
+            return True
+        size = tailer.size()
+        if size > MAX_OUTBOX_BYTES:
+            detail = f"the sandbox wrote more than {MAX_OUTBOX_BYTES >> 20} MiB of events ({size} bytes)"
+        elif mat.ignored_lines > MAX_IGNORED_LINES:
+            detail = f"the sandbox wrote more than {MAX_IGNORED_LINES} lines that are not acceptable events"
+        else:
+            return False
+        if ctl.interrupt.is_set():
+            return False  # already stopping for another reason: that verdict stands
+        mat.log(f"outbox flood: {detail}", "error")
+        ctl.verdict = Verdict(Reason.LIMIT_EXCEEDED, detail)
+        ctl.interrupt_reason = Reason.LIMIT_EXCEEDED.value
+        ctl.interrupt.set()
+        return True
 
     async def _wait_exit(self, handle: SandboxHandle) -> Any:
         while True:
@@ -608,27 +656,3 @@ class RunExecution:
             container=ContainerExit(info.exit_code, bool(info.oom_killed or facts.oom_killed)),
             final_answer=mat.final_file is not None and mat.final_file.exists(),
         )
-
-
-def _watch(directory: Path, wake: asyncio.Event) -> Any:
-    """Wake the follower when the outbox changes (watchdog); the poll timeout is the fallback."""
-    try:
-        from watchdog.events import FileSystemEventHandler
-        from watchdog.observers import Observer
-    except ImportError:  # pragma: no cover - watchdog is a dependency; the poll still works
-        return None
-    loop = asyncio.get_running_loop()
-
-    class _Handler(FileSystemEventHandler):
-        def on_any_event(self, event: Any) -> None:
-            loop.call_soon_threadsafe(wake.set)
-
-    observer = Observer()
-    try:
-        observer.schedule(_Handler(), str(directory), recursive=False)
-        observer.daemon = True
-        observer.start()
-    except OSError as exc:  # inotify limits: fall back to polling
-        print(f"warning: file watching unavailable ({exc}); polling", file=sys.stderr)
-        return None
-    return observer

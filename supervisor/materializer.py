@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from agent_image.protocol.events import (
     MAX_EVENT_BYTES,
@@ -39,9 +39,42 @@ MIN_STATUS_INTERVAL_S = 0.25
 MAX_STATUS_INTERVAL_S = 2.0
 READ_CHUNK = 1 << 20
 MAX_AGENTS = 16
-MAX_DRAIN_BYTES = 4 << 20
+# One drain reads small slices and stops after DRAIN_SLICE_S: the work a sandbox can cause per
+# event-loop turn is bounded in time, not only in bytes (2-byte junk lines are 4096 per slice).
+READ_SLICE_BYTES = 8 << 10
+DRAIN_SLICE_S = 0.01
+MAX_DRAIN_BYTES = 4 << 20  # one drain's byte bound when no time bound is given
 SEEN_SEQS = 4096
 MAX_COLLISION_LOGS = 10
+# Repeated warnings about sandbox lines: the first of a kind is logged, the rest are counted
+# and summed up once per interval ("ignored N more ...").
+WARN_INTERVAL_S = 5.0
+# Any string from the sandbox is cut to this many characters before it is logged or put into
+# status.json / result.json (answers and final answers go to their own files, whole).
+MAX_SANDBOX_TEXT = 2000
+# massgen.log takes at most this much of the sandbox's own text (its log events and output);
+# the supervisor's own lines are always written (repeated ones are aggregated).
+MAX_SANDBOX_LOG_BYTES = 16 << 20
+
+
+def clip(text: str, limit: int = MAX_SANDBOX_TEXT) -> str:
+    """`text` cut to `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters cut]"
+
+
+def _clip_model(model: BaseModel, keep: frozenset[str] = frozenset()) -> Any:
+    """A copy of a sandbox-provided model with every long string (nested models too) clipped."""
+    update: dict[str, Any] = {}
+    for name, value in model:
+        if name in keep:
+            continue
+        if isinstance(value, str) and len(value) > MAX_SANDBOX_TEXT:
+            update[name] = clip(value)
+        elif isinstance(value, list) and any(isinstance(v, BaseModel) for v in value):
+            update[name] = [_clip_model(v) if isinstance(v, BaseModel) else v for v in value]
+    return model.model_copy(update=update) if update else model
 
 
 def _digest(raw: bytes) -> bytes:
@@ -53,15 +86,19 @@ class OutboxTailer:
 
     The file lives in a directory the sandbox can write, so it is untrusted: opened with
     O_NOFOLLOW|O_NONBLOCK and accepted only if it is a regular file; the descriptor is kept,
-    so replacing the file with a symlink later changes nothing for us.
+    so replacing the file with a symlink later changes nothing for us. Reads never go past
+    `max_offset` (the outbox cap: past it the run is stopped, and what follows is not read).
     """
 
-    def __init__(self, path: Path, offset: int = 0, max_line: int = MAX_EVENT_BYTES) -> None:
+    def __init__(
+        self, path: Path, offset: int = 0, max_line: int = MAX_EVENT_BYTES, max_offset: int | None = None
+    ) -> None:
         self.path = path
         self.offset = offset
         self.max_line = max_line
+        self.max_offset = max_offset
         self._fd: int | None = None
-        self._buf = b""
+        self._buf = bytearray()
         self._skipping = False
         self._refused: str | None = None
         self.warnings: list[str] = []
@@ -90,6 +127,21 @@ class OutboxTailer:
             self._refused = warning
         return False
 
+    def fileno(self) -> int | None:
+        """The descriptor of the events file once it is open (for a watch on that file alone)."""
+        return self._fd if self._open() else None
+
+    def size(self) -> int:
+        """The events file's current size (0 before it exists): one fstat, no reading."""
+        if not self._open():
+            return 0
+        assert self._fd is not None
+        return os.fstat(self._fd).st_size
+
+    def _drop(self, size: str) -> None:
+        self.dropped += 1
+        self.warnings.append(f"dropped an oversized event line ({size} bytes)")
+
     def read_lines(self, max_bytes: int = MAX_DRAIN_BYTES) -> list[bytes]:
         """Complete new lines, reading at most `max_bytes` (`more` says whether data is left)."""
         self.more = False
@@ -98,31 +150,43 @@ class OutboxTailer:
         assert self._fd is not None
         lines: list[bytes] = []
         budget = max_bytes
+        if self.max_offset is not None:
+            budget = min(budget, self.max_offset - self.offset)
         while True:
             if budget <= 0:
-                self.more = True  # bounded work per call: the follower comes back for the rest
+                # bounded work per call: the follower comes back for the rest
+                self.more = self.max_offset is None or self.offset < self.max_offset
                 break
             chunk = os.pread(self._fd, min(READ_CHUNK, budget), self.offset)
             if not chunk:
                 break
             budget -= len(chunk)
             self.offset += len(chunk)
-            data = self._buf + chunk
-            parts = data.split(b"\n")
-            self._buf = parts.pop()
-            for part in parts:
-                if self._skipping:
-                    self._skipping = False  # the tail of an oversized line
+            start = 0
+            if self._skipping:
+                # Inside a line already dropped: discard up to its newline, and count it once
+                # (a 50 MB line is one warning and one seq gap, not one per read).
+                nl = chunk.find(b"\n")
+                if nl < 0:
                     continue
-                if len(part) > self.max_line:
-                    self.dropped += 1
-                    self.warnings.append(f"dropped an oversized event line ({len(part)} bytes)")
-                    continue
-                lines.append(part)
+                self._skipping = False
+                start = nl + 1
+            last = chunk.rfind(b"\n")
+            if last < start:
+                self._buf += chunk[start:] if start else chunk
+            else:
+                head = chunk[start:last]
+                if self._buf:
+                    head = bytes(self._buf) + head
+                self._buf = bytearray(chunk[last + 1 :])
+                for part in head.split(b"\n"):
+                    if len(part) > self.max_line:
+                        self._drop(str(len(part)))
+                    else:
+                        lines.append(part)
             if len(self._buf) > self.max_line:
-                self.dropped += 1
-                self.warnings.append(f"dropped an oversized event line (>{self.max_line} bytes)")
-                self._buf = b""
+                self._drop(f">{self.max_line}")
+                self._buf = bytearray()
                 self._skipping = True
         return lines
 
@@ -178,6 +242,17 @@ class Materializer:
             _trim_partial_line(paths.events)
         self._events = _open_append(paths.events, binary=True)
         self._log = _open_append(paths.log, binary=False)
+        # Bytes of every file this materializer keeps in the log dir (appended ones as they grow,
+        # replaced ones at their latest size): what the run's disk budget counts for the log dir.
+        self._sizes: dict[str, int] = {
+            "events.jsonl": os.fstat(self._events.fileno()).st_size,
+            "massgen.log": os.fstat(self._log.fileno()).st_size,
+        }
+        self._sandbox_log_bytes = 0
+        self._log_capped = False
+        # kind -> [window start, suppressed count]: see _warn
+        self._warned: dict[str, list[float]] = {}
+        self.ignored_lines = 0  # outbox lines that were not accepted as events, all kinds
         self._agents: set[str] = set()
         self._last_seq = -1
         self._dirty = True
@@ -251,33 +326,100 @@ class Materializer:
     def status(self) -> Status:
         return self.reducer.status
 
+    @property
+    def written_bytes(self) -> int:
+        """Bytes the materializer has in the log dir now (events, massgen.log, answers, status...).
+
+        Appended files count as they grow, replaced files at their latest size; the disk budget
+        reads this rather than walking the log dir.
+        """
+        return sum(self._sizes.values())
+
+    def _write_file(self, path: Path, data: bytes | str) -> None:
+        raw = data.encode() if isinstance(data, str) else data
+        atomic_write(path, raw)
+        self._sizes[str(path.relative_to(self.paths.log_dir))] = len(raw)
+
+    def _write_json(self, path: Path, obj: Any) -> None:
+        atomic_write_json(path, obj)
+        with contextlib.suppress(OSError):
+            self._sizes[str(path.relative_to(self.paths.log_dir))] = os.stat(path).st_size
+
     # -- logging -------------------------------------------------------------------------
 
-    def log(self, message: str, level: str = "info", ts: float | None = None) -> None:
+    def log(self, message: str, level: str = "info", ts: float | None = None, *, sandbox: bool = False) -> None:
+        """One massgen.log entry; `sandbox` marks text the sandbox wrote (capped in all).
+
+        Callers clip sandbox strings they embed in their own messages (`clip`).
+        """
+        if sandbox:
+            if self._sandbox_log_bytes >= MAX_SANDBOX_LOG_BYTES:
+                if not self._log_capped:
+                    self._log_capped = True
+                    self.log(
+                        f"massgen.log holds {MAX_SANDBOX_LOG_BYTES >> 20} MiB of the sandbox's own text;"
+                        " later sandbox log lines are not written here (events.jsonl still has the events)",
+                        "warning",
+                    )
+                return
+            message = clip(message, MAX_SANDBOX_LOG_BYTES - self._sandbox_log_bytes)
+            self._sandbox_log_bytes += len(message)
         try:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or self.clock()))
         except (OverflowError, OSError, ValueError):
             # ts comes from the sandbox: a valid event may still be outside time_t's range
             stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
-        for line in message.splitlines() or [""]:
-            self._log.write(f"{stamp} {level.upper():7} {line}\n")
+        text = "".join(f"{stamp} {level.upper():7} {line}\n" for line in message.splitlines() or [""])
+        self._log.write(text)
         self._log.flush()
+        self._sizes["massgen.log"] += len(text.encode())
+
+    def _warn(self, kind: str, message: str) -> None:
+        """A warning about a line from the sandbox, aggregated per kind.
+
+        The first of a kind is written at once; later ones within WARN_INTERVAL_S are only
+        counted and summed up in one line by flush_warnings. A junk line costs a counter bump,
+        not a log line: 32 MiB of junk no longer makes a 1.8 GB massgen.log.
+        """
+        self.ignored_lines += 1
+        window = self._warned.get(kind)
+        if window is None:
+            self._warned[kind] = [self.clock(), 0]
+            self.log(message, "warning")
+        else:
+            window[1] += 1
+
+    def flush_warnings(self, *, force: bool = False) -> None:
+        """Write "ignored N more ..." for each kind whose interval is over (all kinds if `force`)."""
+        if not self._warned:
+            return
+        now = self.clock()
+        for kind, (since, count) in list(self._warned.items()):
+            if force or now - since >= WARN_INTERVAL_S:
+                del self._warned[kind]
+                if count:
+                    self.log(f"ignored {int(count)} more {kind} in the last {max(0.0, now - since):.1f}s", "warning")
 
     # -- events ----------------------------------------------------------------------------
 
     def feed(self, raw: bytes) -> Event | None:
         """Validate and apply one line; malformed lines become warnings, never exceptions."""
-        if not raw.strip():
+        stripped = raw.strip()
+        if not stripped:
             return None
         if len(raw) > MAX_EVENT_BYTES:
-            self.log(f"ignored oversized event line ({len(raw)} bytes)", "warning")
+            self._warn("oversized event lines", f"ignored oversized event line ({len(raw)} bytes)")
+            return None
+        if stripped[:1] != b"{" or stripped[-1:] != b"}":
+            # Cheap before the parser: the commonest junk costs a slice, not a JSON error path.
+            self._warn("malformed event lines", "ignored malformed event line: not a JSON object")
             return None
         try:
             ev = parse_event(raw)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"])
-            self.log(f"ignored malformed event line: {where}: {first['msg']}", "warning")
+            first = exc.errors(include_url=False, include_input=False)[0]
+            where = clip(".".join(str(p) for p in first["loc"]), 200)
+            self._warn("malformed event lines", f"ignored malformed event line: {where}: {clip(first['msg'], 200)}")
             return None
         if ev.seq <= self._last_seq:
             # Already seen: a replay after a restart repeats the same line. A different line
@@ -299,16 +441,21 @@ class Materializer:
         elif gap:
             # The engine numbers its events without gaps; anything else was not written by it
             # (a forged line must not make us skip the real events that follow).
-            self.log(f"ignored event out of sequence: expected seq {self._last_seq + 1}, got {ev.seq}", "warning")
+            self._warn(
+                "events out of sequence",
+                f"ignored event out of sequence: expected seq {self._last_seq + 1}, got {ev.seq}",
+            )
             return None
         problem = self._unacceptable(ev)
         if problem:
-            self.log(f"ignored event seq={ev.seq} type={ev.type}: {problem}", "warning")
+            self._warn("unacceptable events", f"ignored event seq={ev.seq} type={ev.type}: {problem}")
             self._last_seq = ev.seq
             return None
         self._last_seq = ev.seq
-        self._events.write(raw.rstrip(b"\n") + b"\n")
+        data = raw.rstrip(b"\n") + b"\n"
+        self._events.write(data)
         self._events.flush()
+        self._sizes["events.jsonl"] += len(data)
         self.event_count += 1
         self._remember(ev.seq, raw)
         self._side_effects(ev)
@@ -324,9 +471,17 @@ class Materializer:
             self._seen.pop(next(iter(self._seen)))
 
     def _fold(self, ev: Event) -> None:
-        """Apply an accepted event to status; the sandbox's run_finished is only a claim (see finalize)."""
-        if not isinstance(ev, RunFinished):
-            self.reducer.apply(ev)
+        """Apply an accepted event to status; the sandbox's run_finished is only a claim (see finalize).
+
+        Its strings are clipped on the way in (answers only go in as previews).
+        """
+        if isinstance(ev, RunFinished):
+            return
+        question = self.status.meta.question
+        self.reducer.apply(_clip_model(ev, keep=frozenset({"content"})))
+        if question:
+            # The supervisor was told the question; the sandbox's claim of it is not needed.
+            self.status.meta.question = question
 
     def _unacceptable(self, ev: Event) -> str | None:
         """Why an event cannot be part of this run (it is then dropped), or None."""
@@ -352,40 +507,61 @@ class Materializer:
             if ev.agent in self._agents and LABEL_RE.match(ev.label):
                 target = self.paths.answer_file(ev.agent, ev.label)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, ev.content)
+                self._write_file(target, ev.content)
             else:
-                self.log(f"answer from unknown agent/label {ev.agent!r}/{ev.label!r} not written", "warning")
+                self._warn(
+                    "answers from unknown agents or labels",
+                    f"answer from unknown agent/label {clip(ev.agent, 80)!r}/{clip(ev.label, 80)!r} not written",
+                )
         elif isinstance(ev, FinalAnswer):
             if ev.agent in self._agents:
                 target = self.paths.final_file(ev.agent)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(target, ev.content)
+                self._write_file(target, ev.content)
                 self.final_file = target
                 self.status.results.answer_file = str(target)
         elif isinstance(ev, LogLine):
-            self.log(ev.message, ev.level, ts=ev.ts)
+            self.log(ev.message, ev.level, ts=ev.ts, sandbox=True)
         elif isinstance(ev, RunFinished):
             self.finished_event = ev
 
-    def drain(self, tailer: OutboxTailer) -> int:
+    def drain(self, tailer: OutboxTailer, budget_s: float = DRAIN_SLICE_S) -> int:
+        """Apply new outbox lines for about `budget_s` seconds; returns the events applied.
+
+        Reads small slices until the file is exhausted or the time is up (then `tailer.more`
+        is set and the follower comes back on a later loop turn): one flooding sandbox cannot
+        hold the event loop that serves every other run and the API.
+        """
         self._tailer = tailer
         n = 0
-        lines = tailer.read_lines()
-        self._gap_allowance += tailer.dropped
-        tailer.dropped = 0
-        for line in lines:
-            if self.feed(line) is not None:
-                n += 1
-        for w in tailer.warnings:
-            self.log(w, "warning")
-        tailer.warnings.clear()
+        deadline = time.monotonic() + budget_s
+        while True:
+            lines = tailer.read_lines(READ_SLICE_BYTES)
+            self._gap_allowance += tailer.dropped
+            self.ignored_lines += tailer.dropped
+            tailer.dropped = 0
+            for w in tailer.warnings:
+                if w.startswith("dropped an oversized"):
+                    self._warn("oversized event lines dropped", w)
+                    self.ignored_lines -= 1  # counted above with the drop
+                else:
+                    self.log(w, "warning")
+            tailer.warnings.clear()
+            for line in lines:
+                if self.feed(line) is not None:
+                    n += 1
+            if not tailer.more or time.monotonic() >= deadline:
+                break
+        self.flush_warnings()
         return n
 
     def record_model_call(self, ev: ModelCall) -> None:
         """A call metered by the host gateway: into status telemetry and telemetry.jsonl."""
         self.reducer.apply(ev)
+        text = ev.model_dump_json() + "\n"
         with _open_append(self.paths.log_dir / "telemetry.jsonl", binary=False) as fh:
-            fh.write(ev.model_dump_json() + "\n")
+            fh.write(text)
+        self._sizes["telemetry.jsonl"] = self._sizes.get("telemetry.jsonl", 0) + len(text.encode())
         self.log(
             f"model call agent={ev.agent} {ev.provider}/{ev.model} tokens={ev.prompt_tokens}+{ev.completion_tokens}"
             f" cached={ev.cached_tokens} cost_usd={ev.cost_usd:.6f} latency_s={ev.latency_s:.3f} ok={ev.ok}"
@@ -434,11 +610,11 @@ class Materializer:
         st.meta.last_updated = now
         if st.meta.start_time is not None and st.run.state != RunState.FINISHED:
             st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
-        atomic_write_json(self.paths.status, st.model_dump(mode="json"))
+        self._write_json(self.paths.status, st.model_dump(mode="json"))
         if self._tailer is not None:
             # Saved after the events it covers were appended: a crash in between re-reads them
             # from the outbox and the seq check drops the duplicates.
-            atomic_write_json(
+            self._write_json(
                 self.paths.log_dir / FOLLOW_STATE, {"offset": self._tailer.committed_offset, "seq": self._last_seq}
             )
         self._last_write = now
@@ -453,8 +629,10 @@ class Materializer:
         """
         if self.result is not None:
             return self.result
+        self.flush_warnings(force=True)
         now = self.clock()
-        exit_code, reason, detail = verdict.exit_code, verdict.reason.value, verdict.detail
+        # The detail may be the engine's claim, i.e. sandbox text.
+        exit_code, reason, detail = verdict.exit_code, verdict.reason.value, clip(verdict.detail)
         # The verdict goes to status, never into events.jsonl (that holds only what the sandbox wrote).
         self.reducer.apply(
             RunFinished(seq=self._last_seq + 1, ts=now, exit_code=exit_code, reason=reason, detail=detail)
@@ -487,10 +665,12 @@ class Materializer:
             )
         self.log(f"run finished: exit_code={exit_code} reason={reason} {detail}".rstrip())
         self.write_status(force=True)
-        atomic_write_json(self.paths.result, json.loads(result.model_dump_json()))
+        self._write_json(self.paths.result, json.loads(result.model_dump_json()))
         self.result = result
         return result
 
     def close(self) -> None:
+        if not self._log.closed:
+            self.flush_warnings(force=True)
         self._events.close()
         self._log.close()

@@ -609,3 +609,135 @@ def test_a_different_line_with_a_used_seq_is_logged_once_per_collision(mat: Mate
     assert paths.answer_file("alpha", "agent1.1").read_text() == "real"
     log_text = paths.log.read_text()
     assert log_text.count("sequence collision") == 1 and "seq 1" in log_text
+
+
+# --- floods: aggregated warnings, clipped strings, bounded work -------------------------------
+
+
+def test_repeated_malformed_lines_are_aggregated_per_interval(
+    mat: Materializer, paths: RunPaths, clock: FakeClock
+) -> None:
+    """10^4 junk lines give one warning, then one "ignored N more" line per interval, not one line each."""
+    mat.feed(started())
+    for _ in range(10_000):
+        mat.feed(b"x")
+    clock.advance(materializer_mod.WARN_INTERVAL_S)
+    mat.flush_warnings()
+    for _ in range(10):
+        mat.feed(b"{}")
+    mat.close()
+    text = paths.log.read_text()
+    assert text.count("ignored malformed event line") == 2  # the first of each interval
+    assert "ignored 9999 more malformed event lines in the last 5.0s" in text
+    assert "ignored 9 more malformed event lines" in text  # flushed on close
+    assert len(text.splitlines()) < 10
+    assert mat.ignored_lines == 10_010
+
+
+def test_forged_long_strings_are_clipped_in_status_and_log(mat: Materializer, paths: RunPaths) -> None:
+    """A 500 KB reason in agent_failed and run_finished, and a 400 KB field name, stay out of status.json and massgen.log."""
+    big = "R" * 500_000
+    mat.feed(started(agents=("alpha",)))
+    assert mat.feed(line(type="agent_failed", seq=1, agent="alpha", reason=big, message="m")) is not None
+    assert mat.feed(json.dumps({"type": "log", "seq": 2, "ts": T0, "message": "m", "k" * 400_000: 1}).encode()) is None
+    assert mat.feed(line(type="run_finished", seq=2, exit_code=0, reason=big, detail=big)) is not None
+    mat.write_status(force=True)
+    assert paths.status.stat().st_size < 16 << 10
+    status = strict_json(paths.status)
+    assert status["agents"]["alpha"]["error"]["type"].startswith("R" * 100)
+    assert "more characters cut" in status["agents"]["alpha"]["error"]["type"]
+    mat.finalize(Verdict(Reason.AGENT_FAILED, big))
+    assert paths.result.stat().st_size < 8 << 10
+    assert paths.status.stat().st_size < 16 << 10
+    assert paths.log.stat().st_size < 8 << 10
+    # what the sandbox wrote is kept whole in events.jsonl, the record of what it said
+    assert big in paths.events.read_text()
+
+
+def test_the_question_in_status_is_the_supervisors(mat: Materializer) -> None:
+    """A run_started claiming another question does not replace the one the supervisor was given."""
+    mat.status.meta.question = "the real question"
+    mat.feed(line(type="run_started", seq=0, run_id="r", question="Q" * 100_000, agents=[], timeout_seconds=60))
+    assert mat.status.meta.question == "the real question"
+
+
+def test_sandbox_log_text_is_capped(mat: Materializer, paths: RunPaths, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_SANDBOX_LOG_BYTES the sandbox's log events stop reaching massgen.log (one note says so); ours still do."""
+    monkeypatch.setattr(materializer_mod, "MAX_SANDBOX_LOG_BYTES", 50_000)
+    mat.feed(started())
+    for seq in range(1, 101):
+        assert mat.feed(line(type="log", seq=seq, message="s" * 1000)) is not None
+    mat.log("supervisor line after the cap")
+    text = paths.log.read_text()
+    assert 50_000 <= paths.log.stat().st_size < 60_000
+    assert text.count("later sandbox log lines are not written") == 1
+    assert text.rstrip().endswith("supervisor line after the cap")
+    assert mat.event_count == 101  # the events themselves are all applied
+
+
+def test_written_bytes_counts_what_the_materializer_keeps(mat: Materializer, paths: RunPaths) -> None:
+    """written_bytes equals the bytes of the files the materializer wrote in the log dir."""
+    for raw in [
+        started(),
+        line(type="answer", seq=1, agent="alpha", label="agent1.1", content="four" * 1000),
+        line(type="log", seq=2, message="hello"),
+        line(type="final_answer", seq=3, agent="alpha", content="4"),
+    ]:
+        mat.feed(raw)
+    mat.write_status(force=True)
+    mat.finalize(Verdict(Reason.COMPLETED))
+    on_disk = sum(p.stat().st_size for p in files_under(paths.log_dir) if paths.sandbox not in p.parents)
+    assert mat.written_bytes == on_disk
+
+
+def test_a_50_mb_line_is_one_warning_and_one_gap(paths: RunPaths, clock: FakeClock) -> None:
+    """One 50 MB line read in many slices: one drop, one warning, and a forged event two seqs ahead is still refused."""
+    outbox = paths.sandbox / "events.jsonl"
+    append(outbox, started() + b"\n")
+    m = Materializer(paths, clock=clock)
+    tailer = OutboxTailer(outbox)
+    try:
+        assert m.drain(tailer) == 1
+        with open(outbox, "ab") as fh:
+            for _ in range(50):
+                fh.write(b"z" * 1_000_000)
+        while m.drain(tailer, budget_s=60) or tailer.more:
+            pass
+        append(outbox, b"\n" + line(type="log", seq=3, message="forged two ahead") + b"\n")
+        append(outbox, line(type="log", seq=1, message="real next") + b"\n")
+        while m.drain(tailer) or tailer.more:
+            pass
+    finally:
+        tailer.close()
+        m.close()
+    text = paths.log.read_text()
+    assert text.count("oversized") == 1, text
+    assert "forged two ahead" not in paths.events.read_text()
+    assert "real next" in paths.events.read_text()
+
+
+def test_drain_is_bounded_in_time_and_resumes_exactly(paths: RunPaths, clock: FakeClock) -> None:
+    """A drain stops after its time slice mid-backlog; later drains pick up at the next line, none lost or repeated."""
+    outbox = paths.sandbox / "events.jsonl"
+    n = 20_000
+    append(outbox, started() + b"\n" + b"".join(line(type="log", seq=i, message=f"m{i}") + b"\n" for i in range(1, n)))
+    m = Materializer(paths, clock=clock)
+    tailer = OutboxTailer(outbox)
+    try:
+        applied = m.drain(tailer, budget_s=0.001)
+        assert 0 < applied < n and tailer.more
+        # the offset saved for a restart covers exactly the lines applied
+        m.write_status(force=True)
+        saved = json.loads((paths.log_dir / materializer_mod.FOLLOW_STATE).read_text())
+        assert saved == {
+            "offset": len(b"".join(paths.events.read_bytes().splitlines(keepends=True))),
+            "seq": applied - 1,
+        }
+        while tailer.more:
+            applied += m.drain(tailer, budget_s=0.001)
+    finally:
+        tailer.close()
+        m.close()
+    assert applied == n
+    seqs = [json.loads(raw)["seq"] for raw in paths.events.read_bytes().splitlines()]
+    assert seqs == list(range(n))
