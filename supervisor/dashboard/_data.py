@@ -171,7 +171,12 @@ def row_from_status(log_dir: Path, st: dict[str, Any] | None) -> RunRow:
 
 
 def read_row(log_dir: Path) -> RunRow:
-    return row_from_status(log_dir, read_json(log_dir / STATUS))
+    st = read_json(log_dir / STATUS)
+    if st is None and file_size(log_dir / "massgen.log"):
+        # Prepared (massgen.log is its first file) but no status.json yet: the config is being
+        # checked or the sandbox started; shown at once rather than seconds later.
+        return RunRow(run_id=log_dir.name, log_dir=log_dir, state="starting")
+    return row_from_status(log_dir, st)
 
 
 def iter_run_dirs(directory: Path) -> Iterator[Path]:
@@ -216,8 +221,8 @@ class RunIndex:
         for d in iter_run_dirs(directory):
             row = self.rows.get(d)
             if row is None:
-                if not (d / STATUS).exists():
-                    continue  # created a moment ago; its first status.json will announce it
+                if not (d / STATUS).exists() and not file_size(d / "massgen.log"):
+                    continue  # created a moment ago; its first log line will announce it
                 row = read_row(d)
                 self.put(row)
                 added.append(row)
@@ -232,28 +237,6 @@ class RunIndex:
         for root in self.roots:
             added.extend(self.discover(root))
         return added
-
-    def refresh(self, log_dir: Path) -> RunRow | None:
-        """Re-read one run; returns its row if it changed (or is new), else None."""
-        if not self.inside(log_dir):
-            return None
-        st = read_json(log_dir / STATUS)
-        if st is None:
-            return None
-        row = row_from_status(log_dir, st)
-        if self.rows.get(log_dir) == row:
-            return None
-        self.put(row)
-        return row
-
-    def refresh_unfinished(self) -> list[RunRow]:
-        changed = []
-        for log_dir, row in list(self.rows.items()):
-            if not row.finished:
-                new = self.refresh(log_dir)
-                if new is not None:
-                    changed.append(new)
-        return changed
 
     def inside(self, log_dir: Path) -> bool:
         from ..logdir import RUN_ID_RE

@@ -237,7 +237,9 @@ class Hub:
                 log.exception("dashboard: update failed")
 
     async def _apply(self, status: set[Path], detail: set[Path], logs: set[Path]) -> None:
-        wanted = [d for d in status if self.index.inside(d)]
+        # A new run shows up with its first massgen.log line; its status.json comes later.
+        fresh = {d for d in logs | detail if d not in self.index.rows}
+        wanted = [d for d in status | fresh if self.index.inside(d)]
         if wanted:
             rows = await asyncio.to_thread(lambda: [read_row(d) for d in wanted])
             for row in rows:

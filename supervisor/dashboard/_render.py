@@ -535,7 +535,8 @@ def run_page_body(d: RunDetail, *, can_stop: bool = False, live_page: bool = Tru
     secs = run_sections(d, can_stop=can_stop, live_page=live_page)
     crumb = f" / <span>{esc(d.row.run_id)}</span>"
     html_secs = "\n".join(f'<section id="sec-{k}" class="card">{v}</section>' for k, v in secs.items())
-    log_note = "live" if live_page and d.row.live else f"last {len(d.log_tail.encode()) // 1024 + 1} KiB"
+    size = f"last {len(d.log_tail.encode()) // 1024 + 1} KiB"
+    log_note = f"{size}, follows the file" if live_page else size
     log = (
         f'<section id="sec-log" class="card"><h2>massgen.log <small>({esc(log_note)})</small></h2>'
         f'<pre id="log" class="log" data-offset="{d.log_offset}">{esc(d.log_tail)}</pre></section>'

@@ -96,8 +96,10 @@ class Dashboard:
         token: str | None = None,
         environ: dict[str, str] | None = None,
         fallback_s: float | None = None,
+        heartbeat_s: float = HEARTBEAT_S,
     ) -> None:
         self.host = host
+        self.heartbeat_s = heartbeat_s
         self.port = port
         self.token = token or secrets.token_urlsafe(32)
         self.csrf = hmac.new(self.token.encode(), b"massgen-dashboard-csrf", hashlib.sha256).hexdigest()
@@ -360,7 +362,7 @@ class Dashboard:
                 await self.hub.push_log(row.log_dir, only=sub)
             while True:
                 try:
-                    msg = await asyncio.wait_for(sub.queue.get(), HEARTBEAT_S)
+                    msg = await asyncio.wait_for(sub.queue.get(), self.heartbeat_s)
                 except TimeoutError:
                     # Also how a vanished client is noticed: the write fails.
                     await resp.write(b": ping\n\n")

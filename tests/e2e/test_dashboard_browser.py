@@ -12,13 +12,14 @@ import http.server
 import json
 import re
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.cli_helpers import massgen_run, parse_lines, write_config
+from tests.cli_helpers import massgen_run, parse_lines, start_cli, write_config
 from tests.dashboard_helpers import (
     artifacts_dir,
     browser,
@@ -193,3 +194,49 @@ def test_no_token_is_401_wrong_token_403_and_a_cross_origin_post_is_refused(dash
             stop_url,
         )
         assert res[0] == 409 and re.search("finished", res[1])
+
+
+SLEEPER = """\
+agents:
+  - id: a
+    backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
+"""
+
+
+def test_stop_from_a_standalone_dashboard_then_no_reconnect_storm_when_it_goes(tmp_path: Path) -> None:
+    """Stop on `massgen-run dashboard` ends an embedded run with exit 4; a vanished server gets backed-off retries."""
+    shots = artifacts_dir("standalone-stop")
+    root = tmp_path / "runs"
+    cfg = write_config(tmp_path, SLEEPER)
+    run, log_dir = start_cli(
+        ["--automation", "--sandbox", "none", "--logs-root", str(root), "--config", str(cfg), "sleep?"], tmp_path
+    )
+    dash, url = start_dashboard(root, tmp_path)
+    try:
+        with browser(shots) as ctx:
+            page = ctx.new_page()
+            page.goto(url)
+            page.click(f"#r-{log_dir.name} a")
+            page.wait_for_selector("#stop")
+            page.wait_for_selector("#live.on")
+            page.once("dialog", lambda d: d.accept())
+            page.click("#stop")
+            assert run.wait(timeout=60) == 4
+            page.wait_for_selector("#sec-head .badge.b-stopped", timeout=15_000)
+            page.screenshot(path=str(shots / "stopped.png"), full_page=True)
+            assert json.loads((log_dir / "result.json").read_text())["exit_code"] == 4
+
+            attempts: list[float] = []
+            page.on("request", lambda r: attempts.append(time.monotonic()) if "/events" in r.url else None)
+            dash.terminate()
+            assert dash.wait(timeout=20) == 0
+            page.wait_for_selector("#live.down", timeout=10_000)
+            t0 = time.monotonic()
+            page.wait_for_timeout(8000)
+            # Backoff 1 s, 2 s, 4 s (+-25%): at most 4 tries in 8 s, never a storm.
+            assert 1 <= len(attempts) <= 4, [round(a - t0, 2) for a in attempts]
+    finally:
+        for p in (run, dash):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=20)

@@ -19,7 +19,7 @@ import pytest
 
 from supervisor.dashboard import CSP, Dashboard, StopRefused, render_report
 from supervisor.dashboard._data import Redactor, RunIndex, load_detail, read_row
-from supervisor.dashboard._live import QUEUE_MAX, Subscriber
+from supervisor.dashboard._live import MAX_SUBSCRIBERS, QUEUE_MAX, Subscriber
 from supervisor.dashboard._markdown import render_markdown
 from supervisor.dashboard._render import run_page_body
 from tests.dashboard_helpers import XSS_ANSWER, FakeRun, counts_in_events
@@ -146,11 +146,12 @@ class _Control:
 
 
 @asynccontextmanager
-async def serving(root: Path, control: Any = None) -> AsyncIterator[tuple[Dashboard, aiohttp.ClientSession]]:
-    dash = Dashboard(lambda: [root], control=control, port=0, fallback_s=0.5)
+async def serving(root: Path, control: Any = None, **kw: Any) -> AsyncIterator[tuple[Dashboard, aiohttp.ClientSession]]:
+    dash = Dashboard(lambda: [root], control=control, port=0, fallback_s=0.5, **kw)
     await dash.start()
     jar = aiohttp.CookieJar(unsafe=True)  # cookies for a bare IP host
-    async with aiohttp.ClientSession(base_url=dash.base_url, cookie_jar=jar) as http:
+    conn = aiohttp.TCPConnector(limit=0)  # more streams than aiohttp's default 100 connections
+    async with aiohttp.ClientSession(base_url=dash.base_url, cookie_jar=jar, connector=conn) as http:
         try:
             yield dash, http
         finally:
@@ -185,6 +186,17 @@ def test_without_the_token_pages_events_and_actions_are_401_and_a_wrong_token_40
                 assert r.status == 403
 
     run_async(main)
+
+
+def test_a_run_is_listed_from_its_first_log_line_before_its_status_exists(tmp_path: Path) -> None:
+    """A log dir with massgen.log but no status.json yet (config being checked) is a starting run."""
+    root = tmp_path / "runs"
+    d = root / "log_20261202_000000_000000_abcdef"
+    d.mkdir(parents=True)
+    (d / "massgen.log").write_text("prepared\n")
+    index = RunIndex([root])
+    (row,) = index.scan()
+    assert (row.run_id, row.state) == (d.name, "starting")
 
 
 def test_the_token_url_sets_an_httponly_strict_cookie_and_drops_the_token_from_the_address(tmp_path: Path) -> None:
@@ -305,6 +317,30 @@ def test_an_open_run_page_gets_new_sections_and_log_lines(tmp_path: Path) -> Non
                 msg = await _sse(es, "log")
                 while "a new line for the tail" not in msg["text"]:
                     msg = await _sse(es, "log")
+
+    run_async(main)
+
+
+def test_closed_pages_leave_no_subscriber_behind_and_the_stream_limit_holds(tmp_path: Path) -> None:
+    """A page that goes away is noticed by the heartbeat and forgotten; past the limit a stream is 503."""
+    root = tmp_path / "runs"
+    FakeRun(root)
+
+    async def main() -> None:
+        async with serving(root, heartbeat_s=0.1) as (dash, http):
+            await http.get(f"/?token={dash.token}")
+            for _ in range(5):
+                es = await http.get("/events?since=0")
+                assert es.status == 200
+                es.close()
+            await _until(lambda: not dash.hub.subs)
+            opened = [await http.get("/events") for _ in range(MAX_SUBSCRIBERS)]
+            await _until(lambda: len(dash.hub.subs) == MAX_SUBSCRIBERS)
+            async with http.get("/events") as r:
+                assert r.status == 503
+            for es in opened:
+                es.close()
+            await _until(lambda: not dash.hub.subs)
 
     run_async(main)
 
