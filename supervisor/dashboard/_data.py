@@ -13,7 +13,8 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -340,29 +341,43 @@ class RunDetail:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _events(path: Path) -> tuple[list[Any], bool]:
-    raw = read_capped(path, MAX_EVENTS_BYTES)
-    if raw is None:
-        return [], False
-    out = []
-    for line in raw.split(b"\n"):
-        if not line.strip():
-            continue
-        with contextlib.suppress(ValidationError, ValueError):
-            out.append(parse_event(line))
-    return out, len(raw) >= MAX_EVENTS_BYTES
+class JsonLines:
+    """A JSON-lines file parsed incrementally: each read parses only the complete lines appended
+    since the last (a page open on a long run must not re-parse megabytes per status write)."""
+
+    def __init__(self, path: Path, parse: Callable[[bytes], Any], limit: int = MAX_EVENTS_BYTES) -> None:
+        self.path = path
+        self.parse = parse
+        self.limit = limit
+        self.offset = 0
+        self.items: list[Any] = []
+        self.truncated = False
+        self._lock = threading.Lock()
+
+    def read(self) -> list[Any]:
+        with self._lock:
+            size = file_size(self.path)
+            if size < self.offset:  # replaced or cut: start over
+                self.offset, self.items, self.truncated = 0, [], False
+            want = min(size, self.limit) - self.offset
+            if want > 0:
+                raw = read_capped(self.path, want, self.offset) or b""
+                end = raw.rfind(b"\n") + 1
+                for line in raw[:end].split(b"\n"):
+                    if line.strip():
+                        with contextlib.suppress(ValidationError, ValueError):
+                            self.items.append(self.parse(line))
+                self.offset += end
+            self.truncated = size > self.limit
+            return list(self.items)
 
 
-def _model_calls(path: Path) -> list[ModelCall]:
-    raw = read_capped(path, MAX_EVENTS_BYTES)
-    if raw is None:
-        return []
-    out = []
-    for line in raw.split(b"\n"):
-        if line.strip():
-            with contextlib.suppress(ValidationError, ValueError):
-                out.append(ModelCall.model_validate_json(line))
-    return out
+class RunFiles:
+    """The incremental readers of one run's events.jsonl and telemetry.jsonl."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.events = JsonLines(log_dir / "events.jsonl", parse_event)
+        self.telemetry = JsonLines(log_dir / "telemetry.jsonl", ModelCall.model_validate_json)
 
 
 def _cumulative(calls: list[ModelCall], t0: float) -> list[UsagePoint]:
@@ -410,13 +425,18 @@ def log_since(log_dir: Path, offset: int, redact: Redactor, limit: int = LOG_TAI
     return redact(raw[: end + 1].decode("utf-8", "replace")), offset + end + 1, reset
 
 
-def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor) -> RunDetail:
-    """Read one run's files (status, events, telemetry, result, children, log tail) into a `RunDetail`."""
+def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor, files: RunFiles | None = None) -> RunDetail:
+    """Read one run's files (status, events, telemetry, result, children, log tail) into a `RunDetail`.
+
+    `files` keeps what was parsed before (a live page's run); without it everything is read afresh.
+    """
     d = row.log_dir
+    files = files or RunFiles(d)
     status = read_json(d / STATUS) or {}
     row = row_from_status(d, status) if status else row
     result = read_json(d / "result.json", MAX_RESULT_BYTES)
-    events, truncated = _events(d / "events.jsonl")
+    events = files.events.read()
+    truncated = files.events.truncated
     t0 = row.start_time
     if t0 is None:
         t0 = next((e.ts for e in events), 0.0)
@@ -464,7 +484,7 @@ def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor) -> RunDet
             marks.append(Mark(rel(ev.ts), ev.agent, "final", "final answer", ev.seq))
         elif isinstance(ev, RunFinished):
             pass
-    calls.extend(_model_calls(d / "telemetry.jsonl"))
+    calls.extend(files.telemetry.read())
     for c in calls:
         end_ts = max(end_ts, c.ts)
         tokens = c.prompt_tokens + c.completion_tokens

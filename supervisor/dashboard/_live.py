@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._data import STATUS, Redactor, RunIndex, RunRow, load_detail, log_since, read_row
+from ._data import STATUS, Redactor, RunFiles, RunIndex, RunRow, load_detail, log_since, read_row
 from ._render import run_row_html, run_sections
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ class Hub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._files: dict[Path, RunFiles] = {}  # incremental readers of the runs pages follow
         self.pushes = 0  # messages queued so far (the benchmark reads it)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -282,6 +283,8 @@ class Hub:
     def unsubscribe(self, sub: Subscriber) -> None:
         sub.closed = True
         self.subs.discard(sub)
+        if sub.run_dir is not None and not any(s.run_dir == sub.run_dir for s in self.subs):
+            self._files.pop(sub.run_dir, None)
 
     def replay(self, sub: Subscriber, since: int) -> None:
         """Rows changed after generation `since` (the page's), or `reload` if the ring lost them."""
@@ -304,9 +307,11 @@ class Hub:
     async def render_run(self, log_dir: Path) -> dict[str, str]:
         row = self.index.rows.get(log_dir) or RunRow(run_id=log_dir.name, log_dir=log_dir)
         index, redact, can_stop = self.index, self.redact, self.can_stop(row)
+        followed = any(s.run_dir == log_dir for s in self.subs)
+        files = self._files.setdefault(log_dir, RunFiles(log_dir)) if followed else None
 
         def build() -> dict[str, str]:
-            return run_sections(load_detail(row, index, redact), can_stop=can_stop)
+            return run_sections(load_detail(row, index, redact, files), can_stop=can_stop)
 
         return await asyncio.to_thread(build)
 

@@ -149,7 +149,9 @@ class Dashboard:
         names = {host, f"{host}:{self.port}"}
         if is_loopback(self.host):
             names |= {"localhost", f"localhost:{self.port}", "127.0.0.1", f"127.0.0.1:{self.port}"}
-        self.allowed_hosts = names
+        # Bound to every address, any name may reach it: then only the token (and, for actions,
+        # the same-origin check) stand guard, which the warning at start says.
+        self.allowed_hosts = set() if self.host in ("0.0.0.0", "::", "") else names
         # Cookies ignore ports: one name per port keeps two dashboards on one host apart.
         self.cookie = f"massgen_dashboard_{self.port}"
         return self.url
@@ -173,9 +175,6 @@ class Dashboard:
 
     # -- the guard -----------------------------------------------------------------------------
 
-    def _origins(self) -> set[str]:
-        return {f"http://{h}" for h in self.allowed_hosts if ":" in h.rsplit("]", 1)[-1]}
-
     @web.middleware
     async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
         try:
@@ -189,7 +188,7 @@ class Dashboard:
         return resp
 
     async def _checked(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.host not in self.allowed_hosts:
+        if self.allowed_hosts and request.host not in self.allowed_hosts:
             return _plain(403, "Wrong host", "This dashboard answers only to the address it printed.")
         if request.path.startswith("/static/") and request.method == "GET":
             return await handler(request)  # our own CSS/JS/SVG: public, so the 401 page is styled too
@@ -215,7 +214,7 @@ class Dashboard:
             origin = request.headers.get("Origin")
             if bearer.startswith("Bearer ") and origin is None:
                 pass  # not a browser: no ambient credentials to abuse
-            elif origin not in self._origins():
+            elif origin != f"http://{request.host}":
                 return _json_error(403, "forbidden", f"cross-origin request refused (Origin {str(origin)[:80]!r})")
             else:
                 form_token = ""

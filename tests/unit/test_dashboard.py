@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from supervisor.dashboard import CSP, Dashboard, StopRefused, render_report
-from supervisor.dashboard._data import Redactor, RunIndex, load_detail, read_row
+from supervisor.dashboard._data import JsonLines, Redactor, RunIndex, load_detail, read_row
 from supervisor.dashboard._live import MAX_SUBSCRIBERS, QUEUE_MAX, Subscriber
 from supervisor.dashboard._markdown import render_markdown
 from supervisor.dashboard._render import run_page_body
@@ -69,6 +69,20 @@ def test_detail_has_one_mark_per_answer_and_vote_and_the_cost_line_ends_at_statu
     assert html.count('class="mark m-answer') == 2 and html.count('class="mark m-vote') == 3
     assert f'data-last-cost="{totals["cost_usd"]!r}"' in html
     assert "<b>2+2</b>" not in html and "&lt;b&gt;2+2&lt;/b&gt;" in html
+
+
+def test_events_are_parsed_incrementally_complete_lines_only(tmp_path: Path) -> None:
+    """A followed run's events.jsonl is read from where the last read stopped; a torn line waits."""
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a"')
+    lines = JsonLines(path, json.loads)
+    assert lines.read() == [{"a": 1}, {"a": 2}]
+    with path.open("ab") as fh:
+        fh.write(b": 3}\nnot json\n")
+    assert lines.read() == [{"a": 1}, {"a": 2}, {"a": 3}]
+    assert lines.offset == path.stat().st_size
+    path.write_bytes(b'{"b": 1}\n')  # replaced by a shorter file: start over
+    assert lines.read() == [{"b": 1}]
 
 
 def test_secret_environment_values_are_redacted_from_displayed_logs(tmp_path: Path) -> None:
