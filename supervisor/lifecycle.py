@@ -43,6 +43,7 @@ from .runtime.base import (
     SandboxHandle,
     SandboxSpec,
 )
+from .tools_policy import engine_image_problem, resolve_custom_tools
 from .verdict import ContainerExit, EngineClaim, Verdict, decide
 
 log = logging.getLogger(__name__)
@@ -280,6 +281,9 @@ class RunExecution:
             except PolicyError as exc:
                 mat.log(f"refused: {exc}", "error")
                 return self._end(Verdict(Reason(exc.reason), exc.detail))
+            raw, tool_problems = resolve_custom_tools(config, raw, contexts, source)
+            if tool_problems:
+                return self._end(Verdict(Reason.CONFIG_INVALID, str(ConfigError(tool_problems))))
             key_problems = _key_problems(config, source, req.sandbox)
             if key_problems:
                 return self._end(Verdict(Reason.KEY_MISSING, str(ConfigError(key_problems))))
@@ -393,7 +397,7 @@ class RunExecution:
         self.limits = limits
         return SandboxSpec(
             run_id=paths.run_id,
-            image=req.image or "",
+            image=self.image(config),
             command=command,
             mounts=mounts,
             env=env,
@@ -406,6 +410,18 @@ class RunExecution:
             network=sb.network,
             runtime=limits.runtime,
         )
+
+    def image(self, config: RunConfig) -> str:
+        """The run's image: the config's `sandbox.image` (tools baked in), else the supervisor's."""
+        return config.sandbox.image or self.req.image or ""
+
+    async def _image_problem(self, image: str) -> str | None:
+        # Only runtimes with images (Docker) can tell; a missing image is ImageMissing at start.
+        labels_of = getattr(self.runtime, "image_labels", None)
+        if self.req.sandbox != "docker" or labels_of is None or not image:
+            return None
+        labels = await asyncio.to_thread(labels_of, image)
+        return engine_image_problem(labels, image, self.req.image)
 
     async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:
         paths, mat, runtime = self.paths, self.mat, self.runtime
@@ -424,6 +440,9 @@ class RunExecution:
                     spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
                     mat.set_run(deadline=deadline)
                     mat.write_status(force=True)
+                    problem = await self._image_problem(spec.image)
+                    if problem:
+                        return self._end(Verdict(Reason.IMAGE_INVALID, problem))
                     try:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:

@@ -32,6 +32,7 @@ ENGINE_REASONS: frozenset[Reason] = frozenset(
         Reason.AGENT_FAILED,
         Reason.BACKEND_ERROR,
         Reason.CONFIG_INVALID,
+        Reason.TOOL_UNAVAILABLE,  # a custom tool or MCP server could not be brought up in the sandbox
         Reason.TIMEOUT,
         Reason.INTERRUPTED,
     }

@@ -23,6 +23,8 @@ ENGINE_DEADLINE_MARGIN_S = 0.5
 
 async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
     from ..tools import ToolBox  # imported here: keeps `massgen-run --help` light
+    from ..tools.shell import minimal_env
+    from .tooling import AgentTools, ToolSetupError
 
     clock = clock or SystemClock()
     config = RunConfig.model_validate(spec.config)
@@ -31,33 +33,56 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
     orch: Orchestrator | None = None
     backends: dict[str, Backend] = {}
     tools = {}
+    workspaces = {}
     for agent in config.agents:
-        ws = workspace / agent.id
+        ws = workspaces[agent.id] = workspace / agent.id
         ws.mkdir(parents=True, exist_ok=True)
-        tools[agent.id] = ToolBox(  # default env: an allowlist, never secrets
-            ws,
-            contexts,
-            allowed_commands=agent.backend.command_line_allowed_commands,
-            blocked_commands=agent.backend.command_line_blocked_commands,
-        )
-
-        def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
-            assert orch is not None
-            return orch.view(aid)
-
-        backends[agent.id] = make_backend(agent, view=view, sleep=clock.sleep, workspace=str(ws))
-    timeout = None
-    if spec.deadline is not None:
-        # Finish (exit 3 from inside) just before the supervisor's own deadline fires.
-        timeout = max(0.1, spec.deadline - clock.now() - ENGINE_DEADLINE_MARGIN_S)
-    orch = Orchestrator(
-        config, spec.question, spec.run_id, writer, backends, tools, sandbox=spec.sandbox, timeout=timeout
-    )
+    extra = AgentTools()
     try:
+        if any(a.backend.custom_tools or a.backend.mcp_servers for a in config.agents):
+            # The shell's timeout and output cap apply to every tool.
+            probe = ToolBox(workspace, shell_timeout=config.sandbox.tool_timeout_seconds)
+            try:
+                await extra.open(
+                    config.agents,
+                    workspaces,
+                    [Path(p) for p in spec.context_paths],
+                    minimal_env(),  # an allowlist, never secrets
+                    timeout=probe.shell_timeout,
+                    max_output_bytes=probe.max_output_bytes,
+                )
+            except ToolSetupError as exc:
+                writer.log(f"tool setup failed: {exc}", "error")
+                return Outcome(exit_code_for(Reason.TOOL_UNAVAILABLE), Reason.TOOL_UNAVAILABLE, str(exc)[:2000])
+            writer.log(f"custom tools and MCP servers ready in {extra.startup_s:.2f}s")
+        for agent in config.agents:
+            ws = workspaces[agent.id]
+            tools[agent.id] = ToolBox(  # default env: an allowlist, never secrets
+                ws,
+                contexts,
+                shell_timeout=config.sandbox.tool_timeout_seconds,
+                allowed_commands=agent.backend.command_line_allowed_commands,
+                blocked_commands=agent.backend.command_line_blocked_commands,
+                extra=extra.by_agent.get(agent.id, ()),
+            )
+
+            def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
+                assert orch is not None
+                return orch.view(aid)
+
+            backends[agent.id] = make_backend(agent, view=view, sleep=clock.sleep, workspace=str(ws))
+        timeout = None
+        if spec.deadline is not None:
+            # Finish (exit 3 from inside) just before the supervisor's own deadline fires.
+            timeout = max(0.1, spec.deadline - clock.now() - ENGINE_DEADLINE_MARGIN_S)
+        orch = Orchestrator(
+            config, spec.question, spec.run_id, writer, backends, tools, sandbox=spec.sandbox, timeout=timeout
+        )
         return await orch.run()
     finally:
+        # Servers and spare workers stop with the run; closing must not mask its outcome.
+        await extra.aclose()
         for b in backends.values():
-            # closing must not mask the run's outcome
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(b.aclose(), 5)
 

@@ -105,6 +105,7 @@ class TurnRunner:
                 summary=str(getattr(result, "summary", ""))[:500],
                 ok=bool(getattr(result, "ok", True)),
                 duration_s=round(time.monotonic() - t0, 4),
+                kind=getattr(result, "kind", "builtin"),
             )
             messages.append(Message(role="tool", content=result.content, tool_call_id=call.id, name=call.name))
         return used

@@ -18,6 +18,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from .tools_config import CustomToolEntry, McpServerConfig, check_tool_keys, normalize_mcp_servers
+
 # Dots are allowed after the first letter (MassGen ids such as `gemini2.5flash`); the leading
 # letter keeps `.` and `..` out, since ids are path components (final/<id>/, agents/<id>/).
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
@@ -137,6 +139,27 @@ class BackendConfig(_Strict):
     steps: list[ScriptStep] = Field(default_factory=list)
     final: str | None = None  # scripted: final presentation template (default: own latest answer)
     stream: bool = True
+    # Tools run inside the sandbox (agent_image/tools/custom.py, mcp_servers.py); MassGen's keys.
+    custom_tools: list[CustomToolEntry] = Field(default_factory=list, max_length=64)
+    mcp_servers: list[McpServerConfig] = Field(default_factory=list)
+    exclude_tools: list[str] = Field(default_factory=list)  # merged with each server's own
+    auto_discover_custom_tools: bool = False
+    exclude_custom_tools: list[str] = Field(default_factory=list)
+
+    @field_validator("mcp_servers", mode="before")
+    @classmethod
+    def _servers_mapping(cls, v: Any) -> Any:
+        return normalize_mcp_servers(v)
+
+    @field_validator("auto_discover_custom_tools")
+    @classmethod
+    def _no_discovery(cls, v: bool) -> bool:
+        if v:
+            raise ValueError(
+                "auto_discover_custom_tools loads MassGen's own tool directory and registry MCP servers, "
+                "which are not in the sandbox (and need the network); list your tools under custom_tools"
+            )
+        return v
 
     @field_validator("command_line_allowed_commands", "command_line_blocked_commands")
     @classmethod
@@ -150,6 +173,7 @@ class BackendConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> BackendConfig:
+        check_tool_keys(self.custom_tools, self.mcp_servers)
         if self.type == "scripted":
             if self.model is not None or self.base_url is not None:
                 raise ValueError("scripted backend takes no model or base_url")
@@ -224,6 +248,8 @@ class SandboxConfig(_Strict):
     pids: int = Field(default=256, ge=16, le=65536)
     timeout_seconds: float | None = Field(default=None, gt=0)
     stop_grace_seconds: float = Field(default=5.0, ge=0, le=120)
+    # Per call, for the shell and every custom or MCP tool (the model may ask the shell for more).
+    tool_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
     budget: Budget = Field(default_factory=Budget)
     max_depth: int = Field(default=2, ge=0, le=8)
     max_children: int = Field(default=4, ge=0, le=64)

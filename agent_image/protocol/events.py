@@ -48,10 +48,11 @@ class TurnStarted(_Event):
 class ToolCalled(_Event):
     type: Literal["tool_called"] = "tool_called"
     agent: str
-    tool: str
+    tool: str = Field(max_length=200)
     summary: str = Field(max_length=500)
     ok: bool = True
     duration_s: float = Field(default=0.0, ge=0, le=1e7)
+    kind: Literal["builtin", "custom", "mcp"] = "builtin"  # the toolbox's, a custom tool, an MCP server's
 
 
 class AnswerSubmitted(_Event):

@@ -23,6 +23,7 @@ from .config import (
     TimeoutSettings,
     UiConfig,
 )
+from .tools_config import is_file_path
 
 _LOADER: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_CONFIG_BYTES = 1 << 20
@@ -337,19 +338,33 @@ def dump_config(data: dict[str, Any]) -> str:
 
 
 def absolutize_context_paths(text: str) -> str:
-    """Make relative `orchestrator.context_paths` absolute (against the current directory).
+    """Make relative `orchestrator.context_paths` and custom tool files absolute (against the cwd).
 
     Relative paths mean "relative to where I am"; a config sent to a supervisor elsewhere needs
     them absolute. Text that does not parse is returned unchanged (the receiver reports errors).
     """
     try:
         data = yaml.safe_load(text)
-        cps = data["orchestrator"]["context_paths"]
     except Exception:  # noqa: BLE001 - anything odd: keep the text as written
         return text
+    if not isinstance(data, dict):
+        return text
+    items: list[dict[str, Any]] = []
+    orch = data.get("orchestrator")
+    cps = orch.get("context_paths") if isinstance(orch, dict) else None
+    items += [cp for cp in cps if isinstance(cp, dict)] if isinstance(cps, list) else []
+    listed = data.get("agents")
+    agents: list[Any] = listed if isinstance(listed, list) else [data.get("agent")]
+    for agent in agents:
+        backend = agent.get("backend") if isinstance(agent, dict) else None
+        tools = backend.get("custom_tools") if isinstance(backend, dict) else None
+        for tool in tools if isinstance(tools, list) else []:
+            # Only file paths: a dotted module name is resolved in the sandbox image.
+            if isinstance(tool, dict) and isinstance(tool.get("path"), str) and is_file_path(tool["path"]):
+                items.append(tool)
     changed = False
-    for cp in cps if isinstance(cps, list) else []:
-        if isinstance(cp, dict) and isinstance(cp.get("path"), str) and not os.path.isabs(cp["path"]):
-            cp["path"] = os.path.abspath(cp["path"])
+    for item in items:
+        if isinstance(item.get("path"), str) and not os.path.isabs(item["path"]):
+            item["path"] = os.path.abspath(item["path"])
             changed = True
     return yaml.safe_dump(data, sort_keys=False) if changed else text

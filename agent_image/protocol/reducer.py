@@ -30,6 +30,8 @@ from .status import (
     Phase,
     RunState,
     Status,
+    ToolStats,
+    ToolUsage,
     Usage,
     VoteInfo,
 )
@@ -46,6 +48,17 @@ def _add_usage(u: Usage, ev: ModelCall) -> None:
     u.total_tokens += ev.prompt_tokens + ev.completion_tokens
     u.cost_usd = round(u.cost_usd + ev.cost_usd, 10)
     u.latency_s = round(u.latency_s + ev.latency_s, 6)
+
+
+def _add_tool(stats: ToolStats, ev: ToolCalled) -> None:
+    ms = round(ev.duration_s * 1000, 3)
+    stats.total_calls += 1
+    stats.total_failures += 0 if ev.ok else 1
+    stats.total_execution_time_ms = round(stats.total_execution_time_ms + ms, 3)
+    by = stats.by_tool.setdefault(ev.tool, ToolUsage(kind=ev.kind))
+    by.calls += 1
+    by.failures += 0 if ev.ok else 1
+    by.execution_time_ms = round(by.execution_time_ms + ms, 3)
 
 
 class StatusReducer:
@@ -143,7 +156,10 @@ class StatusReducer:
                 self._working.add(ev.agent)
                 a.status = AgentStatus.WORKING
         elif isinstance(ev, ToolCalled):
-            self._agent(ev.agent).last_activity = ev.ts
+            a = self._agent(ev.agent)
+            a.last_activity = ev.ts
+            _add_tool(a.tools, ev)
+            _add_tool(st.tools, ev)
         elif isinstance(ev, AnswerSubmitted):
             a = self._agent(ev.agent)
             a.answer_count += 1

@@ -43,6 +43,8 @@ class Reason(StrEnum):
     BASE_URL_NOT_ALLOWED = "base_url_not_allowed"
     SUPERVISOR_ERROR = "supervisor_error"
     ENGINE_UNAVAILABLE = "engine_unavailable"
+    TOOL_UNAVAILABLE = "tool_unavailable"  # a custom tool or MCP server cannot be offered
+    IMAGE_INVALID = "image_invalid"  # sandbox.image does not carry the engine
     TIMEOUT = "timeout"
     INTERRUPTED = "interrupted"
 
@@ -71,6 +73,8 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.BASE_URL_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.SUPERVISOR_ERROR: ExitCode.EXECUTION,
     Reason.ENGINE_UNAVAILABLE: ExitCode.CONFIG,
+    Reason.TOOL_UNAVAILABLE: ExitCode.CONFIG,
+    Reason.IMAGE_INVALID: ExitCode.CONFIG,
     Reason.TIMEOUT: ExitCode.TIMEOUT,
     Reason.INTERRUPTED: ExitCode.INTERRUPTED,
 }

@@ -20,3 +20,9 @@ class RunSpec(BaseModel):
     deadline: float | None = None  # unix time; the engine times itself out just before it
     parent_run_id: str | None = None
     depth: int = 0
+
+
+# Every image that can run the engine carries this label (agent_image/Dockerfile sets it, and
+# images built FROM the agent image inherit it); the value changes with the engine's protocol.
+ENGINE_LABEL = "io.massgen.engine"
+ENGINE_PROTOCOL = "1"

@@ -98,6 +98,22 @@ class AgentErrorInfo(_M):
     timestamp: float
 
 
+class ToolUsage(_M):
+    kind: str = "builtin"
+    calls: int = 0
+    failures: int = 0
+    execution_time_ms: float = 0.0
+
+
+class ToolStats(_M):
+    """MassGen's `tools` section: calls, failures and time, in total and by tool."""
+
+    total_calls: int = 0
+    total_failures: int = 0
+    total_execution_time_ms: float = 0.0
+    by_tool: dict[str, ToolUsage] = Field(default_factory=dict)
+
+
 class AgentEntry(_M):
     anon: str
     backend: str = ""
@@ -111,6 +127,7 @@ class AgentEntry(_M):
     errors: int = 0
     last_activity: float | None = None
     error: AgentErrorInfo | None = None
+    tools: ToolStats = Field(default_factory=ToolStats)
 
 
 class Results(_M):
@@ -181,4 +198,5 @@ class Status(_M):
     container: ContainerSection | None = None
     telemetry: Telemetry = Field(default_factory=Telemetry)
     costs: Costs = Field(default_factory=Costs)
+    tools: ToolStats = Field(default_factory=ToolStats)  # every agent's, summed
     children: list[ChildEntry] = Field(default_factory=list)

@@ -11,7 +11,7 @@ import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent_image.backends.base import ToolSpec
 from agent_image.tools.files import FileAccess, FileToolError
@@ -32,6 +32,20 @@ class ToolResult:
     content: str
     ok: bool
     summary: str
+    kind: str = "builtin"  # builtin | custom | mcp: where the tool came from (accounting)
+
+
+class ExtraTools(Protocol):
+    """Tools from outside the toolbox (custom tools, MCP servers); `call` never raises."""
+
+    kind: str
+
+    @property
+    def names(self) -> frozenset[str]: ...
+
+    def specs(self) -> list[ToolSpec]: ...
+
+    async def call(self, name: str, arguments: dict[str, Any]) -> Any: ...
 
 
 class _BadArguments(Exception):
@@ -139,6 +153,7 @@ class ToolBox:
         env: Mapping[str, str] | None = None,
         allowed_commands: Sequence[str] = (),
         blocked_commands: Sequence[str] = (),
+        extra: Sequence[ExtraTools] = (),
     ) -> None:
         self.workspace = Path(workspace)
         # MassGen's command_line_allowed/blocked_commands: re.match on the whole command string.
@@ -166,14 +181,22 @@ class ToolBox:
             "list_files": self._list_files,
             "todo": self._todo_call,
         }
+        self._extra: dict[str, ExtraTools] = {}
+        self._extra_specs: dict[str, ToolSpec] = {}
+        for source in extra:
+            for spec in source.specs():
+                if spec.name in self._handlers or spec.name in self._extra:
+                    raise ValueError(f"tool name {spec.name!r} is offered twice")
+                self._extra[spec.name] = source
+                self._extra_specs[spec.name] = spec
 
     @property
     def names(self) -> frozenset[str]:
-        return frozenset(self._handlers)
+        return frozenset(self._handlers) | frozenset(self._extra)
 
     def specs(self) -> list[ToolSpec]:
         """The tools to offer the model; copies, so a backend may rewrite the schemas."""
-        return copy.deepcopy(list(self._specs.values()))
+        return copy.deepcopy([*self._specs.values(), *self._extra_specs.values()])
 
     def _build_specs(self) -> dict[str, ToolSpec]:
         ws = self._files.workspace
@@ -245,9 +268,11 @@ class ToolBox:
 
     async def call(self, name: str, arguments: dict[str, Any]) -> ToolResult:
         """Run one tool call; every failure the model can cause comes back as `ok=False`."""
+        if name in self._extra:
+            return await self._call_extra(name, arguments)
         handler = self._handlers.get(name)
         if handler is None:
-            available = ", ".join(sorted(self._handlers))
+            available = ", ".join(sorted(self.names))
             return _failure(name, f"unknown tool {name!r}; available tools: {available}")
         try:
             args = _check_arguments(name, self._specs[name].parameters, arguments)
@@ -263,6 +288,19 @@ class ToolBox:
             # A bug of ours, not the model's: log it with the trace, but keep the agent going.
             logger.exception("tool=%s internal error", name)
             return _failure(name, f"internal error: {type(exc).__name__}: {exc}")
+
+    async def _call_extra(self, name: str, arguments: Any) -> ToolResult:
+        source = self._extra[name]
+        try:
+            args = _check_open_arguments(name, self._extra_specs[name].parameters, arguments)
+        except _BadArguments as exc:
+            return _failure(name, str(exc), source.kind)
+        try:
+            out = await source.call(name, args)
+        except Exception as exc:
+            logger.exception("tool=%s internal error", name)
+            return _failure(name, f"internal error: {type(exc).__name__}: {exc}", source.kind)
+        return ToolResult(out.content, out.ok, _one_line(out.summary), source.kind)
 
     async def _shell(self, args: dict[str, Any]) -> ToolResult:
         command: str = args["command"]
@@ -371,5 +409,36 @@ class ToolBox:
         )
 
 
-def _failure(tool: str, message: str) -> ToolResult:
-    return ToolResult(message, False, _one_line(f"{tool} error: {message}"))
+def _failure(tool: str, message: str, kind: str = "builtin") -> ToolResult:
+    return ToolResult(message, False, _one_line(f"{tool} error: {message}"), kind)
+
+
+def _check_open_arguments(tool: str, schema: Mapping[str, Any], arguments: Any) -> dict[str, Any]:
+    """The checks worth doing before a custom or MCP tool sees the arguments (it validates the rest).
+
+    Raises:
+        _BadArguments: not an object, unparseable, an unknown or a missing required argument.
+    """
+    if not isinstance(arguments, Mapping):
+        raise _BadArguments(f"arguments for {tool} must be a JSON object, got {_json_type(arguments)}")
+    props: Mapping[str, Any] = schema.get("properties") or {}
+    if "__raw__" in arguments:
+        raw = _one_line(str(arguments["__raw__"]), 120)
+        raise _BadArguments(f"arguments for {tool} were not valid JSON ({raw!r}); send one JSON object")
+    if schema.get("additionalProperties") is False:
+        for key in arguments:
+            if key not in props:
+                expected = ", ".join(props) or "none"
+                raise _BadArguments(f"unexpected argument {key!r} for {tool}; expected arguments: {expected}")
+    checked = {}
+    for key, value in arguments.items():
+        if value is None and key not in schema.get("required", ()) and props.get(key, {}).get("type") != "null":
+            continue  # some providers send null for every optional parameter
+        kind = props.get(key, {}).get("type")
+        if kind == "integer" and isinstance(value, float) and value.is_integer():
+            value = int(value)  # Gemini's Struct carries every number as a double
+        checked[key] = value
+    for key in schema.get("required", ()):
+        if key not in checked:
+            raise _BadArguments(f"missing required argument {key!r} for {tool}")
+    return checked

@@ -1,0 +1,1 @@
+"""Modules that tool workers import in place of other projects' packages (never the engine)."""

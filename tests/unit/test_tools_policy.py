@@ -1,0 +1,64 @@
+"""Host-side tool checks: custom tool files must lie in a context path; images must carry the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent_image.protocol.config import RunConfig
+from agent_image.protocol.loader import absolutize_context_paths
+from agent_image.protocol.spec import ENGINE_LABEL, ENGINE_PROTOCOL
+from supervisor.tools_policy import engine_image_problem, resolve_custom_tools
+
+
+def _config(path: str) -> tuple[RunConfig, dict]:
+    raw = {
+        "agents": [{"id": "a", "backend": {"type": "scripted", "custom_tools": [{"path": path, "function": "f"}]}}],
+    }
+    return RunConfig.model_validate(raw), raw
+
+
+def test_relative_tool_file_inside_a_context_path_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relative path is resolved against the cwd and handed to the sandbox absolute; the user's raw config is kept."""
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "ctx" / "t.py").write_text("def f():\n    return 1\n")
+    monkeypatch.chdir(tmp_path)
+    config, raw = _config("ctx/t.py")
+    out, problems = resolve_custom_tools(config, raw, [(tmp_path / "ctx").resolve()], "run.yaml")
+    assert problems == []
+    assert out["agents"][0]["backend"]["custom_tools"][0]["path"] == str((tmp_path / "ctx" / "t.py").resolve())
+    assert raw["agents"][0]["backend"]["custom_tools"][0]["path"] == "ctx/t.py"
+
+
+def test_tool_file_outside_every_context_path_is_named(tmp_path: Path) -> None:
+    """A file outside the context paths (or missing) is a problem naming the file, the key and the fix."""
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "elsewhere.py").write_text("def f():\n    return 1\n")
+    config, raw = _config(str(tmp_path / "elsewhere.py"))
+    _, problems = resolve_custom_tools(config, raw, [tmp_path / "ctx"], "run.yaml")
+    assert len(problems) == 1
+    text = str(problems[0])
+    assert str(tmp_path / "elsewhere.py") in text and "outside every orchestrator.context_paths" in text
+    assert "agents.0.backend.custom_tools.0.path" in text
+    config, raw = _config(str(tmp_path / "ctx" / "nope.py"))
+    _, problems = resolve_custom_tools(config, raw, [tmp_path / "ctx"], "run.yaml")
+    assert "does not exist" in str(problems[0])
+
+
+def test_nested_clients_send_custom_tool_files_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The in-sandbox client makes custom tool file paths absolute like context paths; module names stay."""
+    monkeypatch.chdir(tmp_path)
+    text = "agents:\n  - id: a\n    backend:\n      type: scripted\n      custom_tools:\n        - {path: t/x.py, function: f}\n        - {path: pkg.mod, function: g}\n"
+    out = absolutize_context_paths(text)
+    assert f"path: {tmp_path}/t/x.py" in out and "path: pkg.mod" in out
+
+
+def test_engine_label_decides_whether_an_image_can_run_the_engine() -> None:
+    """Images without the engine label (or with another protocol) are refused with the FROM line to use."""
+    assert engine_image_problem({ENGINE_LABEL: ENGINE_PROTOCOL}, "mine:1", "massgen-sandbox/agent:abc") is None
+    assert engine_image_problem(None, "mine:1", None) is None  # missing: the runtime says image_missing
+    msg = engine_image_problem({}, "debian:12", "massgen-sandbox/agent:abc")
+    assert msg is not None and "does not carry the sandbox engine" in msg and "FROM massgen-sandbox/agent:abc" in msg
+    old = engine_image_problem({ENGINE_LABEL: "0"}, "mine:1", "massgen-sandbox/agent:abc")
+    assert old is not None and "rebuild it" in old
