@@ -255,7 +255,8 @@ def test_failing_tools_and_a_dying_server_fail_only_their_calls(agent_image: str
                 FakeToolCall("mcp__probe__once", {}, id="c_once"),
             ]
         ),
-        Reply(tool_calls=[FakeToolCall("mcp__probe__where", {"label": "after"}, id="c_after")]),
+        # Late enough that the server's exit (0.2 s after its answer) has surely happened.
+        Reply(tool_calls=[FakeToolCall("mcp__probe__where", {"label": "after"}, id="c_after")], delay_s=2.0),
         Reply(tool_calls=[FakeToolCall("custom_tool__probe", {"label": "still fine"}, id="c_fine")]),
         ANSWER,
         VOTE,
