@@ -149,7 +149,6 @@ _BACKEND_WARN: dict[str, str] = {
     "permission_mode": "ignored: a CLI-agent setting; tools here are always sandboxed",
     "allowed_tools": "ignored: a CLI-agent setting; every agent has shell, file and todo tools",
     "disallowed_tools": "ignored: a CLI-agent setting; use `command_line_blocked_commands` to restrict the shell",
-    "exclude_tools": "ignored: there are no MCP tools to exclude",
     "max_thinking_tokens": "ignored: a CLI-agent setting",
     "system_prompt": "ignored: a CLI-agent setting; use the agent's `system_message`",
     "instance_id": "ignored: run ids isolate runs",

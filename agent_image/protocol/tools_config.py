@@ -61,6 +61,7 @@ class CustomToolSpec(_Strict):
     module: str | None
     description: str | None
     preset_args: dict[str, Any]
+    default_params: dict[str, Any]
     category: str | None
 
 
@@ -72,6 +73,8 @@ class CustomToolEntry(_Strict):
     name: str | list[str] | None = None
     description: str | list[str] | None = None
     preset_args: dict[str, Any] | list[dict[str, Any] | None] | None = None
+    # MassGen's computer-use examples: values used when the model does not pass them.
+    default_params: dict[str, Any] | list[dict[str, Any] | None] | None = None
     category: str | None = None
 
     @model_validator(mode="after")
@@ -87,8 +90,8 @@ class CustomToolEntry(_Strict):
         if self.path is None:
             raise ValueError(
                 "custom tool needs a path: a .py file inside an orchestrator.context_paths entry, or a "
-                "module importable in the sandbox image; MassGen's built-in tools are not in the sandbox "
-                "(its shell and file tools are)"
+                "module importable in sandbox.image; MassGen's built-in tools are not in the sandbox, "
+                "but the shell and file tools are"
             )
         if not self.path.strip():
             raise ValueError("path is empty")
@@ -97,6 +100,7 @@ class CustomToolEntry(_Strict):
         names = _per_function(self.name, len(functions), "name")
         _per_function(self.description, len(functions), "description")
         _per_function(self.preset_args, len(functions), "preset_args")
+        _per_function(self.default_params, len(functions), "default_params")
         for n, f in zip(names, functions, strict=True):
             tool = tool_name(n or f)
             if not TOOL_NAME_RE.match(tool):
@@ -113,6 +117,7 @@ class CustomToolEntry(_Strict):
         names = _per_function(self.name, n, "name")
         descriptions = _per_function(self.description, n, "description")
         presets = _per_function(self.preset_args, n, "preset_args")
+        defaults = _per_function(self.default_params, n, "default_params")
         return [
             CustomToolSpec(
                 tool=tool_name(names[i] or f),
@@ -121,6 +126,7 @@ class CustomToolEntry(_Strict):
                 module=None if self.is_file else self.path,
                 description=descriptions[i],
                 preset_args=dict(presets[i] or {}),
+                default_params=dict(defaults[i] or {}),
                 category=self.category,
             )
             for i, f in enumerate(functions)
@@ -183,15 +189,15 @@ class McpServerConfig(_Strict):
                 raise ValueError(
                     f"{self.type} MCP server {self.name!r} at {self.url}: nothing listens on the sandbox's "
                     "loopback unless the run starts it; add the server's command (and args) so it is started "
-                    "inside the sandbox, or use type stdio"
+                    "inside the sandbox, or use type stdio (the command must be in sandbox.image)"
                 )
         for key, value in [*self.env.items(), *(("args", a) for a in self.args)]:
             for var in ENV_REF_RE.findall(value):
                 if var != "cwd":
                     raise ValueError(
                         f"MCP server {self.name!r}: ${{{var}}} in {key} would copy a host variable into "
-                        "the sandbox, and secrets never enter it; write the value itself (or ${cwd} for "
-                        "the agent's workspace)"
+                        "the sandbox, and secrets never enter it (model keys are added by the host's gateway); "
+                        "write the value itself, or ${cwd} for the agent's workspace"
                     )
         return self
 

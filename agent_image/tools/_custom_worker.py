@@ -135,7 +135,7 @@ def _strip_titles(obj: Any) -> None:
             _strip_titles(item)
 
 
-def _schema(func: Any, hidden: set[str]) -> tuple[str, dict[str, Any], bool]:
+def _schema(func: Any, hidden: set[str], defaults: dict[str, Any]) -> tuple[str, dict[str, Any], bool]:
     from pydantic import ConfigDict, Field, create_model  # only describe needs pydantic
 
     description, docs = _parse_docstring(inspect.getdoc(func))
@@ -157,6 +157,7 @@ def _schema(func: Any, hidden: set[str]) -> tuple[str, dict[str, Any], bool]:
         if annotation is inspect.Parameter.empty:
             annotation = Any
         default = ... if param.default is inspect.Parameter.empty else param.default
+        default = defaults.get(name, default)  # default_params make a parameter optional
         fields[name] = (annotation, Field(default=default, description=docs.get(name)))
     model = create_model("_ToolParameters", __config__=ConfigDict(arbitrary_types_allowed=True), **fields)
     schema = model.model_json_schema()
@@ -177,7 +178,7 @@ def describe(request: dict[str, Any]) -> dict[str, Any]:
             params = inspect.signature(func).parameters
             accepts_cwd = "agent_cwd" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
             hidden = set(spec.get("preset_args") or {}) | ({"agent_cwd"} if "agent_cwd" in params else set())
-            description, schema, _ = _schema(func, hidden)
+            description, schema, _ = _schema(func, hidden, dict(spec.get("default_params") or {}))
             tools.append(
                 {
                     "tool": spec["tool"],
@@ -270,7 +271,7 @@ def serve(request: dict[str, Any]) -> None:
         _answer({"ok": False, "error": f"importing the tool failed: {error}", "own_s": 0.0})
         return
     func, spec = loaded[name]
-    arguments = dict(req.get("arguments") or {})
+    arguments = {**(spec.get("default_params") or {}), **(req.get("arguments") or {})}
     arguments.update(spec.get("preset_args") or {})
     if req.get("agent_cwd"):
         arguments["agent_cwd"] = req["agent_cwd"]

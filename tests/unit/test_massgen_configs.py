@@ -20,11 +20,11 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "massgen_v0.1.12"
 CONFIGS = sorted((DATA / "massgen" / "configs").rglob("*.yaml"))
 
 # At least this many load today; raised as support grows (the issue's target is 65).
-MIN_PASSING = 40
+MIN_PASSING = 52
 
-# Keys another change owns (issue 12: tools inside the sandbox); until it lands they are
-# unknown keys, refused without a way forward of their own.
-OWNED_ELSEWHERE = ("custom_tools", "mcp_servers")
+# Keys another change owns, refused without a way forward of their own (none since issue 12:
+# custom_tools and mcp_servers run inside the sandbox).
+OWNED_ELSEWHERE: tuple[str, ...] = ()
 
 # Words that name a way forward in this project; every refusal's one line has one.
 ALTERNATIVES = (
