@@ -35,19 +35,24 @@ class Control(Protocol):
 
 
 class SupervisorControl:
-    """In the daemon: the run's record is right here; stopping is setting its interrupt."""
+    """In the daemon: its own runs' records are right here, stopping one is setting its interrupt.
+
+    Runs in the same logs roots that another `massgen-run` supervises are stopped as
+    `massgen-run stop` would (SIGTERM to that process).
+    """
 
     def __init__(self, sup: Any) -> None:
         self.sup = sup
+        self._local = LocalControl(use_daemon=False)
 
     def can_stop(self, row: RunRow) -> bool:
         rec = self.sup.records.get(row.run_id)
-        return rec is not None and rec.live
+        return rec.live if rec is not None else self._local.can_stop(row)
 
     async def stop(self, row: RunRow) -> str:
         rec = self.sup.lookup(None, row.run_id)
         if rec is None:
-            raise StopRefused(row.run_id, "this daemon does not supervise that run", 404)
+            return await self._local.stop(row)
         if not rec.live:
             raise StopRefused(row.run_id, "the run already finished")
         await self.sup.stop(rec, "interrupted from the dashboard")
@@ -60,6 +65,9 @@ class LocalControl:
     The same as `massgen-run stop` (supervisor/cli.py): the embedded supervisor treats SIGTERM
     like Ctrl+C, stops the sandbox gracefully and records exit 4.
     """
+
+    def __init__(self, *, use_daemon: bool = True) -> None:
+        self.use_daemon = use_daemon
 
     def can_stop(self, row: RunRow) -> bool:
         return row.live
@@ -75,7 +83,7 @@ class LocalControl:
         assert isinstance(run, dict)
         if run.get("state") == "finished":
             raise StopRefused(row.run_id, f"the run already finished (exit {run.get('exit_code')})")
-        daemon = _daemon_client()
+        daemon = _daemon_client() if self.use_daemon else None
         if daemon is not None:
             from agent_image.client import ClientError
 
@@ -87,11 +95,15 @@ class LocalControl:
                     raise StopRefused(row.run_id, f"the daemon refused: {exc}", 502) from exc
             finally:
                 daemon.close()
+        owner = str(run.get("supervisor_id") or "")
+        if owner.startswith("daemon-"):
+            # SIGTERM would detach that whole daemon (every run it supervises), not stop this run.
+            raise StopRefused(row.run_id, f"the run belongs to daemon {owner}; stop it through that daemon")
         if int(run.get("depth") or 0) > 0:
             # Its supervisor is the whole tree's massgen-run: a signal would stop the top-level run too.
             raise StopRefused(row.run_id, "a nested run without a daemon stops with its top-level run")
         pid = run.get("supervisor_pid")
-        if not isinstance(pid, int) or pid <= 1:
+        if not isinstance(pid, int) or pid <= 1 or pid == os.getpid():
             raise StopRefused(row.run_id, "no supervisor is known for this run")
         try:
             os.kill(pid, signal.SIGTERM)

@@ -394,3 +394,25 @@ def test_web_option_refuses_garbage() -> None:
     for bad in ("x", "host:", "1:99999"):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_hostport(bad)
+
+
+def test_standalone_stop_never_signals_a_daemon_or_itself(tmp_path: Path) -> None:
+    """A run a daemon supervises, or one naming this process, is refused rather than signalled."""
+    from supervisor.dashboard import LocalControl
+    from supervisor.dashboard._data import read_row
+
+    run = FakeRun(tmp_path / "runs")
+    control = LocalControl(use_daemon=False)
+
+    async def refused(detail: str) -> None:
+        with pytest.raises(StopRefused, match=detail):
+            await control.stop(read_row(run.log_dir))
+
+    run.mat.set_run(state="running", supervisor_id="daemon-0123456789", supervisor_pid=1234)
+    run.write()
+    asyncio.run(refused("belongs to daemon"))
+    import os
+
+    run.mat.set_run(supervisor_id="embedded", supervisor_pid=os.getpid())
+    run.write()
+    asyncio.run(refused("no supervisor is known"))
