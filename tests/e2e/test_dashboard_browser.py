@@ -240,3 +240,48 @@ def test_stop_from_a_standalone_dashboard_then_no_reconnect_storm_when_it_goes(t
             if p.poll() is None:
                 p.kill()
                 p.wait(timeout=20)
+
+
+def test_runs_page_filters_sorts_and_keeps_nested_runs_under_their_parent(tmp_path: Path) -> None:
+    """State and text filters hide the rest; sorting moves whole trees unless 'flat' is ticked."""
+    from tests.dashboard_helpers import FakeRun
+
+    shots = artifacts_dir("runs-table")
+    root = tmp_path / "runs"
+    ok = FakeRun(root, question="the good one")
+    ok.finish()
+    bad = FakeRun(root, question="the bad one")
+    bad.finish("agent_failed")
+    parent = FakeRun(root, question="a parent")
+    child = FakeRun(parent.paths.children, depth=1, question="its child")
+    child.finish("timeout")
+    live = FakeRun(root, question="still going")
+    for r in (ok, bad, parent, child, live):
+        r.close()
+    dash, url = start_dashboard(root, tmp_path)
+    try:
+        with browser(shots) as ctx:
+            page = ctx.new_page()
+            page.goto(url)
+            page.wait_for_selector(f"#r-{child.run_id}")
+
+            def shown() -> list[str]:
+                return page.eval_on_selector_all("#runs-body tr:not([hidden])", "rs => rs.map(r => r.dataset.run)")
+
+            assert shown() == [live.run_id, parent.run_id, child.run_id, bad.run_id, ok.run_id]
+            page.select_option("#state", "bad")
+            assert set(shown()) == {bad.run_id, child.run_id}
+            page.select_option("#state", "")
+            page.fill("#filter", "good")
+            assert shown() == [ok.run_id]
+            page.fill("#filter", "")
+            page.click('th[data-col="6"]')  # Exit, ascending: the live run (no exit) first
+            order = shown()
+            assert order.index(child.run_id) == order.index(parent.run_id) + 1  # the tree moved as one
+            assert order[-1] == bad.run_id  # exit 2 last among the top-level runs
+            page.check("#flat")
+            assert shown()[-1] == child.run_id  # exit 3: last once runs sort on their own
+            page.screenshot(path=str(shots / "sorted-flat.png"), full_page=True)
+    finally:
+        dash.terminate()
+        dash.wait(timeout=20)
