@@ -26,8 +26,8 @@ from agent_image.protocol.events import (
     AgentFailed,
     AnswerSubmitted,
     FinalAnswer,
+    LogLine,
     ModelCall,
-    RunFinished,
     RunStarted,
     ToolCalled,
     VoteCast,
@@ -44,6 +44,7 @@ MAX_DEPTH = 32
 # Environment variables whose values must never be shown, even if a log line repeats one.
 _SECRET_NAME_RE = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 MIN_SECRET_CHARS = 8
+_STALE_VOTE_RE = re.compile(r"^(\S+) voted for \S+ on a stale view")
 
 
 def read_capped(path: Path, limit: int, offset: int = 0) -> bytes | None:
@@ -482,8 +483,14 @@ def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor, files: Ru
         elif isinstance(ev, FinalAnswer):
             final = Answer(ev.agent, "final", rel(ev.ts), redact(ev.content))
             marks.append(Mark(rel(ev.ts), ev.agent, "final", "final answer", ev.seq))
-        elif isinstance(ev, RunFinished):
-            pass
+        elif isinstance(ev, LogLine):
+            # The engine's note when it discards a vote cast on a view older than the newest
+            # answer (agent_image/engine/orchestrator.py): that agent, too, starts over.
+            m = _STALE_VOTE_RE.match(ev.message)
+            if m and m.group(1) in agents_order:
+                marks.append(
+                    Mark(rel(ev.ts), m.group(1), "restart", "vote on a stale view discarded; looks again", ev.seq)
+                )
     calls.extend(files.telemetry.read())
     for c in calls:
         end_ts = max(end_ts, c.ts)

@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import secrets
 import time
@@ -110,7 +109,6 @@ class Dashboard:
         self._runner: web.AppRunner | None = None
         self.allowed_hosts: set[str] = set()
         self.cookie = "massgen_dashboard"
-        self.render_s: list[float] = []  # server time of recent runs-page renders (the benchmark reads it)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -239,8 +237,6 @@ class Dashboard:
         body = await asyncio.to_thread(runs_page_body, pairs, gen, now)
         text = page("massgen runs", body, meta=self._meta())
         dt = time.perf_counter() - t0
-        self.render_s.append(dt)
-        del self.render_s[:-100]
         # Server-Timing: what the server spent, visible in the browser's devtools and to bench/.
         return web.Response(
             text=text, content_type="text/html", headers={"Server-Timing": f"render;dur={dt * 1000:.1f}"}
@@ -375,7 +371,3 @@ class Dashboard:
         finally:
             self.hub.unsubscribe(sub)
         return resp
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

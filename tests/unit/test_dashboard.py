@@ -71,6 +71,16 @@ def test_detail_has_one_mark_per_answer_and_vote_and_the_cost_line_ends_at_statu
     assert "<b>2+2</b>" not in html and "&lt;b&gt;2+2&lt;/b&gt;" in html
 
 
+def test_a_vote_the_engine_discarded_as_stale_is_a_restart(tmp_path: Path) -> None:
+    """The engine's 'voted ... on a stale view' note marks a restart for that agent (not for strangers)."""
+    run = FakeRun(tmp_path / "runs")
+    run.event("log", level="info", message="b voted for agent1 on a stale view; it will look again")
+    run.event("log", level="info", message="zed voted for agent1 on a stale view; it will look again")
+    run.write()
+    detail = load_detail(read_row(run.log_dir), None, Redactor({}))
+    assert [(m.kind, m.agent) for m in detail.marks] == [("restart", "b")]
+
+
 def test_events_are_parsed_incrementally_complete_lines_only(tmp_path: Path) -> None:
     """A followed run's events.jsonl is read from where the last read stopped; a torn line waits."""
     path = tmp_path / "events.jsonl"
