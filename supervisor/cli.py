@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .logdir import default_logs_root, iter_run_dirs, read_status
+
 VERBS = ("image", "ps", "status", "logs", "stop", "watch", "dashboard", "report", "validate")
 EPILOG = """\
 examples:
@@ -24,11 +26,6 @@ examples:
 
 exit codes: 0 ok, 1 config error, 2 execution error, 3 timeout, 4 interrupted
 """
-
-
-def _default_logs_root() -> Path:
-    env = os.environ.get("MASSGEN_LOGS_ROOT")
-    return Path(env) if env else Path.cwd() / ".massgen" / "runs"
 
 
 def _ascii(text: str, limit: int | None = None) -> str:
@@ -279,7 +276,7 @@ def cmd_run(argv: list[str]) -> int:
     from .runtime.local import LocalRuntime
 
     printer = _Printer(args.automation, args.output_file)
-    logs_root = (args.logs_root or _default_logs_root()).absolute()
+    logs_root = (args.logs_root or default_logs_root()).absolute()
     daemon = _daemon_client() if args.sandbox == "docker" and not args.image else None
     if daemon is not None:
         from agent_image.client import ClientError, run_and_follow
@@ -359,25 +356,11 @@ def cmd_run(argv: list[str]) -> int:
 # -- ops verbs (read the log dirs; the daemon adds live control later) -----------------------
 
 
-def _runs(logs_root: Path) -> list[Path]:
-    if not logs_root.is_dir():
-        return []
-    return sorted((p for p in logs_root.iterdir() if p.name.startswith("log_") and p.is_dir()), key=lambda p: p.name)
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _find_run(logs_root: Path, run: str) -> Path:
     p = Path(run)
     if p.is_dir() and (p / "status.json").exists():
         return p
-    matches = [d for d in _runs(logs_root) if d.name == run or d.name.endswith(run)]
+    matches = [d for d in iter_run_dirs(logs_root) if d.name == run or d.name.endswith(run)]
     if len(matches) != 1:
         raise SystemExit(
             f"massgen-run: {'no run' if not matches else 'more than one run'} matches {run!r} under {logs_root}"
@@ -393,9 +376,9 @@ def cmd_ps(argv: list[str]) -> int:
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
     # Reads status.json only (never events or logs): 1,000 finished runs list in well under a second.
-    from .watch import iter_run_dirs, prune, read_row, tree, tree_lines
+    from .watch import prune, read_row, tree, tree_lines
 
-    root = args.logs_root or _default_logs_root()
+    root = args.logs_root or default_logs_root()
     if args.tree:
         roots = prune(tree(root), keep_finished=args.all)
         if args.json:
@@ -430,14 +413,27 @@ def cmd_ps(argv: list[str]) -> int:
     return 0
 
 
+def cmd_watch(argv: list[str]) -> int:
+    p = _Parser(
+        prog="massgen-run watch",
+        description="A live table of runs under the logs root, redrawn when a status.json changes (Ctrl+C to quit).",
+    )
+    p.add_argument("--logs-root", type=Path, default=None, help="default ./.massgen/runs or $MASSGEN_LOGS_ROOT")
+    p.add_argument("--once", action="store_true", help="print the table once and exit")
+    args = p.parse_args(argv)
+    from .watch import watch
+
+    return watch((args.logs_root or default_logs_root()).absolute(), once=args.once)
+
+
 def cmd_status(argv: list[str]) -> int:
     p = _Parser(prog="massgen-run status", description="Show one run's status.json.")
     p.add_argument("run", help="run id (or a unique suffix) or a log dir")
     p.add_argument("--json", action="store_true")
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
-    d = _find_run(args.logs_root or _default_logs_root(), args.run)
-    st = _read_json(d / "status.json")
+    d = _find_run(args.logs_root or default_logs_root(), args.run)
+    st = read_status(d)
     if st is None:
         print(f"massgen-run: {d}/status.json is missing or unreadable", file=sys.stderr)
         return 2
@@ -460,8 +456,8 @@ def cmd_stop(argv: list[str]) -> int:
     p.add_argument("run", help="run id (or a unique suffix) or a log dir")
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
-    d = _find_run(args.logs_root or _default_logs_root(), args.run)
-    run = (_read_json(d / "status.json") or {}).get("run", {})
+    d = _find_run(args.logs_root or default_logs_root(), args.run)
+    run = (read_status(d) or {}).get("run", {})
     if run.get("state") == "finished":
         print(f"{d.name} already finished (exit {run.get('exit_code')})")
         return 0
@@ -500,11 +496,11 @@ def cmd_logs(argv: list[str]) -> int:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing until the run finishes")
     p.add_argument("--logs-root", type=Path, default=None)
     args = p.parse_args(argv)
-    d = _find_run(args.logs_root or _default_logs_root(), args.run)
+    d = _find_run(args.logs_root or default_logs_root(), args.run)
     from agent_image.client import print_log
 
     def finished() -> bool:
-        st = _read_json(d / "status.json") or {}
+        st = read_status(d) or {}
         return st.get("run", {}).get("state") == "finished" and (d / "result.json").exists()
 
     return print_log(d / "massgen.log", follow=args.follow, finished=finished)
@@ -547,24 +543,20 @@ def main(argv: list[str] | None = None) -> int:
         from agent_image.client import main as client_main
 
         return client_main(argv)
-    if argv and argv[0] == "watch":
-        from .watch import main as watch_main
-
-        return watch_main(argv[1:])
     if argv and argv[0] in ("dashboard", "report"):
         from .dashboard import _cli
 
         if argv[0] == "dashboard":
-            return _cli.cmd_dashboard(argv[1:], _Parser, _default_logs_root())
-        return _cli.cmd_report(argv[1:], _Parser, _find_run, _default_logs_root())
+            return _cli.cmd_dashboard(argv[1:], _Parser, default_logs_root())
+        return _cli.cmd_report(argv[1:], _Parser, _find_run, default_logs_root())
     if argv and argv[0] == "validate":
         from .validate import main as validate_main
 
         return validate_main(argv[1:], _Parser)
     if argv and argv[0] in VERBS:
-        return {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}[argv[0]](
-            argv[1:]
-        )
+        verbs = {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
+        verbs["watch"] = cmd_watch
+        return verbs[argv[0]](argv[1:])
     return cmd_run(argv)
 
 

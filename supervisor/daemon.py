@@ -15,11 +15,13 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+
+from .logdir import default_logs_root, walk_run_dirs
 
 log = logging.getLogger("supervisor.daemon")
 
@@ -31,11 +33,6 @@ def default_socket() -> Path:
 
     env = os.environ.get("MASSGEN_DAEMON_SOCKET")
     return Path(env) if env else runtime_base() / "supervisor.sock"
-
-
-def default_logs_root() -> Path:
-    env = os.environ.get("MASSGEN_LOGS_ROOT")
-    return Path(env) if env else Path.home() / ".massgen" / "runs"
 
 
 def supervisor_id_for(socket_path: Path) -> str:
@@ -61,7 +58,10 @@ def _parser() -> argparse.ArgumentParser:
         help="API socket (default $MASSGEN_DAEMON_SOCKET or a per-user runtime dir)",
     )
     p.add_argument(
-        "--logs-root", type=Path, default=None, help="default log root ($MASSGEN_LOGS_ROOT or ~/.massgen/runs)"
+        "--logs-root",
+        type=Path,
+        default=None,
+        help="default logs root ($MASSGEN_LOGS_ROOT, else ./.massgen/runs as for massgen-run)",
     )
     p.add_argument(
         "--max-concurrent",
@@ -245,7 +245,7 @@ async def reconcile(sup: Any, runtime: Any, logs_root: Path, extra_roots: Iterab
     # the layout we create (<root>/<run id>/children/<run id>/...), never rglob: sandboxes can
     # write folders (their outbox, snapshots) that look like log dirs.
     for root in {logs_root, *extra_roots}:
-        for log_dir in _log_dirs(root):
+        for log_dir in walk_run_dirs(root):
             if log_dir.name in adopted:
                 continue
             try:
@@ -265,50 +265,20 @@ def _read_roots(path: Path) -> list[Path]:
     return [Path(p) for p in data if isinstance(p, str) and os.path.isabs(p)] if isinstance(data, list) else []
 
 
-def _log_dirs(root: Path, depth: int = 0) -> Iterator[Path]:
-    from .logdir import RUN_ID_RE
-
-    if depth > 8:
-        return
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return
-    for entry in entries:
-        if RUN_ID_RE.match(entry.name) and entry.is_dir(follow_symlinks=False):
-            path = Path(entry.path)
-            yield path
-            children = path / "children"
-            if children.is_dir() and not children.is_symlink():
-                yield from _log_dirs(children, depth + 1)
-
-
 def _finish_lost(log_dir: Path, supervisor_id: str) -> bool:
-    from agent_image.protocol.result import Reason
-
-    from .logdir import RunPaths
-    from .materializer import Materializer
-    from .verdict import Verdict
+    """Finish a run this daemon supervised whose container is gone (others' runs are left alone)."""
+    from .logdir import RunPaths, read_status
+    from .reaper import finish_lost_run
 
     if (log_dir / "result.json").exists():
         return False
-    try:
-        fd = os.open(log_dir / "status.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        with os.fdopen(fd, "rb") as fh:
-            st = json.loads(fh.read(4 << 20))
-    except (OSError, ValueError):
-        return False
-    run = st.get("run", {}) if isinstance(st, dict) else {}
+    st = read_status(log_dir)
+    run = st.get("run", {}) if st is not None else {}
     if not isinstance(run, dict) or run.get("state") == "finished" or run.get("supervisor_id") != supervisor_id:
         return False
-    mat = Materializer(RunPaths(log_dir.name, log_dir, log_dir), resume=True)
-    try:
-        mat.finalize(
-            Verdict(Reason.SUPERVISOR_LOST, "the supervisor restarted and the run's container no longer exists")
-        )
-    finally:
-        mat.close()
-    return True
+    return finish_lost_run(
+        RunPaths(log_dir.name, log_dir, log_dir), "the supervisor restarted and the run's container no longer exists"
+    )
 
 
 async def serve(args: argparse.Namespace) -> int:

@@ -1,4 +1,11 @@
-"""Log directory layout, run ids that never collide, and atomic file writes."""
+"""The log-dir layout: where runs go, how they are found and read, run ids, atomic writes.
+
+One run is ``<logs_root>/<run_id>/`` (see `RunPaths` for its files); a nested run is
+``<log_dir>/children/<run_id>/``, recursively. Everything that lists or reads runs from disk
+(`ps`, `watch`, `status`, the dashboard, the daemon's restart scan, the reaper) goes through
+`iter_run_dirs` / `walk_run_dirs` and `read_status`, which never follow a symlink and read a
+bounded amount: a sandbox can write folders and files that look like ours.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,9 @@ import json
 import os
 import re
 import secrets
+import stat
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +26,70 @@ RUN_ID_RE = re.compile(r"^log_\d{8}_\d{6}_\d{6}_[0-9a-f]{6}$")
 # Agent ids (dots allowed after the first letter, as in MassGen ids such as `gemini2.5flash`).
 SAFE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
 LABEL_RE = re.compile(r"^agent\d{1,3}\.\d{1,6}$")
+STATUS_NAME = "status.json"
+RESULT_NAME = "result.json"
+CHILDREN_NAME = "children"
+MAX_STATUS_BYTES = 4 << 20
+MAX_NESTING_SCAN = 32  # a bound against a pathological (deep or looping) layout
+
+
+def default_logs_root() -> Path:
+    """Where runs go without ``--logs-root``: ``$MASSGEN_LOGS_ROOT``, else ``./.massgen/runs``."""
+    env = os.environ.get("MASSGEN_LOGS_ROOT")
+    return Path(env) if env else Path.cwd() / ".massgen" / "runs"
+
+
+def iter_run_dirs(directory: Path) -> Iterator[Path]:
+    """Run dirs directly under `directory` (a logs root or a `children/` dir), by name, never through a symlink."""
+    try:
+        with os.scandir(directory) as it:
+            names = sorted(e.name for e in it if RUN_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+    except OSError:
+        return
+    for name in names:
+        yield directory / name
+
+
+def walk_run_dirs(root: Path, max_depth: int = MAX_NESTING_SCAN) -> Iterator[Path]:
+    """Every run under `root`, each followed by its nested runs; only the layout we create, never rglob."""
+    for log_dir in iter_run_dirs(root):
+        yield log_dir
+        children = log_dir / CHILDREN_NAME
+        if max_depth > 0 and children.is_dir() and not children.is_symlink():
+            yield from walk_run_dirs(children, max_depth - 1)
+
+
+def read_capped(path: Path, limit: int, offset: int = 0) -> bytes | None:
+    """At most `limit` bytes of a regular file from `offset`, never following a symlink; None if unreadable."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.pread(fd, limit, offset)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path, limit: int = MAX_STATUS_BYTES) -> dict[str, Any] | None:
+    """A JSON object from a file read as `read_capped` does; None if unreadable, not JSON or not an object."""
+    raw = read_capped(path, limit)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def read_status(log_dir: Path) -> dict[str, Any] | None:
+    """A run's status.json as a JSON object (unvalidated: readers pick the fields they show), or None."""
+    return read_json(log_dir / STATUS_NAME)
 
 
 def new_run_id(now: _dt.datetime | None = None) -> str:
@@ -60,11 +133,11 @@ class RunPaths:
 
     @property
     def status(self) -> Path:
-        return self.log_dir / "status.json"
+        return self.log_dir / STATUS_NAME
 
     @property
     def result(self) -> Path:
-        return self.log_dir / "result.json"
+        return self.log_dir / RESULT_NAME
 
     @property
     def events(self) -> Path:
@@ -84,7 +157,7 @@ class RunPaths:
 
     @property
     def children(self) -> Path:
-        return self.log_dir / "children"
+        return self.log_dir / CHILDREN_NAME
 
     def answer_file(self, agent: str, label: str) -> Path:
         return self.log_dir / "agents" / agent / label / "answer.txt"

@@ -1,13 +1,13 @@
-"""Reap sandboxes of embedded supervisors that died without cleaning up (SIGKILL, power loss).
+"""Runs whose supervisor is gone: `finish_lost_run` (the one way to end one), and the reaper.
 
 An embedded supervisor is the `massgen-run` process that started the run; its pid is in the
-run's status.json. When that process is gone, nobody will ever remove the container or write
-the result, so the next `massgen-run` on the host does: by label, never by name.
+run's status.json. When that process is gone (SIGKILL, power loss), nobody will ever remove the
+container or write the result, so the next `massgen-run` on the host does: by label, never by
+name. The daemon's restart scan finishes the runs it lost with `finish_lost_run` too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +15,7 @@ from typing import Any
 
 from agent_image.protocol.result import Reason
 
-from .logdir import RUN_ID_RE, RunPaths
+from .logdir import RUN_ID_RE, RunPaths, read_status
 from .materializer import Materializer
 from .runtime.base import LABEL_LOG_DIR, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
 from .verdict import Verdict
@@ -35,6 +35,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def finish_lost_run(paths: RunPaths, detail: str) -> bool:
+    """End a run nobody supervises any more with the verdict ``supervisor_lost``.
+
+    Returns:
+        False when the run already has its result.json (nothing is written then).
+    """
+    if paths.result.exists():
+        return False
+    mat = Materializer(paths, resume=True)
+    try:
+        mat.finalize(Verdict(Reason.SUPERVISOR_LOST, detail))
+    finally:
+        mat.close()
+    return True
+
+
 def reap_orphans(runtime: Any) -> int:
     """Finish and remove sandboxes whose embedded supervisor process no longer exists.
 
@@ -48,11 +64,9 @@ def reap_orphans(runtime: Any) -> int:
         log_dir = Path(labels.get(LABEL_LOG_DIR, ""))
         if not RUN_ID_RE.match(run_id) or log_dir.name != run_id:
             continue
-        try:
-            fd = os.open(log_dir / "status.json", os.O_RDONLY | os.O_NOFOLLOW)
-            with os.fdopen(fd, "rb") as fh:
-                run = json.loads(fh.read(4 << 20)).get("run", {})
-        except (OSError, ValueError, AttributeError):
+        st = read_status(log_dir)
+        run = st.get("run") if st is not None else None
+        if not isinstance(run, dict):
             continue  # another host's run, or not ours to interpret
         pid = run.get("supervisor_pid")
         if not isinstance(pid, int) or pid <= 0 or _alive(pid):
@@ -60,17 +74,10 @@ def reap_orphans(runtime: Any) -> int:
         handle = type("Handle", (), {"id": facts.id})()
         try:
             runtime.kill(handle)
-            if not (log_dir / "result.json").exists():
-                mat = Materializer(RunPaths(run_id, log_dir, Path(labels.get(LABEL_WORKSPACE) or log_dir)), resume=True)
-                try:
-                    mat.finalize(
-                        Verdict(
-                            Reason.SUPERVISOR_LOST,
-                            f"the massgen-run process (pid {pid}) that supervised this run is gone",
-                        )
-                    )
-                finally:
-                    mat.close()
+            finish_lost_run(
+                RunPaths(run_id, log_dir, Path(labels.get(LABEL_WORKSPACE) or log_dir)),
+                f"the massgen-run process (pid {pid}) that supervised this run is gone",
+            )
             runtime.remove(handle)
             reaped += 1
             log.warning("reaped orphaned sandbox %s of run %s", facts.id[:12], run_id)

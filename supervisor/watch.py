@@ -9,8 +9,6 @@ inotify event (or an exhausted inotify watch limit) costs seconds, not correctne
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import queue
 import sys
@@ -21,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RunRow", "RunTable", "iter_run_dirs", "main", "read_row", "tree"]
+from .logdir import STATUS_NAME, iter_run_dirs, read_status
 
-STATUS = "status.json"
+__all__ = ["RunRow", "RunTable", "read_row", "tree", "watch"]
+
+STATUS = STATUS_NAME
 FALLBACK_S = 5.0  # light rescan when no event came
 TICK_S = 1.0  # re-render (ages move) without reading anything
 MIN_RENDER_S = 0.1
@@ -83,11 +83,8 @@ def _section(st: dict[str, Any], name: str) -> dict[str, Any]:
 def read_row(log_dir: Path) -> RunRow:
     """The row for one log dir; a missing or unreadable status.json gives state "unknown"."""
     row = RunRow(run_id=log_dir.name, log_dir=log_dir)
-    try:
-        st = json.loads((log_dir / STATUS).read_bytes())
-    except (OSError, ValueError):
-        return row
-    if not isinstance(st, dict):
+    st = read_status(log_dir)
+    if st is None:
         return row
     run, co, meta = _section(st, "run"), _section(st, "coordination"), _section(st, "meta")
     container = _section(st, "container")
@@ -103,17 +100,6 @@ def read_row(log_dir: Path) -> RunRow:
     row.cpu_percent = container.get("cpu_percent")
     row.memory_bytes = container.get("memory_bytes")
     return row
-
-
-def iter_run_dirs(directory: Path) -> Iterator[Path]:
-    """Run dirs directly under `directory` (a logs root or a `children/` dir), by name."""
-    try:
-        with os.scandir(directory) as it:
-            names = sorted(e.name for e in it if e.name.startswith("log_") and e.is_dir())
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for name in names:
-        yield directory / name
 
 
 def tree(logs_root: Path) -> list[RunRow]:
@@ -360,16 +346,3 @@ def watch(logs_root: Path, *, once: bool = False, console: Any = None) -> int:
         if observer is not None:
             observer.stop()
             observer.join(timeout=5)
-
-
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
-        prog="massgen-run watch",
-        description="A live table of runs under the logs root, redrawn when a status.json changes (Ctrl+C to quit).",
-    )
-    p.add_argument("--logs-root", type=Path, default=None, help="default ./.massgen/runs or $MASSGEN_LOGS_ROOT")
-    p.add_argument("--once", action="store_true", help="print the table once and exit")
-    args = p.parse_args(argv)
-    from .cli import _default_logs_root
-
-    return watch((args.logs_root or _default_logs_root()).absolute(), once=args.once)

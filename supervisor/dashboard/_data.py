@@ -9,12 +9,11 @@ make the dashboard read elsewhere or stall.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ from agent_image.protocol.events import (
     parse_event,
 )
 
-STATUS = "status.json"
-MAX_STATUS_BYTES = 4 << 20
+# The log-dir layout and its bounded, symlink-refusing readers are logdir's (one home for them).
+from ..logdir import STATUS_NAME, iter_run_dirs, read_capped, read_json
+
+STATUS = STATUS_NAME
 MAX_EVENTS_BYTES = 64 << 20
 MAX_RESULT_BYTES = 1 << 20
 LOG_TAIL_BYTES = 64 << 10
@@ -45,33 +46,6 @@ MAX_DEPTH = 32
 _SECRET_NAME_RE = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 MIN_SECRET_CHARS = 8
 _STALE_VOTE_RE = re.compile(r"^(\S+) voted for \S+ on a stale view")
-
-
-def read_capped(path: Path, limit: int, offset: int = 0) -> bytes | None:
-    """At most `limit` bytes of a regular file from `offset`, never following a symlink; None if unreadable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.pread(fd, limit, offset)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path, limit: int = MAX_STATUS_BYTES) -> dict[str, Any] | None:
-    raw = read_capped(path, limit)
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def file_size(path: Path) -> int:
@@ -179,19 +153,6 @@ def read_row(log_dir: Path) -> RunRow:
         # checked or the sandbox started; shown at once rather than seconds later.
         return RunRow(run_id=log_dir.name, log_dir=log_dir, state="starting")
     return row_from_status(log_dir, st)
-
-
-def iter_run_dirs(directory: Path) -> Iterator[Path]:
-    """Run dirs directly under `directory` (a logs root or a `children/` dir), never through a symlink."""
-    from ..logdir import RUN_ID_RE
-
-    try:
-        with os.scandir(directory) as it:
-            names = sorted(e.name for e in it if RUN_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False))
-    except OSError:
-        return
-    for name in names:
-        yield directory / name
 
 
 class RunIndex:

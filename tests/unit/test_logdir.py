@@ -130,3 +130,47 @@ def test_atomic_write_concurrent_writers_never_tear(tmp_path: Path) -> None:
     assert seen and set(seen) <= set(payloads)
     assert target.read_text() in payloads
     assert list(tmp_path.glob("*.tmp")) == []
+
+
+def test_read_status_refuses_symlinks_fifos_oversize_and_non_objects(tmp_path: Path) -> None:
+    """status.json is read only from a regular file, at most MAX_STATUS_BYTES, and only as a JSON object."""
+    from supervisor.logdir import MAX_STATUS_BYTES, read_status
+
+    good = tmp_path / "good"
+    good.mkdir()
+    atomic_write_json(good / "status.json", {"run": {"state": "running"}})
+    assert read_status(good) == {"run": {"state": "running"}}
+    link = tmp_path / "link"
+    link.mkdir()
+    (link / "status.json").symlink_to(good / "status.json")
+    fifo = tmp_path / "fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "status.json")
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "status.json").write_text('{"pad": "' + "x" * MAX_STATUS_BYTES + '"}')
+    listed = tmp_path / "list"
+    listed.mkdir()
+    (listed / "status.json").write_text("[1, 2]")
+    for d in (link, fifo, big, listed, tmp_path / "missing"):
+        assert read_status(d) is None, d
+
+
+def test_finish_lost_run_writes_supervisor_lost_once(tmp_path: Path) -> None:
+    """finish_lost_run ends a run with supervisor_lost (exit 2) in result.json and status.json; a second call does nothing."""
+    from supervisor.materializer import Materializer
+    from supervisor.reaper import finish_lost_run
+
+    paths = create_run_dirs(tmp_path / "runs", tmp_path / "ws")
+    mat = Materializer(paths)
+    mat.write_status(force=True)
+    mat.close()
+    assert finish_lost_run(paths, "the supervisor is gone")
+    result = json.loads(paths.result.read_text())
+    assert (result["exit_code"], result["reason"]) == (2, "supervisor_lost")
+    assert "the supervisor is gone" in result["detail"]
+    status = json.loads(paths.status.read_text())
+    assert status["run"]["state"] == "finished" and status["run"]["reason"] == "supervisor_lost"
+    before = paths.result.read_bytes()
+    assert not finish_lost_run(paths, "again")
+    assert paths.result.read_bytes() == before

@@ -318,3 +318,26 @@ def test_watch_once_prints_one_table(nested: Path) -> None:
         assert run_id(i) in proc.stdout
     row = next(ln for ln in proc.stdout.splitlines() if run_id(5) in ln)
     assert "finished (3)" in row and row.split()[-1] == "2"
+
+
+def test_watch_usage_errors_exit_1(capsys: pytest.CaptureFixture[str]) -> None:
+    """`massgen-run watch` is parsed by the CLI like every verb: an unknown option is a usage error, exit 1."""
+    from supervisor.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["watch", "--no-such-option"])
+    assert exc.value.code == 1
+    assert "massgen-run watch: error:" in capsys.readouterr().err
+
+
+def test_run_listings_skip_symlinks_and_names_that_are_not_run_ids(nested: Path, tmp_path: Path) -> None:
+    """ps, watch and the daemon's scan list only real run dirs: a symlinked or misnamed folder is not a run."""
+    from supervisor.logdir import iter_run_dirs, walk_run_dirs
+
+    elsewhere = make_run(tmp_path / "elsewhere", run_id(9), RunState.RUNNING)
+    (nested / run_id(8)).symlink_to(elsewhere, target_is_directory=True)
+    (nested / "log_not_an_id").mkdir()
+    top = [d.name for d in iter_run_dirs(nested)]
+    assert top == [run_id(1), run_id(3), run_id(6)]
+    assert [d.name for d in walk_run_dirs(nested)] == [run_id(i) for i in (1, 2, 3, 4, 5, 6)]
+    assert run_id(8) not in ps("--all")
