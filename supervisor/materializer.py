@@ -229,6 +229,12 @@ def _trim_partial_line(path: Path) -> None:
         return
 
 
+def _log_stamp(ts: float) -> str:
+    """Local time with milliseconds, as massgen.log lines start: ``2026-12-02 03:04:05.678``."""
+    ms = int(ts * 1000) % 1000  # truncated, never rounded up into the next second
+    return f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(ts))}.{ms:03d}"
+
+
 class Materializer:
     """Turns validated events into status.json, answers, final/, massgen.log and result.json."""
 
@@ -365,10 +371,10 @@ class Materializer:
             message = clip(message, MAX_SANDBOX_LOG_BYTES - self._sandbox_log_bytes)
             self._sandbox_log_bytes += len(message)
         try:
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts or self.clock()))
+            stamp = _log_stamp(ts or self.clock())
         except (OverflowError, OSError, ValueError):
             # ts comes from the sandbox: a valid event may still be outside time_t's range
-            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.clock()))
+            stamp = _log_stamp(self.clock())
         text = "".join(f"{stamp} {level.upper():7} {line}\n" for line in message.splitlines() or [""])
         self._log.write(text)
         self._log.flush()

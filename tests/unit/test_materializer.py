@@ -741,3 +741,22 @@ def test_drain_is_bounded_in_time_and_resumes_exactly(paths: RunPaths, clock: Fa
     assert applied == n
     seqs = [json.loads(raw)["seq"] for raw in paths.events.read_bytes().splitlines()]
     assert seqs == list(range(n))
+
+
+def test_massgen_log_lines_carry_milliseconds(tmp_path: Path) -> None:
+    """Every massgen.log line starts with local time to the millisecond (truncated), then the level."""
+    import re
+    import time
+
+    clock = FakeClock(1_700_000_000.9876)
+    m = Materializer(create_run_dirs(tmp_path / "runs", tmp_path / "ws"), clock=clock)
+    m.log("first")
+    clock.advance(0.0125)
+    m.log("two\nlines", "warning")
+    m.close()
+    lines = m.paths.log.read_text().splitlines()
+    first, after = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) for t in (1_700_000_000, 1_700_000_001))
+    assert lines[0] == f"{first}.987 INFO    first"  # .9876: truncated, not rounded to .988
+    assert lines[1:] == [f"{after}.000 WARNING two", f"{after}.000 WARNING lines"]
+    stamp = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} ")
+    assert len(lines) == 3 and all(stamp.match(line) for line in lines)
