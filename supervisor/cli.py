@@ -23,6 +23,7 @@ examples:
   massgen-run image build                                       (build the sandbox images)
   massgen-run ps [--tree] | status RUN [--json] | logs RUN [-f] | watch
   massgen-run dashboard [--port N] | report RUN [-o FILE]       (web dashboard; one-file HTML report)
+  massgen-run batch batch.yaml [--batch-dir DIR]               (configs x questions x repeats; see batch --help)
 
 exit codes: 0 ok, 1 config error, 2 execution error, 3 timeout, 4 interrupted
 """
@@ -553,6 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         from .validate import main as validate_main
 
         return validate_main(argv[1:], _Parser)
+    if argv and argv[0] == "batch":
+        from .batch.cli import main as batch_main
+
+        return batch_main(argv[1:])
     if argv and argv[0] in VERBS:
         verbs = {"image": cmd_image, "ps": cmd_ps, "status": cmd_status, "logs": cmd_logs, "stop": cmd_stop}
         verbs["watch"] = cmd_watch

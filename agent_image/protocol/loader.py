@@ -368,3 +368,41 @@ def absolutize_context_paths(text: str) -> str:
             item["path"] = os.path.abspath(item["path"])
             changed = True
     return yaml.safe_dump(data, sort_keys=False) if changed else text
+
+
+def parse_yaml_text(text: str, file: str = "<config>") -> tuple[Any, dict[tuple[Any, ...], int]]:
+    """Parse another YAML document of ours (a batch spec) with the guards configs get.
+
+    Returns the data and its line index by key path, for errors that name the line.
+
+    Raises:
+        ConfigError: syntax errors, aliases that expand without bound, nesting too deep.
+    """
+    ld = _LOADER(text)
+    try:
+        node = ld.get_single_node()
+        if node is not None:
+            size, cyclic = _expanded_size(node, MAX_EXPANDED_NODES)
+            if cyclic is not None:
+                line = cyclic.start_mark.line + 1
+                raise ConfigError([ConfigProblem(file, "", line, "YAML alias refers to a node that contains it")])
+            if size > MAX_EXPANDED_NODES:
+                raise ConfigError(
+                    [ConfigProblem(file, "", None, f"YAML aliases expand to more than {MAX_EXPANDED_NODES} nodes")]
+                )
+        data = ld.construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError([ConfigProblem(file, "", line, f"YAML syntax error: {problem}")]) from exc
+    except RecursionError as exc:
+        raise ConfigError([ConfigProblem(file, "", None, "YAML nested too deeply")]) from exc
+    finally:
+        ld.dispose()
+    return data, (_line_index(node) if node is not None else {})
+
+
+def line_of(index: dict[tuple[Any, ...], int], loc: tuple[Any, ...]) -> int | None:
+    """The line of `loc`, or of its nearest ancestor present in the document."""
+    return _nearest_line(index, loc)
