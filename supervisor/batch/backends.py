@@ -98,15 +98,25 @@ class EmbeddedBackend:
     async def adopt(self, runs_root: Path, item_dirs: list[Path]) -> set[str]:
         """Re-adopt this batch's sandboxes still running; finish those whose container vanished."""
         from ..daemon import reconcile
+        from ..runtime.base import LABEL_SUPERVISOR
 
+        # A batch killed between creating a container and starting it leaves one in state
+        # `created`: it will never run (and could not be stopped or killed), so following it
+        # would wait for its deadline. Removing it makes reconcile record the run lost.
+        found = await asyncio.to_thread(self.runtime.list_owned, {LABEL_SUPERVISOR: self.supervisor_id})
+        for facts in found:
+            if facts.state == "created":
+                handle = type("Handle", (), {"id": facts.id})()
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.runtime.remove, handle)
         counts = await reconcile(self.sup, self.runtime, runs_root, extra_roots=item_dirs)
         if counts["adopted"] or counts["lost"]:
             log.info("batch reconcile adopted=%d lost=%d", counts["adopted"], counts["lost"])
         return set(self.sup.records)
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 30) -> None:
         if self.sup is not None:
-            await self.sup.shutdown(grace=30)
+            await self.sup.shutdown(grace=grace)
 
 
 class DaemonBackend:
@@ -184,7 +194,7 @@ class DaemonBackend:
             return set()
         return {str(r.get("run_id")) for r in data if isinstance(r, dict) and r.get("state") != "finished"}
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 30) -> None:
         if self.session is not None:
             await self.session.close()
 

@@ -268,7 +268,7 @@ def cmd_run(argv: list[str]) -> int:
             summary = runner.write_reports(ending)
             code = exit_code(summary, gate_exit_code=args.gate_exit_code, no_gate=args.no_gate)
             runner.write_status(final=True, exit_code=code)
-            await runner.backend.close()
+            await runner.backend.close(grace=5 if runner.forced else 30)
         return summary, code
 
     try:

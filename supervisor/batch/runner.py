@@ -45,6 +45,7 @@ BUDGET_POLL_S = 1.0
 MEMORY_SHARE = 0.8  # of the host's RAM that sandboxes' memory limits may add up to
 CPU_OVERCOMMIT = 16.0  # sandboxes mostly wait on models: their cpu limits may add up to this x cores
 DEFAULT_START_RATE = 8.0  # container starts per second
+FORCE_WAIT_S = 15.0  # after a second signal, how long in-flight items may take to end
 CI_VARS = (
     "CI",
     "GITHUB_ACTIONS",
@@ -687,11 +688,25 @@ class BatchRunner:
             while queue and not self.stopping:
                 await self.run_item(queue.popleft(), [])
 
+        tasks = [asyncio.create_task(self.run_item(it, dirs)) for it, dirs in adopted]
+        tasks += [asyncio.create_task(worker()) for _ in range(self.max_parallel)]
         try:
-            tasks = [asyncio.create_task(self.run_item(it, dirs)) for it, dirs in adopted]
-            tasks += [asyncio.create_task(worker()) for _ in range(self.max_parallel)]
-            await asyncio.gather(*tasks)
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=1.0)
+                for t in done:
+                    t.result()  # a bug of ours surfaces here (the reports are still written)
+                if self.forced and pending:
+                    # Second signal: the runs were told to die; do not wait on a sandbox that
+                    # will not. Whatever is left is re-adopted by the next batch process.
+                    _done, pending = await asyncio.wait(pending, timeout=FORCE_WAIT_S)
+                    for t in pending:
+                        t.cancel()
+                    await asyncio.gather(*pending, return_exceptions=True)
+                    pending = set()
         finally:
+            for t in tasks:
+                t.cancel()
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
