@@ -69,7 +69,9 @@ def _copy_spec(dest: Path, extra: str = "", **replace: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory: pytest.TempPathFactory, agent_image: str) -> tuple[Path, subprocess.CompletedProcess[str]]:
+def reference(
+    tmp_path_factory: pytest.TempPathFactory, agent_image: str
+) -> tuple[Path, subprocess.CompletedProcess[str]]:
     """The 60-item example batch, uninterrupted."""
     d = tmp_path_factory.mktemp("ref") / "batch"
     res = _batch([str(DATA / "batch.yaml"), "--batch-dir", str(d), "--automation"], REPO)
@@ -106,7 +108,9 @@ def test_batch_counts_statistics_and_reports(reference: tuple[Path, Any], runtim
     assert cmp["discordant"] == {"baseline_only": 15, "candidate_only": 0}
     # 5 questions at -1, 5 at 0: a resample's mean is >= 0 only if all 10 draws are zeros (0.5^10)
     assert cmp["p_value"] <= 0.02 and cmp["verdict"] == "worse"
-    assert cmp["bootstrap95"][0] == pytest.approx(-0.8, abs=0.1) and cmp["bootstrap95"][1] == pytest.approx(-0.2, abs=0.1)
+    assert cmp["bootstrap95"][0] == pytest.approx(-0.8, abs=0.1) and cmp["bootstrap95"][1] == pytest.approx(
+        -0.2, abs=0.1
+    )
     assert s["gates"] and s["gates_passed"]
 
     recs = _ledger(d)
@@ -244,7 +248,9 @@ def test_sigint_exits_4_then_resumes(tmp_path: Path, agent_image: str, runtime: 
     qs = "".join(json.dumps({"id": f"q{i}", "question": f"{i}+1", "expected": i + 1}) + "\n" for i in range(6))
     (tmp_path / "qs.jsonl").write_text(qs)
     spec = tmp_path / "batch.yaml"
-    spec.write_text("configs:\n  slow: slow.yaml\nquestions: qs.jsonl\nassert:\n  - type: number_close\nmax_parallel: 2\n")
+    spec.write_text(
+        "configs:\n  slow: slow.yaml\nquestions: qs.jsonl\nassert:\n  - type: number_close\nmax_parallel: 2\n"
+    )
     d = tmp_path / "batch"
     args = [str(spec), "--batch-dir", str(d), "--automation"]
     proc = _start(args, tmp_path)

@@ -29,7 +29,9 @@ def policy(req: FakeRequest) -> Reply:
     if "selected to present" in text:
         return Reply(text="4", prompt_tokens=100_000, completion_tokens=10_000)
     if "(no answers available yet)" in text:
-        return Reply(tool_calls=[FakeToolCall("new_answer", {"content": "4"})], prompt_tokens=100_000, completion_tokens=10_000)
+        return Reply(
+            tool_calls=[FakeToolCall("new_answer", {"content": "4"})], prompt_tokens=100_000, completion_tokens=10_000
+        )
     vote = FakeToolCall("vote", {"agent_id": "agent1", "reason": "correct"})
     return Reply(tool_calls=[vote], prompt_tokens=100_000, completion_tokens=10_000)
 
@@ -40,7 +42,7 @@ CALL_COST = (100_000 * 0.15 + 10_000 * 0.60) / 1e6  # $0.021
 def _spec(tmp: Path, base_url: str, extra: str = "", n: int = 4) -> Path:
     (tmp / "model.yaml").write_text(
         "agents:\n"
-        f"  - id: gpt\n    backend: {{type: openai, model: {MODEL}, base_url: \"{base_url}\", stream: false}}\n"
+        f'  - id: gpt\n    backend: {{type: openai, model: {MODEL}, base_url: "{base_url}", stream: false}}\n'
         "timeout_settings:\n  orchestrator_timeout_seconds: 60\n  agent_timeout_seconds: 30\n"
         "sandbox:\n  memory: 256m\n"
     )
@@ -85,7 +87,12 @@ def test_429_then_200_passes_and_a_down_upstream_is_retried_then_an_error(tmp_pa
     res = _run(spec, d, agent_image)
     assert res.returncode == 2, res.stdout + res.stderr
     recs = _ledger(d)
-    assert Counter((r["question"], r["attempt"]) for r in recs) == {("q0", 1): 1, ("q0", 2): 1, ("q1", 1): 1, ("q1", 2): 1}
+    assert Counter((r["question"], r["attempt"]) for r in recs) == {
+        ("q0", 1): 1,
+        ("q0", 2): 1,
+        ("q1", 1): 1,
+        ("q1", 2): 1,
+    }
     assert {(r["state"], r["reason"], r["retryable"]) for r in recs} == {("error", "upstream_unavailable", True)}
     assert len({r["run_id"] for r in recs}) == 4  # every attempt its own run
     s = load(d / "summary.json")
