@@ -151,6 +151,13 @@ class Supervisor:
         self._seq = 0
         self.logs_roots: set[Path] = set()
         self.on_new_logs_root: Callable[[Path], None] | None = None
+        # A budget every run of this supervisor also spends (a ChainMeter): a batch's, so the
+        # gateway refuses calls once the whole batch is spent, not just one run.
+        self.budget_root: Any = None
+        # One 429 backoff per upstream host for all runs (their gateways share it).
+        from .gateway.limiter import UpstreamLimiter
+
+        self.upstream_limiter = UpstreamLimiter()
 
     def note_logs_root(self, root: Path) -> None:
         """Remember a logs root runs were started in (the daemon persists these for reconciliation)."""

@@ -53,6 +53,7 @@ class SocketServices(RunHooks):
         assert mat is not None
         budget = config.sandbox.budget
         run_id = self.record.run_id
+        root = self.sup.budget_root
 
         def on_record(call: CallRecord) -> None:
             ev = ModelCall(
@@ -74,6 +75,8 @@ class SocketServices(RunHooks):
             for anc in self.record.ancestors():
                 if anc.meter is not None:
                     anc.meter.own.total.add(call)
+            if root is not None:
+                root.own.total.add(call)
 
         def on_exceeded(message: str) -> None:
             mat.log(f"budget exceeded: {message}", "error")
@@ -85,7 +88,7 @@ class SocketServices(RunHooks):
             BudgetMeter(
                 budget.max_tokens, budget.max_cost_usd, budget.max_calls, on_record=on_record, on_exceeded=on_exceeded
             ),
-            [anc.meter for anc in self.record.ancestors()],
+            [*(anc.meter for anc in self.record.ancestors()), *([root] if root is not None else [])],
         )
         # A re-adopted run keeps what it already spent.
         seed_from_telemetry(meter.own, self.record.paths.log_dir / "telemetry.jsonl")
@@ -101,7 +104,14 @@ class SocketServices(RunHooks):
                     )
         log.info("run_id=%s gateway upstreams=%s", run_id, {k: v.base_url for k, v in upstreams.items()})
         self.record.meter = meter
-        return Gateway(upstreams, meter=meter, pricing=Pricing.load(), allowed_models=allowed, run_id=run_id)
+        return Gateway(
+            upstreams,
+            meter=meter,
+            pricing=Pricing.load(),
+            allowed_models=allowed,
+            run_id=run_id,
+            limiter=self.sup.upstream_limiter,
+        )
 
     async def start_services(
         self, execution: RunExecution, config: RunConfig, deadline: float

@@ -395,13 +395,14 @@ def cmd_report(argv: list[str]) -> int:
     from .reports import dumps, render_junit, render_md, summarize
 
     _doc, rs, plan, lat = _load_dir(args.dir)
-    summary = summarize(rs, plan, lat, _ending(args.dir))
+    ending = _ending(args.dir)
+    summary = summarize(rs, plan, lat, ending)
     if args.format == "json":
         sys.stdout.write(dumps(summary))
     elif args.format == "md":
         sys.stdout.write(render_md(summary))
     else:
-        sys.stdout.write(render_junit(rs, plan, lat, summary))
+        sys.stdout.write(render_junit(rs, plan, lat, summary, ending))
     return 0
 
 
@@ -450,7 +451,7 @@ def cmd_merge(argv: list[str]) -> int:
     ends = [_ending(d).stopped for d in args.dirs]
     stopped = next((e for e in ("interrupted", "deadline", "budget") if e in ends), None)
     summary = summarize(rs, items, lat, Ending(stopped))
-    write_reports(args.out, rs, items, lat, summary)
+    write_reports(args.out, rs, items, lat, summary, Ending(stopped))
     code = exit_code(summary, gate_exit_code=args.gate_exit_code, no_gate=args.no_gate)
     c = summary["counts"]
     print(

@@ -121,6 +121,25 @@ class Ending:
     stopped: str | None = None  # None (ran out of work) | "interrupted" | "deadline" | "budget"
 
 
+def effective_latest(
+    items: list[Item], latest: dict[str, dict[str, Any]], ending: Ending | None
+) -> dict[str, dict[str, Any]]:
+    """The ledger's last attempts, plus `skipped` for items a deadline or budget kept from starting
+    (those never get a ledger line: a re-run with more time or money runs them)."""
+    if ending is None or ending.stopped not in ("deadline", "budget"):
+        return latest
+    reason = "deadline" if ending.stopped == "deadline" else "budget_exhausted"
+    out = dict(latest)
+    for it in items:
+        if it.id not in out:
+            out[it.id] = {
+                "state": "skipped",
+                "reason": reason,
+                "why": f"not started: the batch {ending.stopped} was reached",
+            }
+    return out
+
+
 def item_states(items: list[Item], latest: dict[str, dict[str, Any]]) -> dict[str, str]:
     """Each planned item's state: its last attempt's, or pending when it has none."""
     return {it.id: latest[it.id]["state"] if it.id in latest else "pending" for it in items}
@@ -144,6 +163,7 @@ def summarize(
     """The whole verdict of a batch (or a shard), from its plan and the ledger's last attempts."""
     seed = batch.seed
     boot, alpha = batch.bootstrap_samples, batch.alpha
+    latest = effective_latest(items, latest, ending)
     states = item_states(items, latest)
     counts = {s: 0 for s in ("pass", "fail", "error", "skipped", "interrupted", "pending")}
     for s in states.values():
@@ -523,9 +543,14 @@ def _xt(text: Any) -> str:
 
 
 def render_junit(
-    batch: ReportSpec, items: list[Item], latest: dict[str, dict[str, Any]], summary: dict[str, Any]
+    batch: ReportSpec,
+    items: list[Item],
+    latest: dict[str, dict[str, Any]],
+    summary: dict[str, Any],
+    ending: Ending | None = None,
 ) -> str:
     """xunit2: one suite per config; <failure> wrong answers, <error> harness errors, <skipped> not run."""
+    latest = effective_latest(items, latest, ending)
     states = item_states(items, latest)
     suites = []
     totals = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "time": 0.0}

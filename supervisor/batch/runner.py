@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 BATCH_SCHEMA_VERSION = 1
 STATUS_EVERY_S = 1.0
+STATUS_MIN_GAP_S = 0.25  # live status.json writes are coalesced to at most one per this
 BUDGET_POLL_S = 1.0
 MEMORY_SHARE = 0.8  # of the host's RAM that sandboxes' memory limits may add up to
 CPU_OVERCOMMIT = 16.0  # sandboxes mostly wait on models: their cpu limits may add up to this x cores
@@ -205,12 +206,13 @@ class BatchRunner:
         self._last_start = 0.0
         self._start_lock = asyncio.Lock()
         self._admit = asyncio.Condition()
-        self._status_due = 0.0
+        self._status_written = 0.0
         self._lock_fd: int | None = None
         self.progress_cb: Callable[[BatchRunner], None] | None = None
         self.adoptable: set[str] = set()
         self.config_paths: dict[str, Path] = {}
         self.image: str | None = None
+        self.budget_root: Any = None
         self.supervisor_id = f"batch-{hashlib.sha256(str(d.resolve()).encode()).hexdigest()[:12]}"
 
     # -- the batch dir --------------------------------------------------------------------
@@ -342,8 +344,17 @@ class BatchRunner:
                 c["pending"] += 1
         return c
 
-    def write_status(self, *, final: bool = False, exit_code: int | None = None) -> None:
+    def write_status(self, *, final: bool = False, exit_code: int | None = None, force: bool = False) -> None:
+        """The live status.json: coalesced, replaced atomically; fsynced only when final.
+
+        It is a projection of the ledger and the in-flight runs, rewritten on every resume;
+        items.jsonl is the durable record, so live writes skip the two fsyncs an
+        atomic_write costs (tens of ms on a busy disk, for every item).
+        """
         now = time.time()
+        if not (final or force) and now - self._status_written < STATUS_MIN_GAP_S:
+            return
+        self._status_written = now
         c = self.counts()
         done = self.progress.done_this_run
         elapsed = now - self.progress.started_at
@@ -387,7 +398,11 @@ class BatchRunner:
                 for f in self.inflight.values()
             ],
         }
-        atomic_write(self.dir / "status.json", json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        text = json.dumps(doc, indent=2, sort_keys=True) + "\n"
+        if final:
+            atomic_write(self.dir / "status.json", text)
+        else:
+            _replace(self.dir / "status.json", text)
 
     def _live_spend(self) -> tuple[float, int, int]:
         cost, tokens, calls = 0.0, 0, 0
@@ -405,7 +420,7 @@ class BatchRunner:
     def write_reports(self, ending: Ending) -> dict[str, Any]:
         rs = ReportSpec.from_batch(self.batch)
         summary = summarize(rs, self.plan, self.latest, ending)
-        write_reports(self.dir, rs, self.plan, self.latest, summary)
+        write_reports(self.dir, rs, self.plan, self.latest, summary, ending)
         return summary
 
     # -- running ------------------------------------------------------------------------------
@@ -441,10 +456,28 @@ class BatchRunner:
                     raise BatchError(f"image build failed: {exc}") from exc
             self.backend = EmbeddedBackend(runtime, image, self.supervisor_id)
         await self.backend.open()
+        if isinstance(self.backend, EmbeddedBackend):
+            self.budget_root = self._budget_root()
+            self.backend.sup.budget_root = self.budget_root
         self.grade_ctx = GradeContext(runtime, image, f"{self.supervisor_id}-grader", self.dir / "grading")
         with contextlib.suppress(Exception):
             await asyncio.to_thread(reap_graders, runtime, self.grade_ctx.grader_label)
         self.image = image
+
+    def _budget_root(self) -> Any:
+        """The batch as an ancestor in the gateway's budget tree (embedded runs): calls are refused
+        at the gateway once the batch is spent, seeded with what finished items spent."""
+        b = self.batch.spec.budget
+        if b.max_cost_usd is None and b.max_tokens is None and b.max_calls is None:
+            return None
+        from ..gateway import BudgetMeter, ChainMeter
+
+        root = ChainMeter(BudgetMeter(b.max_tokens, b.max_cost_usd, b.max_calls))
+        total = root.own.total
+        total.calls = self.progress.spent_calls
+        total.cost_usd = self.progress.spent_cost
+        total.prompt_tokens = self.progress.spent_tokens  # `tokens` is prompt + completion
+        return root
 
     async def _admit_item(self, v: Variant) -> bool:
         """Wait for a slot, for the start rate, and for memory/cpu room; False when the batch stops."""
@@ -540,7 +573,12 @@ class BatchRunner:
             state, retryable, reason = classify(facts)
             why = facts.detail[:1000]
             stopped = self.stopped_for.get(item.id)
-            if state == ItemState.INTERRUPTED and stopped in ("deadline", "budget"):
+            root = self.budget_root
+            if facts.reason == "budget_exceeded" and root is not None and root.own.budget_error() is not None:
+                # The gateway refused a call because the batch is spent, not this item's own budget.
+                state, reason, why = ItemState.SKIPPED, "budget_exhausted", "the batch budget was spent in flight"
+                self.stopped_for.setdefault(item.id, "budget")
+            elif state == ItemState.INTERRUPTED and stopped in ("deadline", "budget"):
                 state, reason = ItemState.SKIPPED, "deadline" if stopped == "deadline" else "budget_exhausted"
                 why = f"stopped in flight: batch {stopped} reached"
         rec.update(
@@ -561,6 +599,8 @@ class BatchRunner:
             }
         )
         self.ledger.append(rec)
+        if rec["reason"] == "budget_exhausted" and self.stopping is None:
+            await self.stop_all("budget")
         self.records.append(rec)
         self.latest[item.id] = rec
         self.attempts[item.id] = attempt
@@ -658,7 +698,7 @@ class BatchRunner:
                     if why is not None:
                         self.err(f"massgen-run batch: {why}")
                         await self.stop_all("budget")
-            self.write_status()
+            self.write_status(force=True)
             if self.progress_cb is not None:
                 self.progress_cb(self)
 
@@ -715,14 +755,26 @@ class BatchRunner:
         return Ending(self.stopping if self.stopping in ("interrupted", "deadline", "budget") else None)
 
 
+def _replace(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never a torn one (no fsync: see write_status)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_reports(
-    batch_dir: Path, batch: ReportSpec, plan: list[Item], latest_: dict[str, dict[str, Any]], summary: dict[str, Any]
+    batch_dir: Path,
+    batch: ReportSpec,
+    plan: list[Item],
+    latest_: dict[str, dict[str, Any]],
+    summary: dict[str, Any],
+    ending: Ending | None = None,
 ) -> None:
     """summary.json, summary.md (+ $GITHUB_STEP_SUMMARY) and junit.xml, each written atomically."""
     atomic_write(batch_dir / "summary.json", dumps(summary))
     md = render_md(summary)
     atomic_write(batch_dir / "summary.md", md)
-    atomic_write(batch_dir / "junit.xml", render_junit(batch, plan, latest_, summary))
+    atomic_write(batch_dir / "junit.xml", render_junit(batch, plan, latest_, summary, ending))
     step = os.environ.get("GITHUB_STEP_SUMMARY")
     if step:
         with contextlib.suppress(OSError), open(step, "a", encoding="utf-8") as fh:

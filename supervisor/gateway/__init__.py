@@ -44,6 +44,7 @@ The package, one seam per module:
 - ``wire.py``: provider wire formats (usage, output caps, error bodies, auth headers).
 - ``redact.py``: keys replaced in everything sent back (`Redactor`, `SseRelay`).
 - ``proxy.py``: the aiohttp routes and the forwarding (`Gateway`).
+- ``limiter.py``: per-upstream pauses after a 429, shared by all runs of a supervisor (`UpstreamLimiter`).
 
 Names are re-exported here; `Gateway` (and the proxy's constants) load aiohttp on first use only,
 so importing the metering side stays cheap.
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .limiter import UpstreamLimiter
 from .metering import BudgetMeter, CallRecord, ChainMeter, Meter, SeededCall, SpentCall, Totals, seed_from_telemetry
 from .redact import REDACTED
 from .upstreams import (
@@ -113,6 +115,7 @@ __all__ = [
     "SpentCall",
     "Totals",
     "Upstream",
+    "UpstreamLimiter",
     "error_body",
     "estimate_usage",
     "max_output_tokens",

@@ -24,6 +24,7 @@ import aiohttp
 from aiohttp import web
 
 from ..pricing import Pricing
+from .limiter import UpstreamLimiter
 from .metering import CallRecord, Meter
 from .redact import Redactor, SseRelay
 from .upstreams import Upstream, missing_key_message
@@ -144,6 +145,7 @@ class Gateway:
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
         drain_max_bytes: int = DRAIN_MAX_BYTES,
         run_id: str = "-",
+        limiter: UpstreamLimiter | None = None,
     ) -> None:
         """Set up; the client session is made on first use, inside the serving loop.
 
@@ -159,8 +161,10 @@ class Gateway:
             drain_timeout_s: how long to keep reading a stream the sandbox left, for its usage.
             drain_max_bytes: how much of such a stream to read at most.
             run_id: the run this gateway serves, named on every log line.
+            limiter: per-upstream pauses shared with other runs' gateways (a 429 holds them all).
         """
         self.run_id = run_id
+        self._limiter = limiter
         self._upstreams = dict(upstreams)
         self._meter = meter
         self._pricing = pricing
@@ -357,6 +361,8 @@ class Gateway:
         while True:
             call.attempts += 1
             delay = min(self._max_wait, self._retry_base * 2 ** (call.attempts - 1)) * random.uniform(0.8, 1.0)
+            if self._limiter is not None:
+                await self._limiter.wait(upstream.host)
             try:
                 resp = await session.post(url, params=query, data=body, headers=headers, allow_redirects=False)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -377,6 +383,8 @@ class Gateway:
                 asked = retry_after_s(resp.headers)
                 if asked is not None:
                     delay = min(self._max_wait, asked)
+                if resp.status == 429 and self._limiter is not None:
+                    self._limiter.pause(upstream.host, delay)
             if call.attempts > self._max_retries:
                 call.status = 502
                 return None

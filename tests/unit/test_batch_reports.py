@@ -153,6 +153,10 @@ def test_gates_and_exit_codes() -> None:
     assert s3["exit_code"] == BatchExit.INTERRUPTED and s3["counts"]["pending"] == 10
     s4 = summarize(_spec(), items, half, Ending("budget"))
     assert s4["exit_code"] == BatchExit.DEADLINE_OR_BUDGET and s4["state"] == "budget"
+    assert s4["counts"]["skipped"] == 10 and s4["counts"]["pending"] == 0
+    assert {f["reason"] for f in s4["failures"]} == {"budget_exhausted"}
+    root = ET.fromstring(render_junit(_spec(), items, half, s4, Ending("budget")))
+    assert root.get("skipped") == "10"
 
 
 def test_junit_is_xunit2_and_counts_equal_the_ledger(tmp_path: Path) -> None:
