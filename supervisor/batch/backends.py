@@ -13,13 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..errors import SupervisorError
+
 log = logging.getLogger(__name__)
 
 RESULT_WAIT_S = 30.0
 RECONNECT_S = 60.0
 
 
-class BackendError(Exception):
+class BackendError(SupervisorError):
     """A run could not be submitted or followed; `transient` says whether another attempt may help."""
 
     def __init__(self, detail: str, *, transient: bool = True) -> None:

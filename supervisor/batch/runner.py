@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import SupervisorError
 from ..logdir import RUN_ID_RE, atomic_write
 from .assertions import RunFacts, classify, read_facts
 from .backends import BackendError, DaemonBackend, EmbeddedBackend, RunLost, daemon_socket
@@ -65,7 +66,7 @@ CI_VARS = (
 )
 
 
-class BatchError(Exception):
+class BatchError(SupervisorError):
     """The batch cannot start (spec, preflight, a changed spec, a locked dir): exit 1."""
 
 
@@ -426,7 +427,7 @@ class BatchRunner:
     # -- running ------------------------------------------------------------------------------
 
     async def open_backend(self) -> None:
-        from ..runtime.base import RuntimeError_
+        from ..errors import BuildError, ContainerRuntimeError
 
         sock = None if self.opts.image else daemon_socket()
         runtime = None
@@ -435,7 +436,7 @@ class BatchRunner:
             from ..runtime.docker import DockerRuntime
 
             runtime = DockerRuntime()
-        except RuntimeError_ as exc:
+        except ContainerRuntimeError as exc:
             raise BatchError(f"the container engine is unavailable: {exc}") from exc
         if sock is not None:
             self.backend = DaemonBackend(sock)
@@ -445,14 +446,14 @@ class BatchRunner:
                 image = agent_image_tag()
         else:
             if image is None:
-                from ..images import BuildError, ensure_images, preflight
+                from ..images import ensure_images, preflight
 
                 problems = preflight(runtime)
                 if problems:
                     raise BatchError("; ".join(problems))
                 try:
                     image = await asyncio.to_thread(ensure_images, runtime, progress=self.err)
-                except (BuildError, RuntimeError_) as exc:
+                except (BuildError, ContainerRuntimeError) as exc:
                     raise BatchError(f"image build failed: {exc}") from exc
             self.backend = EmbeddedBackend(runtime, image, self.supervisor_id)
         await self.backend.open()

@@ -55,7 +55,9 @@ def test_batch_via_the_daemon_survives_kill_9(daemon: Daemon, tmp_path: Path) ->
     spec.write_text("configs:\n  s: slow.yaml\nquestions: qs.jsonl\nassert:\n  - type: number_close\nmax_parallel: 3\n")
     d = tmp_path / "batch"
     cmd = [sys.executable, "-m", "supervisor.cli", "batch", str(spec), "--batch-dir", str(d), "--automation"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=daemon.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=daemon.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait(lambda: len(_ledger(d)) >= 2, 240, "2 items")
         _wait(lambda: json.loads((d / "status.json").read_text())["in_flight"], 60, "an item in flight")
@@ -70,7 +72,11 @@ def test_batch_via_the_daemon_survives_kill_9(daemon: Daemon, tmp_path: Path) ->
     } - known
     assert orphans
     # The daemon still follows them: they finish with nobody from the batch around.
-    _wait(lambda: all((p / "result.json").exists() for p in (d / "runs").glob("*/log_*") if p.name in orphans), 120, "orphans")
+    _wait(
+        lambda: all((p / "result.json").exists() for p in (d / "runs").glob("*/log_*") if p.name in orphans),
+        120,
+        "orphans",
+    )
 
     res = subprocess.run(cmd, cwd=tmp_path, env=daemon.env(), capture_output=True, text=True, timeout=400)
     assert res.returncode == 0, res.stdout + res.stderr
