@@ -308,6 +308,9 @@ def cmd_run(argv: list[str]) -> int:
             for p in exc.problems:
                 _stderr(f"  - {p}")
             return _record_unstartable(printer, args, logs_root, "; ".join(exc.problems))
+        from .reaper import reap_disks
+
+        reap_disks(runtime, logs_root.parent / "workspaces")
     req = RunRequest(
         question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image
     )

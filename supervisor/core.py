@@ -186,6 +186,7 @@ class Supervisor:
             hooks = ChildHooks(self, parent, services)
             hooks.record_ref = record
             execution.hooks = hooks
+            execution.parent_execution = parent.execution
             parent.children.append(record)
         else:
             execution.hooks = services
@@ -305,6 +306,7 @@ class Supervisor:
         record = RunRecord(execution=execution, parent=parent, control=execution.control, seq=self._seq)
         execution.paths = paths
         if parent is not None:
+            execution.parent_execution = parent.execution
             parent.children.append(record)
         services = self._services(self, record) if self._services is not None else RunHooks()
         execution.hooks = services

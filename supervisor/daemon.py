@@ -244,7 +244,11 @@ async def reconcile(sup: Any, runtime: Any, logs_root: Path, extra_roots: Iterab
     # Log dirs that say "running" but have no container: the supervisor lost them. Walk only
     # the layout we create (<root>/<run id>/children/<run id>/...), never rglob: sandboxes can
     # write folders (their outbox, snapshots) that look like log dirs.
+    from .reaper import reap_disks
+
     for root in {logs_root, *extra_roots}:
+        # Disks of runs nobody follows any more and whose container is gone: copied back, released.
+        await asyncio.to_thread(reap_disks, runtime, root.parent / "workspaces")
         for log_dir in walk_run_dirs(root):
             if log_dir.name in adopted:
                 continue

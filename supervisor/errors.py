@@ -11,7 +11,8 @@ The tree (each error carries its context as fields)::
     │   └── SandboxStartFailed ........ the sandbox could not be created or started (run_id, detail)
     ├── BuildError .................... the image builder gave up (detail; supervisor/images.py)
     ├── PolicyError ................... a run refused as configured (reason, detail)
-    ├── SnapshotError ................. a folder cannot be snapshotted safely
+    ├── SnapshotError ................. a folder cannot be snapshotted safely (limit)
+    ├── DiskError ..................... a run's disk could not be set up or released (op, path, detail)
     └── DataFileError (ValueError) .... a pricing or keys file is unusable (path, problem)
 
 Third-party exceptions are translated where that library is called (Docker SDK errors only in
@@ -22,10 +23,13 @@ are not part of this tree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 __all__ = [
     "BuildError",
     "ContainerRuntimeError",
     "DataFileError",
+    "DiskError",
     "ImageBuildFailed",
     "ImageMissing",
     "PolicyError",
@@ -108,7 +112,24 @@ class PolicyError(SupervisorError):
 
 
 class SnapshotError(SupervisorError):
-    """The folder cannot be snapshotted safely (escape attempt, not a directory, too large)."""
+    """The folder cannot be snapshotted safely (escape attempt, not a directory, too large).
+
+    `limit` names the budget that was passed ("bytes" or "entries"), None for anything else.
+    """
+
+    def __init__(self, detail: str, limit: str | None = None) -> None:
+        self.limit = limit
+        super().__init__(detail)
+
+
+class DiskError(SupervisorError):
+    """A run's disk could not be set up or released (supervisor/diskquota.py)."""
+
+    def __init__(self, op: str, path: Path, detail: str) -> None:
+        self.op = op
+        self.path = path
+        self.detail = detail
+        super().__init__(f"op={op} path={path}: {detail}")
 
 
 class DataFileError(SupervisorError, ValueError):

@@ -23,10 +23,13 @@ from agent_image.protocol.loader import (
 )
 from agent_image.protocol.result import Reason, RunResult
 from agent_image.protocol.spec import RunSpec
-from agent_image.protocol.status import ContainerSection, RunState
+from agent_image.protocol.status import ContainerSection, DiskSection, RunState
 
 from .configs import check_context_paths, resolve_loaded
-from .errors import ContainerRuntimeError, ImageMissing, PolicyError
+from .diskaccount import DiskAccount
+from .diskquota import WALK_INTERVAL_S, DiskUse, Mode, RunDisk
+from .diskquota import disabled as disk_quota_disabled
+from .errors import ContainerRuntimeError, DiskError, ImageMissing, PolicyError
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
 from .outbox_watch import OutboxWatch
@@ -64,6 +67,8 @@ FINAL_DRAIN_S = 60.0
 FINAL_DRAIN_FLOODED_S = 2.0
 MAX_OUTPUT_BYTES = 256 << 10  # of the sandbox's own stdout/stderr, the tail kept in massgen.log
 REMOVE_TIMEOUT_S = 30.0
+DISK_CHECK_S = 0.25  # how often a run's disk charge is measured (a statvfs and a few stats)
+MIN_CHILD_DISK_BYTES = 16 << 20  # a nested run given less than this by its parent is refused
 KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
 
 
@@ -231,6 +236,13 @@ class RunExecution:
         self.contexts: list[Path] = []
         self.limits: Limits | None = None
         self.prepared = asyncio.Event()
+        # The run's disk budget and charge; a nested run's is a child of its parent's (the
+        # supervisor sets parent_execution before the run starts).
+        self.disk: DiskAccount | None = None
+        self.parent_execution: RunExecution | None = None
+        self._disk_job: asyncio.Future[None] | None = None
+        self._disk_checked = 0.0
+        self._disk_over: str | None = None
 
     def _resolve(self) -> tuple[LoadedConfig, str]:
         req = self.req
@@ -370,7 +382,8 @@ class RunExecution:
                 Mount(paths.sandbox, OUTBOX_IN_SANDBOX, read_only=False),
                 Mount(paths.workspace, WORKSPACE_IN_SANDBOX, read_only=False),
                 Mount(paths.children, CHILDREN_IN_SANDBOX, read_only=True),
-                *(Mount(p, str(p), read_only=True) for p in contexts),
+                # Two entries naming the same folder are one mount (the engine refuses duplicates).
+                *(Mount(p, str(p), read_only=True) for p in dict.fromkeys(contexts)),
             )
             workdir = WORKSPACE_IN_SANDBOX
             if os.getuid() == 0:
@@ -435,7 +448,15 @@ class RunExecution:
                     if self.req.deadline_cap is not None:
                         deadline = min(deadline, self.req.deadline_cap)
                     self.deadline = deadline
-                    extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+                    refused = self._disk_account(config)
+                    if refused is not None:
+                        return self._end(Verdict(Reason.DISK_QUOTA_EXCEEDED, refused))
+                    # Formatting and mounting the run's filesystem (~30 ms) overlaps the services' start.
+                    disk_job = asyncio.ensure_future(asyncio.to_thread(self._create_disk))
+                    try:
+                        extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+                    finally:
+                        await asyncio.shield(disk_job)
                     spec = self._sandbox_spec(config, raw, contexts, deadline)
                     spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
                     mat.set_run(deadline=deadline)
@@ -446,8 +467,10 @@ class RunExecution:
                     try:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:
+                        await self._release_disk()
                         return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
                     except ContainerRuntimeError as exc:
+                        await self._release_disk()
                         return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
                     try:
                         await self.hooks.services_ready(self)
@@ -458,8 +481,142 @@ class RunExecution:
             except InterruptedWhileQueued:
                 reason = self.control.interrupt_reason
                 return self._end(Verdict(Reason.INTERRUPTED, f"{reason} while queued"))
+        except Detached:
+            raise
+        except BaseException:
+            # Our own error or a cancellation before the follower released it: the sandbox is
+            # being removed, so the folders can be given back.
+            await asyncio.shield(self._release_disk())
+            raise
         finally:
             await asyncio.shield(self.hooks.stop_services(self))
+
+    # -- the disk budget ------------------------------------------------------------------------
+
+    @property
+    def disk_parent(self) -> DiskAccount | None:
+        return self.parent_execution.disk if self.parent_execution is not None else None
+
+    def _disk_account(self, config: RunConfig) -> str | None:
+        """Set up the run's disk budget (capped by its parent's remaining); why it is refused, or None."""
+        paths, mat = self.paths, self.mat
+        assert paths is not None and mat is not None
+        if self.req.sandbox == "none":
+            return None  # no sandbox, no boundary to enforce (like memory and pids)
+        if disk_quota_disabled():
+            mat.log("disk budget off (MASSGEN_DISK_QUOTA=off): the sandbox can fill the host's disk", "warning")
+            return None
+        sb = config.sandbox
+        budget = DiskUse(sb.disk_bytes, sb.disk_inode_count)
+        parent = self.disk_parent
+        if parent is not None:
+            room = parent.remaining()
+            budget = budget.cap(room)
+            if budget.bytes < MIN_CHILD_DISK_BYTES or budget.inodes < 256:
+                return f"the parent run has {room.describe()} of its disk budget left"
+        self.disk = DiskAccount(paths.run_id, budget, parent)
+        mat.listeners.append(self.disk.note_event)
+        return None
+
+    def _adopt_disk(self) -> None:
+        """Re-use the filesystem an adopted run was given (found by its state file)."""
+        paths, mat = self.paths, self.mat
+        assert paths is not None and mat is not None
+        disk = RunDisk.find(paths.run_id, paths.workspace)
+        if disk is not None:
+            disk.adopt()
+        elif self.config is not None:
+            sb = self.config.sandbox
+            budget = DiskUse(sb.disk_bytes, sb.disk_inode_count)
+            disk = RunDisk(paths.run_id, paths.log_dir, paths.workspace, paths.sandbox, budget, Mode.POLL)
+            disk.detail = "the adopted run has no filesystem of its own"
+        else:
+            return
+        self.disk = DiskAccount(paths.run_id, disk.budget, self.disk_parent)
+        self.disk.disk = disk
+        mat.listeners.append(self.disk.note_event)
+
+    def _create_disk(self) -> None:
+        acct, paths = self.disk, self.paths
+        if acct is None or paths is None:
+            return
+        owner = (SANDBOX_UID, SANDBOX_UID) if os.getuid() == 0 else (os.getuid(), os.getgid())
+        acct.disk = RunDisk.create(paths.run_id, paths.log_dir, paths.workspace, paths.sandbox, acct.budget, owner)
+
+    def _note_disk_mode(self) -> None:
+        acct, mat = self.disk, self.mat
+        if acct is None or acct.disk is None or mat is None:
+            return
+        disk = acct.disk
+        if disk.mode == Mode.MOUNT:
+            mat.log(f"disk budget: {acct.budget.describe()} on a filesystem of its own (writes past it: ENOSPC)")
+        else:
+            mat.log(
+                f"disk budget: {acct.budget.describe()}, polled every {WALK_INTERVAL_S:g}s ({disk.detail}); a sandbox"
+                f" can exceed it by what it writes in that time",
+                "warning",
+            )
+        self._update_disk_status()
+
+    def _update_disk_status(self) -> None:
+        acct, mat = self.disk, self.mat
+        if acct is None or mat is None:
+            return
+        total = acct.total()
+        # Not marked dirty: the next coalesced write carries it (at least every 2 s).
+        mat.status.disk = DiskSection(
+            mode=acct.mode.value,
+            detail=acct.disk.detail or None if acct.disk is not None else None,
+            budget_bytes=acct.budget.bytes,
+            budget_inodes=acct.budget.inodes,
+            used_bytes=total.bytes,
+            used_inodes=total.inodes,
+        )
+
+    def _check_disk(self) -> None:
+        """Measure the run's charge in a worker thread; past the budget, stop the run at once."""
+        acct, paths, ctl = self.disk, self.paths, self.control
+        if acct is None or paths is None:
+            return
+        job = self._disk_job
+        if job is not None:
+            if not job.done():
+                return
+            self._disk_job = None
+            if job.exception() is not None:
+                log.warning("run_id=%s measuring its disk failed: %s", paths.run_id, job.exception())
+            self._update_disk_status()
+            detail = acct.over()
+            if detail is not None and self._disk_over is None and not ctl.interrupt.is_set():
+                self._disk_over = detail
+                ctl.verdict = Verdict(Reason.DISK_QUOTA_EXCEEDED, detail)
+                ctl.interrupt_reason = Reason.DISK_QUOTA_EXCEEDED.value
+                ctl.interrupt.set()
+        interval = DISK_CHECK_S if acct.mode == Mode.MOUNT else WALK_INTERVAL_S
+        now = time.monotonic()
+        if now - self._disk_checked >= interval:
+            self._disk_checked = now
+            self._disk_job = asyncio.ensure_future(asyncio.to_thread(acct.measure, paths.log_dir))
+
+    async def _release_disk(self) -> None:
+        """Give the workspace and outbox back as plain folders (after the sandbox exited); once."""
+        acct, paths, mat = self.disk, self.paths, self.mat
+        if acct is None or acct.disk is None or acct.released or paths is None:
+            return
+        if self._disk_job is not None:
+            with contextlib.suppress(Exception):
+                await self._disk_job
+            self._disk_job = None
+        acct.released = True
+        try:
+            acct.folders = await asyncio.to_thread(acct.disk.release)
+        except DiskError as exc:
+            log.error("run_id=%s releasing its disk failed: %s", paths.run_id, exc)
+            if mat is not None:
+                mat.log(f"releasing the run's disk failed ({exc}); the next supervisor start retries", "error")
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(acct.refresh_logdir, paths.log_dir)
+        self._update_disk_status()
 
     async def _follow_and_remove(
         self, handle: SandboxHandle, deadline: float, grace: float, offset: int = 0
@@ -494,6 +651,7 @@ class RunExecution:
         except (OSError, ConfigError) as exc:
             mat.log(f"adopted run has no usable config.yaml ({exc}); stop grace {grace:g}s", "warning")
         mat.log(f"adopted sandbox {handle.id[:12]} (deadline in {deadline - time.time():.1f}s)")
+        self._adopt_disk()
         try:
             if self.config is not None:
                 # Re-bind the run's socket inside the directory its sandbox has mounted.
@@ -527,6 +685,7 @@ class RunExecution:
         mat.set_run(state=RunState.RUNNING)
         verb = "following" if offset else "started"
         mat.log(f"sandbox {verb}: id={facts.id} image={facts.image} runtime={facts.runtime}")
+        self._note_disk_mode()
         mat.listeners.append(self.listener.event)
         tailer = OutboxTailer(paths.sandbox / "events.jsonl", offset=offset, max_offset=MAX_OUTBOX_BYTES)
         wake = asyncio.Event()
@@ -563,6 +722,7 @@ class RunExecution:
                 if not watch.on_file and (fd := tailer.fileno()) is not None:
                     watch.watch_file(fd)
                 flooded = self._check_outbox(tailer) or flooded
+                self._check_disk()
                 mat.write_status()
                 if ctl.detach.is_set() and stop_task is None:
                     raise Detached()
@@ -572,8 +732,9 @@ class RunExecution:
                     elif time.time() >= deadline:
                         stopped_for = "timeout"
                     if stopped_for is not None:
-                        # A flooding sandbox gets no grace: it would spend it writing more.
-                        stop_grace = 0.0 if flooded else grace
+                        # A flooding sandbox, or one past its disk budget, gets no grace: it would
+                        # spend it writing more (its own filesystem is full anyway).
+                        stop_grace = 0.0 if flooded or self._disk_over is not None else grace
                         mat.log(f"stopping sandbox: {stopped_for} (grace {stop_grace:g}s)", "warning")
                         stop_started = time.monotonic()
                         stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, stop_grace))
@@ -598,8 +759,14 @@ class RunExecution:
         # The sandbox may have flooded the outbox and exited before we got there.
         if self._check_outbox(tailer) and stopped_for is None:
             flooded, stopped_for = True, Reason.LIMIT_EXCEEDED.value
-        await self._final_drain(tailer, FINAL_DRAIN_FLOODED_S if flooded else FINAL_DRAIN_S)
+        if self._disk_over is None:
+            # (past its disk budget, what is left would only add to a log dir already over it)
+            await self._final_drain(tailer, FINAL_DRAIN_FLOODED_S if flooded else FINAL_DRAIN_S)
         tailer.close()
+        disk_full_at_exit = await self._disk_at_exit()
+        # The sandbox has exited: nothing writes its folders any more; give them back before
+        # result.json says the run is over.
+        await self._release_disk()
         output = await asyncio.to_thread(runtime.logs, handle)
         if output.strip():
             text = output[-MAX_OUTPUT_BYTES:].decode("utf-8", "replace").rstrip()
@@ -607,7 +774,7 @@ class RunExecution:
             mat.log(f"---- sandbox output{cut} ----\n{text}\n---- end of sandbox output ----")
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
-        verdict = self._verdict(info, facts, stopped_for)
+        verdict = self._verdict(info, facts, stopped_for, disk_full_at_exit)
         return self._end(verdict, container_exit=info.exit_code)
 
     async def _final_drain(self, tailer: OutboxTailer, budget_s: float) -> None:
@@ -652,6 +819,22 @@ class RunExecution:
         ctl.interrupt.set()
         return True
 
+    async def _disk_at_exit(self) -> str | None:
+        """Measure once more when the sandbox exits; why it is past its budget, or None."""
+        acct, paths = self.disk, self.paths
+        if acct is None or paths is None or acct.released:
+            return None
+        if self._disk_job is not None:
+            with contextlib.suppress(Exception):
+                await self._disk_job
+            self._disk_job = None
+        try:
+            await asyncio.to_thread(acct.measure, paths.log_dir)
+        except OSError as exc:
+            log.warning("run_id=%s measuring its disk failed: %s", paths.run_id, exc)
+            return None
+        return acct.over()
+
     async def _wait_exit(self, handle: SandboxHandle) -> Any:
         while True:
             # Short waits so a detaching supervisor is not held up by a blocked thread.
@@ -659,7 +842,7 @@ class RunExecution:
             if info is not None:
                 return info
 
-    def _verdict(self, info: Any, facts: Any, stopped_for: str | None) -> Verdict:
+    def _verdict(self, info: Any, facts: Any, stopped_for: str | None, disk_over: str | None = None) -> Verdict:
         """What the supervisor knows, handed to the one place that decides (supervisor/verdict.py)."""
         mat = self.mat
         assert mat is not None
@@ -668,6 +851,10 @@ class RunExecution:
             own = Verdict(Reason.TIMEOUT, "deadline passed; sandbox stopped by the supervisor")
         elif stopped_for is not None:
             own = self.control.verdict or Verdict(Reason.INTERRUPTED, f"stopped: {stopped_for}")
+        elif disk_over is not None:
+            # The sandbox hit its disk budget and ended before the supervisor stopped it (the
+            # engine itself may have died of ENOSPC): the budget is the cause.
+            own = Verdict(Reason.DISK_QUOTA_EXCEEDED, disk_over)
         fin = mat.finished_event
         return decide(
             own=own,

@@ -7,17 +7,20 @@ sandbox could write is mounted as a snapshot, never live.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import posixpath
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent_image.protocol.config import RunConfig
 
+from .diskquota import DiskUse
 from .errors import PolicyError, SnapshotError
 from .lifecycle import RunExecution, RunHooks
 from .runtime.base import Mount
-from .snapshot import snapshot_dir_async
+from .snapshot import DEFAULT_LIMIT_BYTES, DEFAULT_LIMIT_ENTRIES, SnapshotBudget, snapshot_dir_async
 from .sockets import socket_root
 
 if TYPE_CHECKING:
@@ -138,21 +141,53 @@ class ChildHooks(RunHooks):
         me = self.record_ref
         assert me is not None and me.execution.paths is not None
         out = []
+        # One snapshot per distinct source folder, however often a config lists it.
+        snapshots: dict[Path, Path] = {}
         for i, cp in enumerate(config.orchestrator.context_paths):
             real, root, writable = resolve_view_path(self.parent, cp.path)
             if not writable:
                 out.append(real)  # a user-given host folder, read-only everywhere: mount it
                 continue
+            if real in snapshots:
+                out.append(snapshots[real])
+                continue
             # Below a folder some sandbox can write: mount a snapshot, never the live folder.
             dest = me.execution.paths.log_dir / "context" / str(i)
-            try:
-                await snapshot_dir_async(root, os.path.relpath(real, root), dest)
-            except SnapshotError as exc:
-                raise PolicyError("path_not_allowed", f"{cp.path}: {exc}") from exc
-            except OSError as exc:
-                raise PolicyError("path_not_allowed", f"{cp.path}: cannot snapshot: {exc.strerror}") from exc
+            await self._snapshot(cp.path, root, real, dest)
+            snapshots[real] = dest
             out.append(dest)
         return out
+
+    async def _snapshot(self, requested: str, root: Path, real: Path, dest: Path) -> None:
+        """Copy a folder for the child, charged to the parent's disk budget (and so its tree's).
+
+        Raises:
+            PolicyError: disk_quota_exceeded past the parent's budget, path_not_allowed when the
+                folder cannot be copied safely or passes the per-snapshot limits.
+        """
+        account = self.parent.execution.disk
+        room = account.remaining() if account is not None else DiskUse(DEFAULT_LIMIT_BYTES, DEFAULT_LIMIT_ENTRIES)
+        budget = SnapshotBudget(min(DEFAULT_LIMIT_BYTES, room.bytes), min(DEFAULT_LIMIT_ENTRIES, room.inodes))
+        failure: PolicyError | None = None
+        try:
+            await snapshot_dir_async(root, os.path.relpath(real, root), dest, budget=budget)
+        except SnapshotError as exc:
+            by_disk = (exc.limit == "bytes" and room.bytes < DEFAULT_LIMIT_BYTES) or (
+                exc.limit == "entries" and room.inodes < DEFAULT_LIMIT_ENTRIES
+            )
+            if by_disk:
+                detail = f"{requested}: snapshot {exc}: the parent run has {room.describe()} of its disk budget left"
+                failure = PolicyError("disk_quota_exceeded", detail)
+            else:
+                failure = PolicyError("path_not_allowed", f"{requested}: {exc}")
+        except OSError as exc:
+            failure = PolicyError("path_not_allowed", f"{requested}: cannot snapshot: {exc.strerror}")
+        if failure is not None:
+            # A refused child keeps its log dir; a partial copy in it would only use the disk.
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise failure
+        if account is not None:
+            account.charge_snapshot(DiskUse(budget.bytes + 4096 * (budget.dirs + 1), budget.entries + 1))
 
     async def start_services(
         self, execution: RunExecution, config: RunConfig, deadline: float

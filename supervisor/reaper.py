@@ -15,6 +15,7 @@ from typing import Any
 
 from agent_image.protocol.result import Reason
 
+from .diskquota import recover, sweep
 from .logdir import RUN_ID_RE, RunPaths, read_status
 from .materializer import Materializer
 from .runtime.base import LABEL_LOG_DIR, LABEL_RUN, LABEL_SUPERVISOR, LABEL_WORKSPACE
@@ -74,6 +75,9 @@ def reap_orphans(runtime: Any) -> int:
         handle = type("Handle", (), {"id": facts.id})()
         try:
             runtime.kill(handle)
+            if labels.get(LABEL_WORKSPACE):
+                # Killed: nothing writes its folders any more; give them back before result.json.
+                recover(run_id, Path(labels[LABEL_WORKSPACE]))
             finish_lost_run(
                 RunPaths(run_id, log_dir, Path(labels.get(LABEL_WORKSPACE) or log_dir)),
                 f"the massgen-run process (pid {pid}) that supervised this run is gone",
@@ -84,3 +88,20 @@ def reap_orphans(runtime: Any) -> int:
         except Exception:  # noqa: BLE001 - reaping is best effort; the next run tries again
             log.exception("could not reap sandbox %s", facts.id[:12])
     return reaped
+
+
+def reap_disks(runtime: Any, workspaces_root: Path) -> int:
+    """Release run disks under `workspaces_root` left by supervisors that died before their sandbox started.
+
+    Returns:
+        How many disks were released.
+    """
+
+    def live(run_id: str) -> bool:
+        return bool(runtime.list_owned({LABEL_RUN: run_id}))
+
+    try:
+        return sweep(workspaces_root, live)
+    except Exception:  # noqa: BLE001 - best effort, like reaping; the next run tries again
+        log.exception("could not sweep the run disks under %s", workspaces_root)
+        return 0

@@ -39,21 +39,28 @@ _RACED = {errno.ELOOP, errno.ENOTDIR, errno.ENOENT, errno.ENXIO, errno.EISDIR}
 
 
 @dataclass
-class _Budget:
-    limit_bytes: int
-    limit_entries: int
+class SnapshotBudget:
+    """Limits of one snapshot, and what it has copied so far (also when it failed part-way)."""
+
+    limit_bytes: int = DEFAULT_LIMIT_BYTES
+    limit_entries: int = DEFAULT_LIMIT_ENTRIES
     bytes: int = 0
     entries: int = 0
+    dirs: int = 0
 
     def add_entry(self) -> None:
         self.entries += 1
         if self.entries > self.limit_entries:
-            raise SnapshotError(f"more than {self.limit_entries} entries")
+            raise SnapshotError(f"more than {self.limit_entries} entries", "entries")
 
     def add_bytes(self, n: int) -> None:
         self.bytes += n
         if self.bytes > self.limit_bytes:
-            raise SnapshotError(f"larger than {self.limit_bytes >> 20} MiB")
+            raise SnapshotError(f"larger than {_mib(self.limit_bytes)}", "bytes")
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n} bytes"
 
 
 def _open_dir_nofollow(root: Path, rel_parts: list[str]) -> int:
@@ -96,7 +103,7 @@ def _scan(fd: int) -> Iterator[tuple[str, str]]:
             yield entry.name, kind
 
 
-def _copy_file(name: str, src_dir: int, dst_dir: int, budget: _Budget) -> None:
+def _copy_file(name: str, src_dir: int, dst_dir: int, budget: SnapshotBudget) -> None:
     try:
         src = os.open(name, _SRC_FILE_FLAGS, dir_fd=src_dir)
     except OSError as exc:
@@ -108,7 +115,7 @@ def _copy_file(name: str, src_dir: int, dst_dir: int, budget: _Budget) -> None:
         if not stat.S_ISREG(st.st_mode):
             return  # swapped for a fifo or device after listing
         if budget.bytes + st.st_size > budget.limit_bytes:  # fail before copying what cannot fit
-            raise SnapshotError(f"larger than {budget.limit_bytes >> 20} MiB")
+            raise SnapshotError(f"larger than {_mib(budget.limit_bytes)}", "bytes")
         dst = os.open(name, _DST_FILE_FLAGS, 0o644, dir_fd=dst_dir)
         try:
             os.fchmod(dst, 0o755 if st.st_mode & stat.S_IXUSR else 0o644)
@@ -123,7 +130,7 @@ def _copy_file(name: str, src_dir: int, dst_dir: int, budget: _Budget) -> None:
         os.close(src)
 
 
-def _copy_dir(src_dir: int, dst_dir: int, depth: int, budget: _Budget) -> None:
+def _copy_dir(src_dir: int, dst_dir: int, depth: int, budget: SnapshotBudget) -> None:
     for name, kind in _scan(src_dir):
         budget.add_entry()
         if kind == "file":
@@ -139,6 +146,7 @@ def _copy_dir(src_dir: int, dst_dir: int, depth: int, budget: _Budget) -> None:
                 raise
             try:
                 os.mkdir(name, 0o755, dir_fd=dst_dir)
+                budget.dirs += 1
                 dst_sub = os.open(name, _DIR_FLAGS, dir_fd=dst_dir)
                 try:
                     os.fchmod(dst_sub, 0o755)
@@ -156,8 +164,12 @@ def snapshot_dir(
     dest: Path,
     limit_bytes: int = DEFAULT_LIMIT_BYTES,
     limit_entries: int = DEFAULT_LIMIT_ENTRIES,
+    budget: SnapshotBudget | None = None,
 ) -> int:
     """Copy `root/rel` (a directory) to `dest`, which must be new or empty; symlinks are skipped.
+
+    With `budget`, its limits apply (instead of `limit_bytes`/`limit_entries`) and it counts
+    what was copied, also when the copy fails part-way.
 
     Returns:
         Bytes copied.
@@ -178,7 +190,7 @@ def snapshot_dir(
             if os.listdir(out):
                 raise SnapshotError(f"destination {dest} is not empty")
             os.fchmod(out, 0o755)
-            budget = _Budget(limit_bytes, limit_entries)
+            budget = budget or SnapshotBudget(limit_bytes, limit_entries)
             _copy_dir(top, out, 0, budget)
             return budget.bytes
         finally:
@@ -193,6 +205,7 @@ async def snapshot_dir_async(
     dest: Path,
     limit_bytes: int = DEFAULT_LIMIT_BYTES,
     limit_entries: int = DEFAULT_LIMIT_ENTRIES,
+    budget: SnapshotBudget | None = None,
 ) -> int:
     """`snapshot_dir` in a worker thread, so a large copy does not stall the event loop."""
-    return await asyncio.to_thread(snapshot_dir, root, rel, dest, limit_bytes, limit_entries)
+    return await asyncio.to_thread(snapshot_dir, root, rel, dest, limit_bytes, limit_entries, budget)

@@ -23,6 +23,9 @@ from .tools_config import CustomToolEntry, McpServerConfig, check_tool_keys, nor
 # Dots are allowed after the first letter (MassGen ids such as `gemini2.5flash`); the leading
 # letter keeps `.` and `..` out, since ids are path components (final/<id>/, agents/<id>/).
 _ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
+MIN_DISK_BYTES = 16 << 20
+MIN_DISK_INODES = 256
+MAX_CONTEXT_PATHS = 32
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 
@@ -209,7 +212,7 @@ class AgentConfig(_Strict):
 
 
 class OrchestratorConfig(_Strict):
-    context_paths: list[ContextPath] = Field(default_factory=list)
+    context_paths: list[ContextPath] = Field(default_factory=list, max_length=MAX_CONTEXT_PATHS)
     max_new_answers_per_agent: int | None = Field(default=None, ge=1)
     max_invalid_turns: int = Field(default=3, ge=1, le=20)
     max_tool_calls_per_turn: int = Field(default=50, ge=1, le=1000)
@@ -253,6 +256,11 @@ class SandboxConfig(_Strict):
     budget: Budget = Field(default_factory=Budget)
     max_depth: int = Field(default=2, ge=0, le=8)
     max_children: int = Field(default=4, ge=0, le=64)
+    # The run's disk budget on the host: workspace, outbox, log dir and snapshots (see
+    # docs/architecture.md, "Trust boundaries"); past it writes fail with ENOSPC and the run
+    # ends with disk_quota_exceeded.
+    disk: Annotated[str | int, Field()] = "1g"
+    disk_inodes: int | None = Field(default=None, ge=MIN_DISK_INODES, le=1 << 26)  # default: one per 8 KiB
 
     @field_validator("memory")
     @classmethod
@@ -261,9 +269,34 @@ class SandboxConfig(_Strict):
             raise ValueError("memory must be at least 32m")
         return v
 
+    @field_validator("disk")
+    @classmethod
+    def _disk(cls, v: str | int) -> str | int:
+        if parse_size(v) < MIN_DISK_BYTES:
+            raise ValueError(f"disk must be at least {MIN_DISK_BYTES >> 20}m")
+        if parse_size(v) > 1 << 50:
+            raise ValueError("disk must be at most 1024t")
+        return v
+
+    @model_validator(mode="after")
+    def _inodes_fit(self) -> SandboxConfig:
+        # ext4 needs at least 1 KiB per inode; more inodes than that cannot be made.
+        if self.disk_inodes is not None and self.disk_inodes > self.disk_bytes // 1024:
+            most = self.disk_bytes // 1024
+            raise ValueError(f"disk_inodes: at most one inode per KiB of disk ({most} for this disk)")
+        return self
+
     @property
     def memory_bytes(self) -> int:
         return parse_size(self.memory)
+
+    @property
+    def disk_bytes(self) -> int:
+        return parse_size(self.disk)
+
+    @property
+    def disk_inode_count(self) -> int:
+        return self.disk_inodes if self.disk_inodes is not None else max(MIN_DISK_INODES, self.disk_bytes // 8192)
 
 
 class UiConfig(_Strict):

@@ -34,6 +34,7 @@ class Reason(StrEnum):
     NO_ANSWER = "no_answer"
     SUPERVISOR_LOST = "supervisor_lost"
     LIMIT_EXCEEDED = "limit_exceeded"
+    DISK_QUOTA_EXCEEDED = "disk_quota_exceeded"
     MAX_DEPTH_EXCEEDED = "max_depth_exceeded"
     MAX_CHILDREN_EXCEEDED = "max_children_exceeded"
     MAX_TOTAL_CHILDREN_EXCEEDED = "max_total_children_exceeded"
@@ -64,6 +65,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.NO_ANSWER: ExitCode.EXECUTION,
     Reason.SUPERVISOR_LOST: ExitCode.EXECUTION,
     Reason.LIMIT_EXCEEDED: ExitCode.EXECUTION,
+    Reason.DISK_QUOTA_EXCEEDED: ExitCode.EXECUTION,
     Reason.MAX_DEPTH_EXCEEDED: ExitCode.EXECUTION,
     Reason.MAX_CHILDREN_EXCEEDED: ExitCode.EXECUTION,
     Reason.MAX_TOTAL_CHILDREN_EXCEEDED: ExitCode.EXECUTION,

@@ -149,6 +149,17 @@ class ContainerSection(_M):
     pids: int | None = None
 
 
+class DiskSection(_M):
+    """The run's disk budget and what it uses (its filesystem, log dir, snapshots, children)."""
+
+    mode: str = "mount"  # mount: a filesystem of its own (ENOSPC past it) | poll: measured, may slip
+    detail: str | None = None  # why the budget is polled rather than mounted
+    budget_bytes: int = 0
+    budget_inodes: int = 0
+    used_bytes: int = 0
+    used_inodes: int = 0
+
+
 class Usage(_M):
     calls: int = 0
     failed_calls: int = 0
@@ -196,6 +207,7 @@ class Status(_M):
     agents: dict[str, AgentEntry] = Field(default_factory=dict)
     results: Results = Field(default_factory=Results)
     container: ContainerSection | None = None
+    disk: DiskSection | None = None
     telemetry: Telemetry = Field(default_factory=Telemetry)
     costs: Costs = Field(default_factory=Costs)
     tools: ToolStats = Field(default_factory=ToolStats)  # every agent's, summed
