@@ -38,6 +38,7 @@ OWN_ONLY = [
     (Reason.BUDGET_EXCEEDED, 2),
     (Reason.SUPERVISOR_LOST, 2),
     (Reason.LIMIT_EXCEEDED, 2),
+    (Reason.DISK_QUOTA_EXCEEDED, 2),
     (Reason.MAX_DEPTH_EXCEEDED, 2),
     (Reason.MAX_CHILDREN_EXCEEDED, 2),
     (Reason.MAX_TOTAL_CHILDREN_EXCEEDED, 2),
