@@ -12,7 +12,7 @@ import pytest
 from supervisor.diskquota import DISKS_DIR, DiskUse, Mode, RunDisk, mount_points
 from supervisor.runtime.base import LABEL_RUN, Mount
 from supervisor.runtime.docker import DockerRuntime
-from tests.cli_helpers import load, massgen_run, parse_lines, write_config
+from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, write_config
 from tests.docker.conftest import Sandboxes
 
 MiB = 1 << 20
@@ -253,3 +253,31 @@ def test_snapshots_past_the_parents_budget_refuse_the_child_disk_quota_exceeded(
     [child_dir] = list((Path(f["LOG_DIR"]) / "children").iterdir())
     assert load(child_dir / "result.json")["reason"] == "disk_quota_exceeded"
     _assert_released(runtime, tmp_path, f["RUN_ID"])
+
+
+def test_the_disk_of_a_killed_cli_is_released_by_the_next_run_with_its_workspace(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """kill -9 of massgen-run mid-run: the next massgen-run's reaper copies the workspace back and unmounts."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted, steps: [{shell: "echo kept > /workspace/kept.txt; sleep 300", timeout: 600}]}
+        """,
+    )
+    proc, log_dir = start_cli(["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path)
+    workspace = tmp_path / ".massgen" / "workspaces" / log_dir.name
+    deadline = time.monotonic() + 60
+    while not (workspace / "kept.txt").exists():
+        assert time.monotonic() < deadline, "the sandbox never wrote its file"
+        time.sleep(0.05)
+    assert str(workspace) in mount_points()
+    proc.kill()
+    proc.communicate(timeout=30)
+    p = massgen_run(["--automation", "--config", "@examples/quickstart", "q"], tmp_path)  # no --image: it reaps
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert load(log_dir / "result.json")["reason"] == "supervisor_lost"
+    assert (workspace / "kept.txt").read_text() == "kept\n"
+    _assert_released(runtime, tmp_path, log_dir.name)
