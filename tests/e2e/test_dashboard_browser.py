@@ -31,6 +31,7 @@ from tests.dashboard_helpers import (
 from tests.fakes import FakeOpenAI
 
 KEY = "sk-dashboard-test-key-1"
+QUESTION = "What is 2+2? <script>window.__xss = 'question'</script><img src=x onerror=\"window.__xss='q'\">"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def xss_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     with FakeOpenAI(xss_policy, api_key=KEY) as oa:
         cfg = write_config(tmp, openai_agents(oa.base_url))
         p = massgen_run(
-            ["--automation", "--sandbox", "none", "--logs-root", str(tmp / "runs"), "--config", str(cfg), "Q?"],
+            ["--automation", "--sandbox", "none", "--logs-root", str(tmp / "runs"), "--config", str(cfg), QUESTION],
             tmp,
             OPENAI_API_KEY=KEY,
         )
@@ -87,12 +88,15 @@ def test_hostile_answer_renders_as_text_and_no_script_runs(dashboard: str, xss_r
         page.wait_for_selector(f"#r-{xss_run.name}")
         assert "token=" not in page.url  # the token left the address bar
         page.screenshot(path=str(shots / "runs.png"), full_page=True)
+        assert page.evaluate("window.__xss") is None and page.locator("img").count() == 0
         page.click(f"#r-{xss_run.name} a")
         page.wait_for_selector("#final-answer")
         page.wait_for_selector("#live.on")
         page.screenshot(path=str(shots / "run.png"), full_page=True)
         assert page.evaluate("window.__xss") is None
+        assert page.locator("#sec-head .question").inner_text() == QUESTION  # the question, as text
         assert page.evaluate("document.querySelectorAll('script').length") == 1  # dashboard.js only
+        assert page.locator("img").count() == 0
         assert page.locator(".md img, .md script, .md [onerror]").count() == 0
         assert page.locator('a[href^="javascript"]').count() == 0
         text = page.locator("#final-answer .md").inner_text()
