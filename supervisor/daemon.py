@@ -321,6 +321,23 @@ async def serve(args: argparse.Namespace) -> int:
         atomic_write_json(roots_file, sorted(str(r) for r in sup.logs_roots))
 
     sup.on_new_logs_root = remember
+    dashboard = None
+    if args.web is not None:
+        from .dashboard import Dashboard, SupervisorControl
+        from .dashboard._cli import warn_if_exposed
+
+        host, port = args.web
+        warn_if_exposed(host)
+        dashboard = Dashboard(
+            lambda: {logs_root, *sup.logs_roots}, control=SupervisorControl(sup), host=host, port=port
+        )
+        try:
+            dashboard_url = await dashboard.start()
+        except OSError as exc:
+            log.error("cannot serve the dashboard on %s:%d: %s", host, port, exc.strerror or exc)
+            # Before reconciliation: nothing is adopted yet, so nothing is left behind.
+            await asyncio.gather(dashboard.close(), sampler.stop())
+            return 1
     counts = await reconcile(sup, runtime, logs_root, known_roots)
     log.info("reconciled: adopted=%d lost=%d", counts["adopted"], counts["lost"])
 
@@ -347,17 +364,6 @@ async def serve(args: argparse.Namespace) -> int:
         from .metrics import serve_metrics
 
         metrics = await serve_metrics(sup, args.metrics_port)
-    dashboard = None
-    if args.web is not None:
-        from .dashboard import Dashboard, SupervisorControl
-        from .dashboard._cli import warn_if_exposed
-
-        host, port = args.web
-        warn_if_exposed(host)
-        dashboard = Dashboard(
-            lambda: {logs_root, *sup.logs_roots}, control=SupervisorControl(sup), host=host, port=port
-        )
-        print(f"DASHBOARD: {await dashboard.start()}", flush=True)
     log.info(
         "massgen-supervisor %s listening on %s (logs %s, max %d containers)",
         sup.supervisor_id,
@@ -365,6 +371,8 @@ async def serve(args: argparse.Namespace) -> int:
         logs_root,
         args.max_concurrent,
     )
+    if dashboard is not None:
+        print(f"DASHBOARD: {dashboard_url}", flush=True)
     print(f"SOCKET: {sock}", flush=True)
 
     stop = asyncio.Event()
