@@ -13,7 +13,7 @@ import os
 import re
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -502,3 +502,67 @@ def load_detail(row: RunRow, index: RunIndex | None, redact: Redactor, files: Ru
         log_offset=offset,
         events_truncated=truncated,
     )
+
+
+# -- batches (`massgen-run batch`) ---------------------------------------------------------------
+
+
+@dataclass
+class BatchRow:
+    """One batch dir's live status.json (supervisor/batch/runner.py writes it)."""
+
+    key: str  # a stable id for the page (a hash of the dir)
+    batch_dir: Path
+    name: str = ""
+    state: str = "unknown"
+    items: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+    cost_usd: float = 0.0
+    tokens: int = 0
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+    exit_code: int | None = None
+    stopping: str | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(k, 0) for k in ("pass", "fail", "error", "skipped"))
+
+
+def read_batch(batch_dir: Path) -> BatchRow | None:
+    """The batch in `batch_dir`, or None when its status.json is missing or not a batch's."""
+    import hashlib
+
+    st = read_json(batch_dir / STATUS)
+    if st is None or not isinstance(st.get("batch"), str) or not isinstance(st.get("counts"), dict):
+        return None
+    spend = _section(st, "spend")
+    counts = {str(k): v for k, v in st["counts"].items() if isinstance(v, int) and not isinstance(v, bool)}
+    stopping = st.get("stopping")
+    return BatchRow(
+        key="b" + hashlib.sha256(str(batch_dir).encode()).hexdigest()[:12],
+        batch_dir=batch_dir,
+        name=st["batch"][:200],
+        state=_str(st.get("state")) or "unknown",
+        items=_int(st.get("items")) or 0,
+        counts=counts,
+        cost_usd=_num(spend.get("cost_usd")) or 0.0,
+        tokens=_int(spend.get("tokens")) or 0,
+        elapsed_s=_num(st.get("elapsed_s")),
+        eta_s=_num(st.get("eta_s")),
+        exit_code=_int(st.get("exit_code")),
+        stopping=stopping if isinstance(stopping, str) else None,
+    )
+
+
+def iter_batch_dirs(batches_root: Path) -> Iterator[Path]:
+    """Batch dirs directly under `batches_root` (those holding a status.json), never through a symlink."""
+    try:
+        with os.scandir(batches_root) as it:
+            names = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+    except OSError:
+        return
+    for name in names:
+        d = batches_root / name
+        if file_size(d / STATUS):
+            yield d

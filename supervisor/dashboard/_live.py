@@ -23,8 +23,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._data import STATUS, Redactor, RunFiles, RunIndex, RunRow, load_detail, log_since, read_row
-from ._render import run_row_html, run_sections
+from ._data import (
+    STATUS,
+    BatchRow,
+    Redactor,
+    RunFiles,
+    RunIndex,
+    RunRow,
+    iter_batch_dirs,
+    load_detail,
+    log_since,
+    read_batch,
+    read_row,
+)
+from ._render import batch_row_html, run_row_html, run_sections
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +88,14 @@ class Hub:
         *,
         can_stop: Callable[[RunRow], bool] = lambda _r: False,
         fallback_s: float = FALLBACK_S,
+        batch_roots: Callable[[], Iterable[Path]] | None = None,
     ) -> None:
         self._roots = roots
+        # `massgen-run batch` writes <logs root>/../batches/<name>/ by default (its runs in runs/).
+        self._batch_roots = batch_roots or (lambda: {r.absolute().parent / "batches" for r in self._roots()})
+        self.batches: dict[Path, BatchRow] = {}
+        self._batch_dirs_seen: set[Path] = set()  # the batch roots being watched
+        self._dirty_batch: set[Path] = set()
         self.redact = redact
         self.can_stop = can_stop
         self.fallback_s = fallback_s
@@ -125,19 +143,53 @@ class Hub:
 
         await asyncio.to_thread(stop_all)
 
-    async def _add_roots(self) -> None:
-        new = [r.absolute() for r in self._roots() if r.absolute() not in self._watched and r.is_dir()]
-        for root in new:
-            self.index.add_root(root)
-            # Watch first, then scan: a status.json replaced in between is queued, never missed.
+    async def _watch(self, root: Path) -> None:
+        # Watch first, then scan: a status.json replaced in between is queued, never missed.
+        if not any(root.is_relative_to(w) for w in self._watched):
             obs = await asyncio.to_thread(self._observe, root)
             if obs is not None:
                 self._observers.append(obs)
-            self._watched.add(root)
+        self._watched.add(root)
+
+    async def _add_roots(self) -> None:
+        for broot in {b.absolute() for b in self._batch_roots()} - self._batch_dirs_seen:
+            if broot.is_dir():
+                await self._watch(broot)
+                self._batch_dirs_seen.add(broot)
+        if self._batch_dirs_seen:
+            await self._refresh_batches(discover=True)
+        roots = [*self._roots(), *(b / "runs" for b in self.batches)]
+        new = [r.absolute() for r in roots if r.absolute() not in self.index.roots and r.is_dir()]
+        for root in new:
+            self.index.add_root(root)
+            await self._watch(root)
         if new:
             rows = await asyncio.to_thread(self._scan_rows)
             for row in rows:
                 self._store(row)
+
+    async def _refresh_batches(self, dirs: Iterable[Path] = (), *, discover: bool = False) -> None:
+        """Re-read the given batch dirs (and, with `discover`, every unfinished or new one)."""
+        want = set(dirs)
+        if discover:
+            want |= {d for d, b in self.batches.items() if b.state != "finished"}
+
+        def read() -> list[tuple[Path, BatchRow | None]]:
+            found = set(want)
+            if discover:
+                for broot in self._batch_dirs_seen:
+                    found |= {d for d in iter_batch_dirs(broot) if d not in self.batches}
+            return [(d, read_batch(d)) for d in found]
+
+        import json
+
+        for d, row in await asyncio.to_thread(read):
+            if row is None or self.batches.get(d) == row:
+                continue
+            self.batches[d] = row
+            data = json.dumps({"id": row.key, "html": batch_row_html(row)})
+            for sub in [s for s in self.subs if s.run_dir is None]:
+                sub.push("batch", data)
 
     def _scan_rows(self) -> list[RunRow]:
         # Runs on a worker thread: reads only. The index itself is changed on the loop.
@@ -188,7 +240,9 @@ class Hub:
     def _note(self, path: Path) -> None:
         log_dir = path.parent
         name = path.name
-        if name == STATUS:
+        if name == STATUS and log_dir.parent in self._batch_dirs_seen:
+            self._dirty_batch.add(log_dir)
+        elif name == STATUS:
             self._dirty_status.add(log_dir)
         elif name == _LOG:
             self._dirty_log.add(log_dir)
@@ -232,7 +286,10 @@ class Hub:
             status, self._dirty_status = self._dirty_status, set()
             detail, self._dirty_detail = self._dirty_detail, set()
             logs, self._dirty_log = self._dirty_log, set()
+            batches, self._dirty_batch = self._dirty_batch, set()
             try:
+                if batches:
+                    await self._refresh_batches(batches)
                 await self._apply(status, detail, logs)
             except Exception:  # noqa: BLE001 - one odd log dir must not end live updates
                 log.exception("dashboard: update failed")

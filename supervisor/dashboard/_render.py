@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ._data import Mark, RunDetail, RunRow, UsagePoint
+from ._data import BatchRow, Mark, RunDetail, RunRow, UsagePoint
 from ._markdown import render_markdown
 
 __all__ = ["esc", "page", "run_page_body", "run_sections", "runs_page_body", "run_row_html", "SECTIONS"]
@@ -140,6 +140,40 @@ def run_row_html(row: RunRow, root_id: str, now: float) -> str:
     return f"<tr {attrs}{title}>{tds}</tr>"
 
 
+def batch_row_html(b: BatchRow) -> str:
+    c = b.counts
+    kind = b.state
+    if b.state == "finished":
+        kind = "ok" if b.exit_code == 0 else {3: "timeout", 4: "stopped"}.get(b.exit_code or -1, "failed")
+    state = b.state if b.exit_code is None else f"{b.state} ({b.exit_code})"
+    if b.stopping and b.state != "finished":
+        state += f", stopping: {b.stopping}"
+    eta = f"ETA {fmt_dur(b.eta_s)}" if b.eta_s is not None and b.state != "finished" else ""
+    cells = (
+        f'<td title="{esc(b.batch_dir)}">{esc(b.name)}</td>',
+        f'<td><span class="badge b-{esc(kind)}">{esc(state)}</span></td>',
+        f'<td><progress max="{max(b.items, 1)}" value="{min(b.done, b.items)}"></progress> {b.done}/{b.items}</td>',
+        f'<td class="n-pass">{c.get("pass", 0)}</td><td class="n-fail">{c.get("fail", 0)}</td>',
+        f"<td>{c.get('error', 0)}</td><td>{c.get('skipped', 0)}</td><td>{c.get('running', 0)}</td>",
+        f"<td>{c.get('pending', 0)}</td><td>{esc(fmt_cost(b.cost_usd) if b.cost_usd else '')}</td>",
+        f"<td>{esc(fmt_dur(b.elapsed_s))}</td><td>{esc(eta)}</td>",
+    )
+    return f'<tr id="{esc(b.key)}" data-state="{esc(b.state)}">{"".join(cells)}</tr>'
+
+
+def batches_html(batches: list[BatchRow]) -> str:
+    heads = "".join(
+        f"<th>{h}</th>"
+        for h in ("Batch", "State", "Progress", "Pass", "Fail", "Error", "Skipped", "Running", "Pending", "Cost")
+    )
+    rows = "\n".join(batch_row_html(b) for b in batches)
+    return (
+        f'<section id="batches" class="batches"{"" if batches else " hidden"}><h2>Batches</h2>'
+        f'<table class="grid"><thead><tr>{heads}<th>Elapsed</th><th></th></tr></thead>'
+        f'<tbody id="batches-body">{rows}</tbody></table></section>'
+    )
+
+
 RUN_COLUMNS = (
     "Run",
     "State",
@@ -157,7 +191,7 @@ RUN_COLUMNS = (
 )
 
 
-def runs_page_body(rows: list[tuple[RunRow, str]], gen: int, now: float) -> str:
+def runs_page_body(rows: list[tuple[RunRow, str]], gen: int, now: float, batches: list[BatchRow] | None = None) -> str:
     live = sum(1 for r, _ in rows if r.live)
     failed = sum(1 for r, _ in rows if r.finished and r.exit_code not in (0, None))
     heads = "".join(f'<th data-col="{i}" tabindex="0">{esc(c)}</th>' for i, c in enumerate(RUN_COLUMNS))
@@ -182,6 +216,7 @@ def runs_page_body(rows: list[tuple[RunRow, str]], gen: int, now: float) -> str:
   <select id="state" aria-label="state">{states}</select>
   <label class="chk"><input id="flat" type="checkbox"> flat</label>
 </div>
+{batches_html(batches or [])}
 <table class="runs" id="runs" data-gen="{gen}">
 <thead><tr>{heads}</tr></thead>
 <tbody id="runs-body">

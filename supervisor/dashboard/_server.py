@@ -234,7 +234,8 @@ class Dashboard:
         rows = index.ordered()
         pairs = [(r, index.root_of(r).run_id) for r in rows]
         gen, now = self.hub.gen, time.time()
-        body = await asyncio.to_thread(runs_page_body, pairs, gen, now)
+        batches = sorted(self.hub.batches.values(), key=lambda b: str(b.batch_dir))
+        body = await asyncio.to_thread(runs_page_body, pairs, gen, now, batches)
         text = page("massgen runs", body, meta=self._meta())
         dt = time.perf_counter() - t0
         # Server-Timing: what the server spent, visible in the browser's devtools and to bench/.

@@ -426,3 +426,42 @@ def test_standalone_stop_never_signals_a_daemon_or_itself(tmp_path: Path) -> Non
     run.mat.set_run(supervisor_id="embedded", supervisor_pid=os.getpid())
     run.write()
     asyncio.run(refused("no supervisor is known"))
+
+
+def _batch_status(path: Path, counts: dict[str, int], state: str = "running", exit_code: int | None = None) -> None:
+    """A batch dir's status.json as supervisor/batch/runner.py writes it (the fields the page reads)."""
+    from supervisor.logdir import atomic_write_json
+
+    atomic_write_json(
+        path / "status.json",
+        {"schema_version": 1, "batch": "nightly <b>evals</b>", "batch_dir": str(path), "state": state,
+         "exit_code": exit_code, "stopping": None, "items": sum(counts.values()), "counts": counts,
+         "elapsed_s": 12.5, "eta_s": 30.0, "spend": {"cost_usd": 0.0123, "tokens": 4567, "calls": 9}},
+    )  # fmt: skip
+
+
+def test_batches_show_progress_and_pass_fail_counts_live_with_their_runs(tmp_path: Path) -> None:
+    """A batch dir next to the logs root: its progress and counts on the runs page, updated live; its runs listed."""
+    root = tmp_path / "runs"
+    FakeRun(root)
+    bdir = tmp_path / "batches" / "nightly"
+    bdir.mkdir(parents=True)
+    _batch_status(bdir, {"pass": 1, "fail": 1, "error": 0, "skipped": 0, "interrupted": 0, "pending": 2, "running": 1})
+    item = FakeRun(bdir / "runs")
+
+    async def main() -> None:
+        async with serving(root) as (dash, http):
+            async with http.get(f"/?token={dash.token}") as r:
+                text = await r.text()
+            assert "nightly &lt;b&gt;evals&lt;/b&gt;" in text and "<b>evals" not in text
+            assert '<progress max="5" value="2"></progress> 2/5' in text
+            assert '<td class="n-pass">1</td><td class="n-fail">1</td>' in text
+            assert f'id="r-{item.run_id}"' in text  # the batch's own runs are listed too
+            async with http.get(f"/events?since={dash.hub.gen}", timeout=aiohttp.ClientTimeout(total=30)) as es:
+                await _until(lambda: len(dash.hub.subs) == 1)
+                counts = {"pass": 4, "fail": 1, "error": 0, "skipped": 0, "interrupted": 0, "pending": 0, "running": 0}
+                _batch_status(bdir, counts, "finished", 10)
+                msg = await _sse(es, "batch")
+                assert "5/5" in msg["html"] and "finished (10)" in msg["html"]
+
+    run_async(main)

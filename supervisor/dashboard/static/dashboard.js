@@ -186,6 +186,13 @@
         refilter();
         resort();
       },
+      batch: (msg) => {
+        const tr = fragment(msg.html).firstElementChild;
+        const old = document.getElementById(msg.id);
+        if (old) old.replaceWith(tr);
+        else $("#batches-body").append(tr);
+        $("#batches").hidden = false;
+      },
       reload: () => window.location.reload(),
     });
   }
