@@ -19,10 +19,9 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import time
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,7 +33,9 @@ from agent_image.tools.custom import CallOutcome, ToolSetupError
 logger = logging.getLogger(__name__)
 
 STDERR_TAIL_BYTES = 4000
-STOP_TIMEOUT_S = 5.0
+STOP_TIMEOUT_S = 5.0  # for the session to end
+STOP_GRACE_S = 2.0  # per step of closing stdin, SIGTERM, SIGKILL
+MAX_MESSAGE_BYTES = 32 << 20  # one JSON-RPC line from a server
 IMAGE_HINT = (
     "install it in an image built FROM the agent image and set sandbox.image "
     "(see docs/tools.md, 'Adding tools to the image')"
@@ -62,6 +63,64 @@ class _TailSink(asyncio.Protocol):
     def tail(self) -> str:
         text = self.buf[-STDERR_TAIL_BYTES:].decode("utf-8", "replace").strip()
         return " | ".join(line for line in text.splitlines() if line.strip())[-1500:]
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+@contextlib.asynccontextmanager
+async def _stdio_streams(proc: asyncio.subprocess.Process) -> AsyncIterator[tuple[Any, Any]]:
+    """The SDK's session streams over the server's stdin/stdout (newline-delimited JSON-RPC).
+
+    Our own process rather than the SDK's `stdio_client`, so that the server starts before the
+    SDK is imported, and so the engine knows its pid and exit (and kills its whole group).
+    """
+    import anyio
+    from mcp import types
+    from mcp.shared.message import SessionMessage
+
+    assert proc.stdout is not None and proc.stdin is not None
+    stdout, stdin = proc.stdout, proc.stdin
+    read_send, read_recv = anyio.create_memory_object_stream[Any](0)
+    write_send, write_recv = anyio.create_memory_object_stream[Any](0)
+
+    async def from_server() -> None:
+        async with read_send:
+            while True:
+                try:
+                    line = await stdout.readline()
+                except ValueError:  # a line past MAX_MESSAGE_BYTES: the stream is unusable
+                    break
+                if not line:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    message = types.JSONRPCMessage.model_validate_json(line)
+                except Exception as exc:  # noqa: BLE001 - the session logs and skips bad lines
+                    await read_send.send(exc)
+                    continue
+                await read_send.send(SessionMessage(message))
+
+    async def to_server() -> None:
+        async with write_recv:
+            async for item in write_recv:
+                data = item.message.model_dump_json(by_alias=True, exclude_none=True)
+                try:
+                    stdin.write(data.encode() + b"\n")
+                    await stdin.drain()
+                except (ConnectionError, RuntimeError):
+                    return  # the server is gone; the session's next send fails at once
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(from_server)
+        tg.start_soon(to_server)
+        try:
+            yield read_recv, write_send
+        finally:
+            tg.cancel_scope.cancel()
 
 
 def _expand(value: str, workspace: Path) -> str:
@@ -126,7 +185,8 @@ class McpServer:
         self._stderr_transport: asyncio.ReadTransport | None = None
         self._error: BaseException | None = None
         self._dead_reason: str | None = None
-        self._http_proc: subprocess.Popen[bytes] | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._waiter: asyncio.Task[int] | None = None
 
     @property
     def name(self) -> str:
@@ -166,13 +226,35 @@ class McpServer:
         cwd = Path(_expand(cfg.cwd, self.workspace)) if cfg.cwd else self.workspace
         if not cwd.is_dir():
             raise ToolSetupError(f"MCP server {self.name!r} of agent {self.agent}", f"cwd {cwd} is not a directory")
+        env = {**self.env, **{k: _expand(v, self.workspace) for k, v in cfg.env.items()}}
+        args = [_expand(a, self.workspace) for a in cfg.args]
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         sink = self._stderr = _TailSink(self._stderr_closed)
         pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - the transport owns and closes it
         self._stderr_transport, _ = await loop.connect_read_pipe(lambda: sink, pipe)
-        errlog = open(write_fd, "w")  # noqa: SIM115 - closed right after the server has started
-        self._task = asyncio.create_task(self._own(command, cwd, errlog), name=f"mcp-{self.agent}-{self.name}")
+        stdio = cfg.type == "stdio"
+        try:
+            # The server starts before the SDK is imported (~0.5 s of CPU): its own start-up,
+            # usually the SDK's server side, runs on another core meanwhile.
+            self._proc = await asyncio.create_subprocess_exec(
+                command,
+                *args,
+                stdin=asyncio.subprocess.PIPE if stdio else asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE if stdio else write_fd,
+                stderr=write_fd,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                limit=MAX_MESSAGE_BYTES,
+            )
+        except OSError as exc:
+            await self.aclose()
+            raise self._setup_error(f"could not start {self.command_line!r}: {exc}") from None
+        finally:
+            os.close(write_fd)  # the server holds its own copy; EOF on ours means it is gone
+        self._waiter = asyncio.create_task(self._proc.wait(), name=f"mcp-wait-{self.agent}-{self.name}")
+        self._task = asyncio.create_task(self._own(), name=f"mcp-{self.agent}-{self.name}")
         try:
             async with asyncio.timeout(timeout):
                 await self._ready.wait()
@@ -183,27 +265,23 @@ class McpServer:
             ) from None
         if self._error is not None or self._session is None:
             err = self._error
+            code = self._proc.returncode
             await self.aclose()
             detail = _explain(err) if err is not None else "stopped before it was ready"
+            if code is not None:
+                detail = f"exited with code {code}"
             raise self._setup_error(f"failed to start ({detail}; command: {self.command_line})")
 
-    async def _own(self, command: str, cwd: Path, errlog: Any) -> None:
+    async def _own(self) -> None:
         from mcp import ClientSession  # imported here: only runs with MCP servers pay for it
 
-        cfg = self.config
-        env = {**self.env, **{k: _expand(v, self.workspace) for k, v in cfg.env.items()}}
-        args = [_expand(a, self.workspace) for a in cfg.args]
+        assert self._proc is not None
         try:
             async with contextlib.AsyncExitStack() as stack:
-                if cfg.type == "stdio":
-                    from mcp.client.stdio import StdioServerParameters, stdio_client
-
-                    params = StdioServerParameters(command=command, args=args, env=env, cwd=str(cwd))
-                    read, write = await stack.enter_async_context(stdio_client(params, errlog=errlog))
+                if self.config.type == "stdio":
+                    read, write = await stack.enter_async_context(_stdio_streams(self._proc))
                 else:
-                    read, write = await self._start_http(stack, command, args, env, cwd, errlog)
-                # The server holds its own copy now; ours must go, or EOF (its death) never shows.
-                errlog.close()
+                    read, write = await self._connect_http(stack)
                 # No session-wide read timeout: start() bounds initialize, call() bounds each call.
                 session = await stack.enter_async_context(ClientSession(read, write))
                 await session.initialize()
@@ -212,50 +290,30 @@ class McpServer:
                 self._ready.set()
                 await self._stop.wait()
         except BaseException as exc:  # noqa: BLE001 - a dying server surfaces as anything (ExceptionGroup too)
-            if not isinstance(exc, asyncio.CancelledError):
-                self._error = exc
-                if self._session is not None:
-                    self._dead_reason = f"its connection failed: {_explain(exc)}"
-            else:
+            if isinstance(exc, asyncio.CancelledError):
                 raise
+            self._error = exc
+            if self._session is not None:
+                self._dead_reason = f"its connection failed: {_explain(exc)}"
         finally:
-            with contextlib.suppress(OSError):
-                errlog.close()
             self._session = None
             self._ready.set()
-            if self._http_proc is not None:
-                _kill_group(self._http_proc)
 
-    async def _start_http(
-        self,
-        stack: contextlib.AsyncExitStack,
-        command: str,
-        args: list[str],
-        env: dict[str, str],
-        cwd: Path,
-        errlog: Any,
-    ) -> tuple[Any, Any]:
+    async def _connect_http(self, stack: contextlib.AsyncExitStack) -> tuple[Any, Any]:
         cfg = self.config
-        assert cfg.url is not None
-        self._http_proc = subprocess.Popen(  # noqa: S603 - the user's own server command, inside the sandbox
-            [command, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=errlog,
-            stderr=errlog,
-            cwd=cwd,
-            env=env,
-            start_new_session=True,
-        )
+        assert cfg.url is not None and self._proc is not None
         parts = urlsplit(cfg.url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host = parts.hostname or "127.0.0.1"
         while True:  # bounded by start()'s timeout, which cancels this task
-            if self._http_proc.poll() is not None:
-                raise ConnectionError(f"the server exited with code {self._http_proc.returncode} before listening")
-            with contextlib.suppress(OSError):
-                socket.create_connection((host, port), timeout=0.2).close()
+            if self._proc.returncode is not None:
+                raise ConnectionError(f"the server exited with code {self._proc.returncode} before listening")
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
                 break
-            await asyncio.sleep(0.05)
+            except OSError:
+                await asyncio.sleep(0.05)
         headers = dict(cfg.headers)
         if cfg.type == "sse":
             from mcp.client.sse import sse_client
@@ -264,7 +322,10 @@ class McpServer:
         else:
             from mcp.client.streamable_http import streamablehttp_client
 
-            read, write, _ = await stack.enter_async_context(streamablehttp_client(cfg.url, headers=headers))
+            with warnings.catch_warnings():  # renamed in later 1.x releases; this name works in all
+                warnings.simplefilter("ignore", DeprecationWarning)
+                client = streamablehttp_client(cfg.url, headers=headers)
+            read, write, _ = await stack.enter_async_context(client)
         return read, write
 
     async def _list_tools(self, session: Any) -> None:
@@ -297,8 +358,8 @@ class McpServer:
             return self._dead_reason
         if self._task is None or self._task.done() or self._session is None:
             return "it is not running"
-        if self._stderr_closed.is_set() and self.config.type == "stdio":
-            return "it exited"
+        if self._proc is not None and self._proc.returncode is not None:
+            return f"exited with code {self._proc.returncode}"
         return None
 
     def _dead(self, name: str, why: str) -> CallOutcome:
@@ -317,19 +378,21 @@ class McpServer:
         remote = self._remote[name]
         t0 = time.monotonic()
         call = asyncio.ensure_future(session.call_tool(remote, arguments))
-        died = asyncio.ensure_future(self._stderr_closed.wait())
+        died = asyncio.ensure_future(asyncio.shield(self._waiter)) if self._waiter is not None else None
         try:
-            done, _ = await asyncio.wait({call, died}, timeout=self.call_timeout, return_when=asyncio.FIRST_COMPLETED)
+            waits = {call} if died is None else {call, died}
+            done, _ = await asyncio.wait(waits, timeout=self.call_timeout, return_when=asyncio.FIRST_COMPLETED)
             if call not in done and died in done:
                 # The answer may still be in the pipe: give it a moment before calling it dead.
                 done, _ = await asyncio.wait({call}, timeout=0.5)
         finally:
-            died.cancel()
+            if died is not None:
+                died.cancel()
         if call not in done:
             call.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await call
-            if self._stderr_closed.is_set():
+            if self._exited():
                 return self._dead(name, "exited during the call")
             return CallOutcome(
                 False,
@@ -339,7 +402,7 @@ class McpServer:
             )
         exc = call.exception()
         if exc is not None:
-            if self._stderr_closed.is_set() or "Connection closed" in str(exc):
+            if self._exited() or "Connection closed" in str(exc):
                 return self._dead(name, "exited during the call")
             return CallOutcome(False, f"ERROR: {name} failed: {_explain(exc)}", f"{name} error: {_explain(exc)}", None)
         text, is_error = _render(call.result())
@@ -351,8 +414,11 @@ class McpServer:
             return CallOutcome(False, f"ERROR: {name} failed: {text}", f"{name} error: {text}", own)
         return CallOutcome(True, text, f"{name} ok: {text}", own)
 
+    def _exited(self) -> bool:
+        return self._proc is not None and self._proc.returncode is not None
+
     async def aclose(self) -> None:
-        """Stop the server (the SDK closes its stdin, then SIGTERM, then SIGKILL); bounded."""
+        """Stop the server: end the session (its stdin closes), then SIGTERM, then SIGKILL; bounded."""
         self._stop.set()
         task = self._task
         if task is not None and not task.done():
@@ -365,17 +431,23 @@ class McpServer:
                     await task
             except Exception:  # noqa: BLE001 - stopping must not fail the run
                 pass
-        if self._http_proc is not None:
-            _kill_group(self._http_proc)
+        proc = self._proc
+        if proc is not None:
+            if proc.returncode is None and proc.stdin is not None:
+                proc.stdin.close()  # MCP's stdio shutdown: close its input, let it leave
+            for sig, wait_s in ((None, STOP_GRACE_S), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
+                if sig is not None:
+                    _signal_group(proc.pid, sig)  # the whole group: servers that spawned helpers
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait_s):
+                        await proc.wait()
+                if proc.returncode is not None:
+                    break
+            _signal_group(proc.pid, signal.SIGKILL)  # helpers the server left behind
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.cancel()
         if self._stderr_transport is not None:
             self._stderr_transport.close()
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=1.0)
 
 
 def _explain(exc: BaseException) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -56,7 +57,12 @@ if __name__ == "__main__":
     if "--broken" in sys.argv:
         print("cannot start: broken on purpose", file=sys.stderr)
         sys.exit(2)
-    server.run()
+    if "--http" in sys.argv:
+        server.settings.port = int(sys.argv[sys.argv.index("--http") + 1])
+        server.settings.log_level = "WARNING"
+        server.run(transport="streamable-http")
+    else:
+        server.run()
 '''
 
 
@@ -184,6 +190,30 @@ def test_servers_stop_with_the_run(server_file: Path, tmp_path: Path) -> None:
 
     pid = asyncio.run(go())
     assert not _alive(pid)
+
+
+def test_a_loopback_http_server_the_run_starts_is_reached(server_file: Path, tmp_path: Path) -> None:
+    """streamable-http with a command and a loopback URL: the engine starts the server, waits for the port, connects."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+
+    async def go() -> Any:
+        srv = _server(
+            server_file,
+            tmp_path,
+            args=("--http", str(port)),
+            type="streamable-http",
+            url=f"http://127.0.0.1:{port}/mcp",
+        )
+        await srv.start(60)
+        try:
+            return await srv.call("mcp__probe__add", {"x": 20, "y": 22})
+        finally:
+            await srv.aclose()
+
+    r = asyncio.run(go())
+    assert r.ok and r.content == "42"
 
 
 @pytest.mark.parametrize(
