@@ -167,9 +167,13 @@ class Outcome:
     type: str
     passed: bool
     detail: str
+    harness_error: bool = False  # the grader itself could not judge (not the answer's fault)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "pass": self.passed, "detail": self.detail}
+        d: dict[str, Any] = {"type": self.type, "pass": self.passed, "detail": self.detail}
+        if self.harness_error:
+            d["error"] = True
+        return d
 
 
 def _norm(text: str) -> str:

@@ -269,6 +269,8 @@ def cmd_run(argv: list[str]) -> int:
             code = exit_code(summary, gate_exit_code=args.gate_exit_code, no_gate=args.no_gate)
             runner.write_status(final=True, exit_code=code)
             await runner.backend.close(grace=5 if runner.forced else 30)
+            if runner.grade_ctx is not None and runner.grade_ctx.rubric is not None:
+                await runner.grade_ctx.rubric.close()
         return summary, code
 
     try:

@@ -38,6 +38,7 @@ class GradeContext:
     image: str | None
     grader_label: str  # io.massgen.supervisor-id of grader containers (never a run's)
     work_dir: Path  # <batch_dir>/grading
+    rubric: Any = None  # a RubricGrader, made on first use of an llm_rubric
 
 
 def _copy_for_grader(facts: RunFacts, dest: Path) -> None:
@@ -113,6 +114,8 @@ async def grade(
     for a in assertions:
         if a.type == "command":
             commands.append(a)
+        elif a.type == "llm_rubric":
+            out.append(await ctx.rubric.grade(a, facts, question, expected, item_id))
         else:
             out.append(check(a, facts, expected))
     if not commands:

@@ -246,6 +246,14 @@ def summarize(
         "pass_rate": _r(_rate(counts["pass"], total_n)),
         "wilson95": _ci(stats.wilson(counts["pass"], total_n)),
         "cost_usd": _r(total_cost, 8),
+        "grading_cost_usd": _r(
+            sum(
+                float(latest[i.id].get("grading_cost_usd") or 0.0)
+                for i in sorted(items, key=lambda x: x.id)
+                if i.id in latest
+            ),
+            8,
+        ),
         "configs": configs,
         "tags": tags,
         "cells": cell_rows,

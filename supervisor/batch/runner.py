@@ -164,6 +164,30 @@ def preflight_problems(batch: Batch) -> list[str]:
                         f"config {v.label}: agent {a.id} uses {b.type}/{b.model}, which has no price: "
                         "a cost budget cannot be enforced (add it to the pricing file)"
                     )
+    rubrics = {
+        a.model
+        for a in (
+            *batch.spec.assert_,
+            *(x for v in batch.variants.values() for x in v.assertions),
+            *(x for q in batch.questions.values() for x in q.assertions),
+        )
+        if a.type == "llm_rubric"
+    }
+    if rubrics:
+        from ..gateway import upstreams_from_env
+
+        try:
+            has_key = "openai" in upstreams_from_env()
+        except Exception:  # noqa: BLE001 - a broken keys file is a preflight error, named
+            has_key = False
+        if not has_key:
+            problems.append("llm_rubric needs OPENAI_API_KEY (or an openai entry in $MASSGEN_KEYS_FILE) on the host")
+        if batch.spec.grading_budget.max_cost_usd is not None:
+            from ..pricing import Pricing
+
+            for m in sorted(rubrics):
+                if Pricing.load().price("openai", m) is None:
+                    problems.append(f"llm_rubric model openai/{m} has no price: grading_budget cannot be enforced")
     import psutil
 
     mem_cap = psutil.virtual_memory().total * MEMORY_SHARE
@@ -460,7 +484,15 @@ class BatchRunner:
         if isinstance(self.backend, EmbeddedBackend):
             self.budget_root = self._budget_root()
             self.backend.sup.budget_root = self.budget_root
-        self.grade_ctx = GradeContext(runtime, image, f"{self.supervisor_id}-grader", self.dir / "grading")
+        from .rubric import RubricGrader
+
+        self.grade_ctx = GradeContext(
+            runtime,
+            image,
+            f"{self.supervisor_id}-grader",
+            self.dir / "grading",
+            RubricGrader(self.batch.spec.grading_budget),
+        )
         with contextlib.suppress(Exception):
             await asyncio.to_thread(reap_graders, runtime, self.grade_ctx.grader_label)
         self.image = image
@@ -566,10 +598,12 @@ class BatchRunner:
             )
             assertions_out = [o.as_dict() for o in outcomes]
             failed = [o for o in outcomes if not o.passed]
-            state = ItemState.FAIL if failed else ItemState.PASS
+            broken = [o for o in outcomes if o.harness_error]
+            state = ItemState.ERROR if broken else ItemState.FAIL if failed else ItemState.PASS
             retryable = False
-            reason = "assertion_failed" if failed else "completed"
-            why = "; ".join(f"{o.type}: {o.detail}" for o in failed)[:1000] if failed else ""
+            reason = "grader_error" if broken else "assertion_failed" if failed else "completed"
+            why = "; ".join(f"{o.type}: {o.detail}" for o in (broken or failed))[:1000]
+            rec["grading_cost_usd"] = self.grade_ctx.rubric.spend_of(item.id) if self.grade_ctx.rubric else 0.0
         else:
             state, retryable, reason = classify(facts)
             why = facts.detail[:1000]

@@ -127,6 +127,16 @@ class CommandGrader(_Strict):
     memory: str = "256m"
 
 
+class LlmRubric(_Strict):
+    """A model grades the answer against `rubric` (OpenAI-compatible, through a gateway)."""
+
+    type: Literal["llm_rubric"]
+    rubric: str = Field(min_length=1, max_length=20_000)
+    model: str = Field(min_length=1, max_length=200)
+    base_url: str | None = None  # default: the host's OPENAI_BASE_URL (or keys file)
+    min_score: float = Field(default=0.0, ge=0, le=1)
+
+
 Assertion = Annotated[
     Equals
     | Contains
@@ -138,7 +148,8 @@ Assertion = Annotated[
     | MinAnswers
     | NoAgentErrors
     | VotesFor
-    | CommandGrader,
+    | CommandGrader
+    | LlmRubric,
     Field(discriminator="type"),
 ]
 
@@ -236,6 +247,7 @@ class BatchSpecModel(_Strict):
     gates: Gates = Field(default_factory=Gates)
     compare: list[Compare] = Field(default_factory=list)
     budget: BatchBudget = Field(default_factory=BatchBudget)
+    grading_budget: BatchBudget = Field(default_factory=BatchBudget)  # llm_rubric calls, apart from items'
     deadline: float | str | None = None  # seconds, or "90s" / "30m" / "2h"
     max_parallel: int = Field(default=4, ge=1, le=256)
     max_item_errors: int = Field(default=0, ge=0)
@@ -338,6 +350,7 @@ class Batch:
             "gates": self.spec.gates.model_dump(by_alias=True),
             "compare": [c.model_dump() for c in self.spec.compare],
             "budget": self.spec.budget.model_dump(),
+            "grading_budget": self.spec.grading_budget.model_dump(),
             "deadline_s": self.deadline_s,
             "max_parallel": self.spec.max_parallel,
             "max_item_errors": self.spec.max_item_errors,

@@ -331,3 +331,51 @@ def test_command_graders_run_in_their_own_read_only_container(tmp_path: Path, ag
     copy = d / "grading" / rec["item"] / rec["run_id"]
     assert (copy / "answer.txt").read_text().strip() == "4" and not (copy / "workspace" / "new").exists()
     assert runtime.list_owned({LABEL_SUPERVISOR: _supervisor_id(d) + "-grader"}) == []
+
+
+def test_merged_shards_equal_the_unsharded_report(reference: tuple[Path, Any], tmp_path: Path) -> None:
+    """The reference batch's items split into --shard 1/2 and 2/2 dirs (by the shard rule) and merged:
+    summary.json is byte-identical to the unsharded one; merging a dir of another spec is refused."""
+    from supervisor.batch.reports import plan_from_json, plan_to_json
+    from supervisor.batch.spec import shard_items
+
+    ref_dir, _ = reference
+    doc = load(ref_dir / "batch.json")
+    plan = plan_from_json(doc["plan"])
+    recs = _ledger(ref_dir)
+    shards = []
+    for i in (1, 2):
+        part = shard_items(plan, (i, 2))
+        ids = {it.id for it in part}
+        sd = tmp_path / f"shard{i}"
+        sd.mkdir()
+        (sd / "batch.json").write_text(json.dumps({**doc, "shard": [i, 2], "plan": plan_to_json(part)}))
+        (sd / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs if r["item"] in ids))
+        shards.append(sd)
+    res = massgen_run(["batch", "merge", str(tmp_path / "merged"), *map(str, shards)], REPO)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "merged" / "summary.json").read_bytes() == (ref_dir / "summary.json").read_bytes()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "batch.json").write_text(json.dumps({**doc, "report": {**doc["report"], "fingerprint": "x" * 16}}))
+    (other / "items.jsonl").write_text("")
+    bad = massgen_run(["batch", "merge", str(tmp_path / "m2"), str(shards[0]), str(other)], REPO)
+    assert bad.returncode == 1 and "different specs" in bad.stderr
+
+
+def test_status_report_and_dry_run(reference: tuple[Path, Any], tmp_path: Path) -> None:
+    """`batch status --json` reads the live status; `batch report` re-derives the same summary;
+    `--dry-run` prints the plan and a cost bound and creates nothing."""
+    ref_dir, _ = reference
+    st = massgen_run(["batch", "status", str(ref_dir), "--json"], REPO)
+    assert st.returncode == 0 and json.loads(st.stdout)["state"] == "finished"
+    rep = massgen_run(["batch", "report", str(ref_dir), "--format", "json"], REPO)
+    assert rep.returncode == 0 and rep.stdout == (ref_dir / "summary.json").read_text()
+    md = massgen_run(["batch", "report", str(ref_dir), "--format", "md"], REPO)
+    assert md.stdout == (ref_dir / "summary.md").read_text()
+    junit = massgen_run(["batch", "report", str(ref_dir), "--format", "junit"], REPO)
+    assert ET.fromstring(junit.stdout).get("tests") == "60"
+    d = tmp_path / "dry"
+    dry = _batch([str(DATA / "batch.yaml"), "--batch-dir", str(d), "--dry-run"], REPO, timeout=60)
+    assert dry.returncode == 0 and "60 items" in dry.stdout and "cost upper bound: $0.0000" in dry.stdout
+    assert not d.exists()

@@ -126,3 +126,40 @@ def test_batch_budget_exhausted_mid_batch_exits_3_with_partial_reports(tmp_path:
     assert s["cost_usd"] >= 0.15 - 1e-9 or any(r["state"] == "skipped" for r in _ledger(d))
     assert load(d / "status.json")["ending"] == "budget"
     assert (d / "junit.xml").exists() and (d / "summary.md").exists()
+
+
+def rubric_policy(req: FakeRequest) -> Reply:
+    """A grader: pass when the graded answer is 4."""
+    answer = req.prompt_text.rsplit("Answer to grade:\n", 1)[-1].strip()
+    verdict = {"pass": answer == "4", "score": 1.0 if answer == "4" else 0.0, "reason": f"the answer is {answer}"}
+    return Reply(text=json.dumps(verdict), prompt_tokens=1000, completion_tokens=100)
+
+
+@pytest.mark.timeout(600)
+def test_llm_rubric_grades_through_a_gateway_with_its_own_budget(tmp_path: Path, agent_image: str) -> None:
+    """llm_rubric calls go through a gateway (the host's key added there) metered by grading_budget:
+    a right answer passes, a wrong one fails, and once the grading budget is spent the item is an
+    `error` (grader_error), not a failure; grading spend is reported apart from the items'."""
+    from tests.cli_helpers import REPO
+
+    (tmp_path / "good.yaml").write_text((REPO / "tests" / "data" / "batch" / "good.yaml").read_text())
+    with FakeOpenAI(rubric_policy, api_key=KEY) as oa:
+        spec = tmp_path / "batch.yaml"
+        spec.write_text(
+            "configs:\n  good: good.yaml\n"
+            "questions:\n"
+            "  - {id: a, question: 2+2}\n  - {id: b, question: 2+3}\n  - {id: c, question: 1+3}\n"
+            "assert:\n"
+            f"  - {{type: llm_rubric, model: {MODEL}, base_url: '{oa.base_url}', rubric: 'The answer must be 4.'}}\n"
+            "grading_budget:\n  max_calls: 2\nmax_parallel: 1\n"
+        )
+        d = tmp_path / "batch"
+        res = _run(spec, d, agent_image)
+        seen = [r for r in oa.requests if r.path.endswith("/chat/completions")]
+    assert res.returncode == 2, res.stdout + res.stderr
+    by_q = {r["question"]: r for r in _ledger(d)}
+    assert (by_q["a"]["state"], by_q["b"]["state"], by_q["c"]["state"]) == ("pass", "fail", "error")
+    assert by_q["c"]["reason"] == "grader_error" and "budget" in by_q["c"]["why"]
+    assert len(seen) == 2 and all(r.headers.get("authorization") == f"Bearer {KEY}" for r in seen)
+    s = load(d / "summary.json")
+    assert s["cost_usd"] == 0.0 and s["grading_cost_usd"] == pytest.approx(2 * (1000 * 0.15 + 100 * 0.60) / 1e6)
