@@ -299,3 +299,30 @@ def test_answer_and_run_assertions() -> None:
     assert not check(NoAgentErrors(type="no_agent_errors"), _facts(agent_errors=["x"]), None).passed
     assert check(VotesFor(type="votes_for", agent="b", min=1), f, None).passed
     assert not check(VotesFor(type="votes_for", agent="b", min=2), f, None).passed
+
+
+def test_reports_on_disk_and_github_outputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_reports writes summary.json/.md and junit.xml and appends summary.md to
+    $GITHUB_STEP_SUMMARY; annotations are printed only when GITHUB_ACTIONS=true."""
+    from supervisor.batch.runner import exit_code, gh_annotations, write_reports
+
+    rs = _spec()
+    items = _plan(rs)
+    lat = _ledger(items, lambda it: "fail" if it.config == "b" else "pass")
+    s = summarize(rs, items, lat, Ending(None))
+    step = tmp_path / "step.md"
+    step.write_text("earlier step\n")
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
+    write_reports(tmp_path, rs, items, lat, s)
+    assert json.loads((tmp_path / "summary.json").read_text()) == s
+    assert step.read_text().startswith("earlier step\n## Batch `t`")
+    xmlschema.XMLSchema(str(XSD)).validate(str(tmp_path / "junit.xml"))
+    monkeypatch.delenv("GITHUB_ACTIONS", raising=False)
+    assert gh_annotations(s) == []
+    monkeypatch.setenv("GITHUB_ACTIONS", "true")
+    assert len(gh_annotations(s)) == 10
+    gated = {**s, "exit_code": BatchExit.GATE}
+    assert exit_code(gated, gate_exit_code=10, no_gate=False) == 10
+    assert exit_code(gated, gate_exit_code=77, no_gate=False) == 77
+    assert exit_code(gated, gate_exit_code=10, no_gate=True) == 0
+    assert exit_code({**s, "exit_code": 3}, gate_exit_code=10, no_gate=True) == 3
