@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .logdir import default_logs_root, iter_run_dirs, read_status
+from .sockets import daemon_client
 
 VERBS = ("image", "ps", "status", "logs", "stop", "watch", "dashboard", "report", "validate")
 EPILOG = """\
@@ -242,26 +243,6 @@ def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: 
     return int(result.exit_code)
 
 
-def _daemon_client() -> Any:
-    """A client of the running daemon, or None when no daemon answers (then we embed one)."""
-    if os.environ.get("MASSGEN_NO_DAEMON"):
-        return None
-    from .daemon import default_socket
-
-    sock = default_socket()
-    if not sock.exists():
-        return None
-    from agent_image.client import ClientError, SupervisorClient
-
-    client = SupervisorClient(str(sock), timeout=90)
-    try:
-        client.request("GET", "/v1/health", reconnect=False)
-    except ClientError:
-        client.close()
-        return None
-    return client
-
-
 class _PreflightFailed(Exception):
     def __init__(self, problems: list[str]) -> None:
         self.problems = problems
@@ -278,7 +259,7 @@ def cmd_run(argv: list[str]) -> int:
 
     printer = _Printer(args.automation, args.output_file)
     logs_root = (args.logs_root or default_logs_root()).absolute()
-    daemon = _daemon_client() if args.sandbox == "docker" and not args.image else None
+    daemon = daemon_client() if args.sandbox == "docker" and not args.image else None
     if daemon is not None:
         from agent_image.client import ClientError, run_and_follow
 
@@ -465,7 +446,7 @@ def cmd_stop(argv: list[str]) -> int:
     if run.get("state") == "finished":
         print(f"{d.name} already finished (exit {run.get('exit_code')})")
         return 0
-    daemon = _daemon_client()
+    daemon = daemon_client()
     if daemon is not None:
         from agent_image.client import ClientError
 

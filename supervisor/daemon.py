@@ -22,17 +22,11 @@ from typing import Any
 from aiohttp import web
 
 from .logdir import default_logs_root, walk_run_dirs
+from .sockets import default_socket
 
 log = logging.getLogger("supervisor.daemon")
 
 EXIT_FORCED = 130
-
-
-def default_socket() -> Path:
-    from .sockets import runtime_base
-
-    env = os.environ.get("MASSGEN_DAEMON_SOCKET")
-    return Path(env) if env else runtime_base() / "supervisor.sock"
 
 
 def supervisor_id_for(socket_path: Path) -> str:

@@ -1,4 +1,7 @@
-"""Socket paths: the per-user base, each run's short and deterministic socket dir, private dirs."""
+"""Socket paths and the daemon's: the per-user base, each run's short socket dir, private dirs.
+
+`daemon_client` is how every host-side caller (the CLI, the dashboard) finds the running daemon.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +9,10 @@ import hashlib
 import os
 import stat
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from agent_image.client import SupervisorClient
 
 SOCKET_IN_SANDBOX_DIR = "/run/massgen/api"
 SOCKET_NAME = "api.sock"
@@ -45,3 +52,27 @@ def short_socket_dir(run_id: str) -> Path:
     """Deterministic per run, so a restarted supervisor re-binds the socket its sandbox mounted."""
     digest = hashlib.sha256(run_id.encode()).hexdigest()[:12]
     return socket_root() / digest
+
+
+def default_socket() -> Path:
+    """The daemon's API socket: ``$MASSGEN_DAEMON_SOCKET``, else ``supervisor.sock`` in the per-user base."""
+    env = os.environ.get("MASSGEN_DAEMON_SOCKET")
+    return Path(env) if env else runtime_base() / "supervisor.sock"
+
+
+def daemon_client() -> SupervisorClient | None:
+    """A client of the running daemon, or None when no daemon answers (then callers embed one)."""
+    if os.environ.get("MASSGEN_NO_DAEMON"):
+        return None
+    sock = default_socket()
+    if not sock.exists():
+        return None
+    from agent_image.client import ClientError, SupervisorClient
+
+    client = SupervisorClient(str(sock), timeout=90)
+    try:
+        client.request("GET", "/v1/health", reconnect=False)
+    except ClientError:
+        client.close()
+        return None
+    return client

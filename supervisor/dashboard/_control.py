@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Any, Protocol
 
+from ..sockets import daemon_client
 from ._data import RunRow, read_json
 
 __all__ = ["Control", "LocalControl", "StopRefused", "SupervisorControl"]
@@ -76,14 +77,12 @@ class LocalControl:
         return await asyncio.to_thread(self._stop, row)
 
     def _stop(self, row: RunRow) -> str:
-        from ..cli import _daemon_client
-
         st = read_json(row.log_dir / "status.json") or {}
         run = st.get("run") if isinstance(st.get("run"), dict) else {}
         assert isinstance(run, dict)
         if run.get("state") == "finished":
             raise StopRefused(row.run_id, f"the run already finished (exit {run.get('exit_code')})")
-        daemon = _daemon_client() if self.use_daemon else None
+        daemon = daemon_client() if self.use_daemon else None
         if daemon is not None:
             from agent_image.client import ClientError
 

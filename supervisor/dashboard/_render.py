@@ -11,10 +11,17 @@ import html
 import json
 import time
 from collections.abc import Iterable
+from importlib import resources
 from typing import Any
 
 from ._data import BatchRow, Mark, RunDetail, RunRow, UsagePoint
 from ._markdown import render_markdown
+
+
+def static_text(name: str) -> str:
+    """A file of the dashboard's static/ folder (the stylesheet is inlined in reports too)."""
+    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
+
 
 __all__ = ["esc", "page", "run_page_body", "run_sections", "runs_page_body", "run_row_html", "SECTIONS"]
 

@@ -12,8 +12,7 @@ import hashlib
 from pathlib import Path
 
 from ._data import Redactor, RunIndex, load_detail, read_row
-from ._render import page, run_page_body
-from ._server import static_text
+from ._render import page, run_page_body, static_text
 
 __all__ = ["render_report", "write_report"]
 

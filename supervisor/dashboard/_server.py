@@ -18,7 +18,6 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ from aiohttp import web
 from ._control import Control, StopRefused
 from ._data import Redactor, RunRow, load_detail
 from ._live import Hub
-from ._render import esc, page, run_page_body, runs_page_body
+from ._render import esc, page, run_page_body, runs_page_body, static_text
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +52,6 @@ STATIC = {
     "dashboard.js": "text/javascript",
     "favicon.svg": "image/svg+xml",
 }
-
-
-def static_text(name: str) -> str:
-    return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
 
 
 def is_loopback(host: str) -> bool:
