@@ -15,13 +15,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .protocol.automation import head_lines, tail_lines
+from .protocol.automation import head_lines, tail_lines, terminal_safe
 
 SOCKET_ENV = "MASSGEN_SUPERVISOR_SOCKET"
 ORIGIN = "http://massgen-supervisor"
 WAIT_STEP_S = 20.0
 STOP_WAIT_S = 90.0
 RECONNECT_S = float(os.environ.get("MASSGEN_RECONNECT_SECONDS", "60"))
+
+
+def _say(*parts: object, **kw: Any) -> None:
+    """print(), with everything that is not printable escaped: lines here carry sandbox text."""
+    print(*(terminal_safe(str(p)) for p in parts), **kw)
 
 
 class _Interrupted(Exception):
@@ -99,7 +104,7 @@ def _config_body(config: str) -> dict[str, Any]:
 
 
 def _out(line: str) -> None:
-    print(line, flush=True)
+    _say(line, flush=True)
 
 
 def run_and_follow(
@@ -222,7 +227,7 @@ def run_and_follow(
 def main(argv: list[str], socket_path: str | None = None) -> int:
     sock = socket_path or os.environ.get(SOCKET_ENV)
     if not sock:
-        print(
+        _say(
             f"massgen-run: no supervisor here ({SOCKET_ENV} is not set); inside a sandbox this command "
             "starts nested runs through the run's supervisor socket",
             file=sys.stderr,
@@ -242,7 +247,7 @@ def main(argv: list[str], socket_path: str | None = None) -> int:
         args = p.parse_args(argv)
         return run_and_follow(client, args.question, args.config, args.automation, output_file=args.output_file)
     except ClientError as exc:
-        print(f"massgen-run: {exc}", file=sys.stderr)
+        _say(f"massgen-run: {exc}", file=sys.stderr)
         return exc.exit_code
 
 
@@ -256,20 +261,20 @@ def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
     if verb == "ps":
         _, runs = client.request("GET", "/v1/runs")
         if args.json:
-            print(json.dumps(runs, indent=2))
+            _say(json.dumps(runs, indent=2))
         else:
-            print(f"{'RUN ID':40} {'STATE':9} {'PHASE':13} {'EXIT':>4} DEPTH")
+            _say(f"{'RUN ID':40} {'STATE':9} {'PHASE':13} {'EXIT':>4} DEPTH")
             for r in runs:
                 ex = "" if r["exit_code"] is None else str(r["exit_code"])
-                print(f"{r['run_id']:40} {r['state']:9} {str(r['phase']):13} {ex:>4} {r['depth']}")
+                _say(f"{r['run_id']:40} {r['state']:9} {str(r['phase']):13} {ex:>4} {r['depth']}")
         return 0
     if verb == "status":
         _, st = client.request("GET", f"/v1/runs/{args.run}/status")
-        print(json.dumps(st, indent=2))
+        _say(json.dumps(st, indent=2))
         return 0
     if verb == "stop":
         _, info = client.request("POST", f"/v1/runs/{args.run}/stop")
-        print(f"stopping {info['run_id']}")
+        _say(f"stopping {info['run_id']}")
         return 0
     _, info = client.request("GET", f"/v1/runs/{args.run}")
 
@@ -289,7 +294,7 @@ def print_log(log_file: Path, *, follow: bool, finished: Callable[[], bool], pol
                 fh.seek(pos)
                 chunk = fh.read()
             pos += len(chunk)
-            sys.stdout.write(chunk.decode("utf-8", "replace"))
+            sys.stdout.write(terminal_safe(chunk.decode("utf-8", "replace")))
             sys.stdout.flush()
         except FileNotFoundError:
             pass

@@ -30,7 +30,7 @@ MAX_BODY = 2 << 20
 MAX_WAIT_S = 60.0
 MAX_SUBMISSIONS_PER_RUN = 64
 # `@examples/NAME` names a file under configs/: no absolute paths, no `..`, no glob characters.
-EXAMPLE_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+EXAMPLE_RE = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
 
 
 def _unusable_field(body: SubmitRun) -> str | None:
@@ -39,7 +39,7 @@ def _unusable_field(body: SubmitRun) -> str | None:
         value = getattr(body, name)
         if value is not None and "\x00" in value:
             return f"{name}: contains a NUL byte"
-    if body.example is not None and not EXAMPLE_RE.match(body.example):
+    if body.example is not None and not EXAMPLE_RE.fullmatch(body.example):
         return "example: must be a name from configs/, such as quickstart or meta/self_analysis"
     return None
 
@@ -81,7 +81,7 @@ class RunsApi:
 
     def _find(self, request: web.Request) -> RunRecord:
         run_id = request.match_info["run_id"]
-        if not RUN_ID_RE.match(run_id):
+        if not RUN_ID_RE.fullmatch(run_id):
             raise web.HTTPBadRequest(text=f"not a run id: {run_id[:80]!r}")
         rec = self.sup.lookup(self.caller, run_id)
         if rec is None:

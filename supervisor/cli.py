@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from agent_image.protocol.automation import ascii_line, terminal_safe
+
 from .logdir import default_logs_root, iter_run_dirs, read_status
 from .sockets import daemon_client
 
@@ -30,11 +32,9 @@ exit codes: 0 ok, 1 config error, 2 execution error, 3 timeout, 4 interrupted
 """
 
 
-def _ascii(text: str, limit: int | None = None) -> str:
-    one = " ".join(text.split())
-    if limit is not None and len(one) > limit:
-        one = one[:limit] + "..."
-    return one.encode("ascii", "backslashreplace").decode("ascii")
+def _say(*parts: object, **kw: Any) -> None:
+    """print(), with everything that is not printable escaped: lines here carry sandbox text."""
+    print(*(terminal_safe(str(p)) for p in parts), **kw)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,10 +89,10 @@ class _Printer:
             return
         for note in notes:
             if note.severity == "warning":
-                print(f"config warning: {note}", file=sys.stderr, flush=True)
+                _say(f"config warning: {note}", file=sys.stderr, flush=True)
 
     def out(self, line: str) -> None:
-        print(line, flush=True)
+        _say(line, flush=True)
         self.lines += 1
 
     def prepared(self, paths: Any, config: Any, question: str) -> None:
@@ -107,7 +107,7 @@ class _Printer:
             for line in head_lines(str(paths.log_dir), paths.run_id, str(paths.status), ids, question):
                 self.out(line)
         else:
-            print(f"run {paths.run_id}\n  log dir: {paths.log_dir}\n  agents:  {agents}", flush=True)
+            _say(f"run {paths.run_id}\n  log dir: {paths.log_dir}\n  agents:  {agents}", flush=True)
 
     def event(self, ev: Any) -> None:
         if self.automation or self.t0 is None:
@@ -120,23 +120,23 @@ class _Printer:
         elif kind == "tool_called":
             msg = f"{ev.agent} {ev.summary}"
         elif kind == "answer":
-            msg = f"{ev.agent} answered {ev.label}: {_ascii(ev.content, 100)}"
+            msg = f"{ev.agent} answered {ev.label}: {ascii_line(ev.content, 100)}"
         elif kind == "vote":
-            msg = f"{ev.agent} voted for {ev.target}: {_ascii(ev.reason, 80)}"
+            msg = f"{ev.agent} voted for {ev.target}: {ascii_line(ev.reason, 80)}"
         elif kind == "agent_error":
-            msg = f"{ev.agent} error ({ev.kind}): {_ascii(ev.message, 160)}"
+            msg = f"{ev.agent} error ({ev.kind}): {ascii_line(ev.message, 160)}"
         elif kind == "agent_failed":
-            msg = f"{ev.agent} FAILED ({ev.reason}): {_ascii(ev.message, 160)}"
+            msg = f"{ev.agent} FAILED ({ev.reason}): {ascii_line(ev.message, 160)}"
         elif kind == "winner":
             msg = f"winner: {ev.winner} (votes {ev.votes}){' after a tie' if ev.tie else ''}"
         elif kind == "model_call":
             tokens = f"{ev.prompt_tokens}+{ev.completion_tokens} tokens"
             msg = f"{ev.agent} {ev.provider}/{ev.model} {tokens} {ev.latency_s:.2f}s"
         if msg:
-            print(f"[{t:6.1f}s] {msg}", flush=True)
+            _say(f"[{t:6.1f}s] {msg}", flush=True)
 
     def progress(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        _say(message, file=sys.stderr, flush=True)
 
     def finish(self, result: Any) -> None:
         dur = result.duration_s or 0.0
@@ -171,19 +171,19 @@ class _Printer:
                 self.out(line)
             return
         if result.exit_code == 0:
-            print(f"\nfinal answer ({result.winner}, {dur:.1f}s):\n\n{final_text.rstrip()}\n")
-            print(f"answer file: {result.answer_file}")
+            _say(f"\nfinal answer ({result.winner}, {dur:.1f}s):\n\n{final_text.rstrip()}\n")
+            _say(f"answer file: {result.answer_file}")
             if written:
-                print(f"output file: {written}")
+                _say(f"output file: {written}")
         else:
-            print(f"\nrun ended: exit {result.exit_code} ({result.reason}): {result.detail}")
-        print(f"status:      {result.status_file}")
+            _say(f"\nrun ended: exit {result.exit_code} ({result.reason}): {result.detail}")
+        _say(f"status:      {result.status_file}")
 
     n_agents = 0
 
 
 def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    _say(msg, file=sys.stderr, flush=True)
 
 
 def _docker_runtime(image: str | None) -> tuple[Any, str]:
@@ -367,13 +367,13 @@ def cmd_ps(argv: list[str]) -> int:
     if args.tree:
         roots = prune(tree(root), keep_finished=args.all)
         if args.json:
-            print(json.dumps([r.tree_dict() for r in roots], indent=2))
+            _say(json.dumps([r.tree_dict() for r in roots], indent=2))
             return 0
         lines = list(tree_lines(roots))
     else:
         rows = [r for r in map(read_row, iter_run_dirs(root)) if args.all or not r.finished]
         if args.json:
-            print(json.dumps([r.ps_dict() for r in rows], indent=2))
+            _say(json.dumps([r.ps_dict() for r in rows], indent=2))
             return 0
         lines = [(r.run_id, r) for r in rows]
     import time
@@ -394,7 +394,7 @@ def cmd_ps(argv: list[str]) -> int:
             f"{label:{width}} {r.state:9} {str(r.phase):13} {ex:>4} {el:>8} {age:>6} {cpu:>6}"
             f" {fmt_bytes(r.memory_bytes):>8} {r.depth}"
         )
-    print("\n".join(out))
+    _say("\n".join(out))
     return 0
 
 
@@ -420,17 +420,17 @@ def cmd_status(argv: list[str]) -> int:
     d = _find_run(args.logs_root or default_logs_root(), args.run)
     st = read_status(d)
     if st is None:
-        print(f"massgen-run: {d}/status.json is missing or unreadable", file=sys.stderr)
+        _say(f"massgen-run: {d}/status.json is missing or unreadable", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps(st, indent=2))
+        _say(json.dumps(st, indent=2))
         return 0
     run, co, res = st["run"], st["coordination"], st["results"]
-    print(f"run:      {d.name}  state={run['state']} exit={run['exit_code']} reason={run['reason']}")
-    print(f"phase:    {co['phase']} {co['completion_percentage']}%")
+    _say(f"run:      {d.name}  state={run['state']} exit={run['exit_code']} reason={run['reason']}")
+    _say(f"phase:    {co['phase']} {co['completion_percentage']}%")
     for aid, a in st["agents"].items():
-        print(f"  {aid:16} {a['anon']:8} {a['status']:10} answers={a['answer_count']} turns={a['turns']}")
-    print(f"winner:   {res['winner']}")
+        _say(f"  {aid:16} {a['anon']:8} {a['status']:10} answers={a['answer_count']} turns={a['turns']}")
+    _say(f"winner:   {res['winner']}")
     return 0
 
 
@@ -444,7 +444,7 @@ def cmd_stop(argv: list[str]) -> int:
     d = _find_run(args.logs_root or default_logs_root(), args.run)
     run = (read_status(d) or {}).get("run", {})
     if run.get("state") == "finished":
-        print(f"{d.name} already finished (exit {run.get('exit_code')})")
+        _say(f"{d.name} already finished (exit {run.get('exit_code')})")
         return 0
     daemon = daemon_client()
     if daemon is not None:
@@ -452,7 +452,7 @@ def cmd_stop(argv: list[str]) -> int:
 
         try:
             daemon.request("POST", f"/v1/runs/{d.name}/stop")
-            print(f"stopping {d.name}")
+            _say(f"stopping {d.name}")
             return 0
         except ClientError as exc:
             if exc.status != 404:
@@ -471,7 +471,7 @@ def cmd_stop(argv: list[str]) -> int:
     except ProcessLookupError:
         _stderr(f"massgen-run stop: the supervising process {pid} of {d.name} is gone")
         return 2
-    print(f"stopping {d.name}")
+    _say(f"stopping {d.name}")
     return 0
 
 
@@ -517,7 +517,7 @@ def cmd_image(argv: list[str]) -> int:
     except (BuildError, ContainerRuntimeError) as exc:
         _stderr(f"massgen-run image build: {exc}")
         return 2
-    print(tag)
+    _say(tag)
     return 0
 
 

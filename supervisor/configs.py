@@ -10,7 +10,7 @@ from typing import Any
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.loader import ConfigError, ConfigProblem, LoadedConfig, read_config
 
-_EXAMPLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*$")
+_EXAMPLE_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*(/[A-Za-z0-9_][A-Za-z0-9_.-]*)*\Z")
 
 
 def examples_dir() -> Path:
@@ -36,7 +36,7 @@ def find_example(name: str) -> Path:
     """
     root = examples_dir()
     name = name.removesuffix(".yaml")
-    if not _EXAMPLE_NAME.match(name) or ".." in Path(name).parts:
+    if not _EXAMPLE_NAME.fullmatch(name) or ".." in Path(name).parts:
         raise ConfigError(
             [ConfigProblem(f"@examples/{name}", "", None, "not an example name (letters, digits, _ - . and /)")],
             "config_missing",

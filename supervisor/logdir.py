@@ -22,10 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-RUN_ID_RE = re.compile(r"^log_\d{8}_\d{6}_\d{6}_[0-9a-f]{6}$")
+RUN_ID_RE = re.compile(r"\Alog_\d{8}_\d{6}_\d{6}_[0-9a-f]{6}\Z")
 # Agent ids (dots allowed after the first letter, as in MassGen ids such as `gemini2.5flash`).
-SAFE_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
-LABEL_RE = re.compile(r"^agent\d{1,3}\.\d{1,6}$")
+SAFE_NAME_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]{0,39}\Z")
+LABEL_RE = re.compile(r"\Aagent\d{1,3}\.\d{1,6}\Z")
 STATUS_NAME = "status.json"
 RESULT_NAME = "result.json"
 CHILDREN_NAME = "children"
@@ -43,7 +43,7 @@ def iter_run_dirs(directory: Path) -> Iterator[Path]:
     """Run dirs directly under `directory` (a logs root or a `children/` dir), by name, never through a symlink."""
     try:
         with os.scandir(directory) as it:
-            names = sorted(e.name for e in it if RUN_ID_RE.match(e.name) and e.is_dir(follow_symlinks=False))
+            names = sorted(e.name for e in it if RUN_ID_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False))
     except OSError:
         return
     for name in names:

@@ -508,9 +508,9 @@ class Materializer:
 
     def _side_effects(self, ev: Event) -> None:
         if isinstance(ev, RunStarted):
-            self._agents = {a.id for a in ev.agents if SAFE_NAME_RE.match(a.id)}
+            self._agents = {a.id for a in ev.agents if SAFE_NAME_RE.fullmatch(a.id)}
         elif isinstance(ev, AnswerSubmitted):
-            if ev.agent in self._agents and LABEL_RE.match(ev.label):
+            if ev.agent in self._agents and LABEL_RE.fullmatch(ev.label):
                 target = self.paths.answer_file(ev.agent, ev.label)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 self._write_file(target, ev.content)

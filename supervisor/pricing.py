@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PRICING_FILE = Path(__file__).resolve().parent.parent / "configs" / "pricing.json"
 MAX_DATA_FILE_BYTES = 1 << 20
 # "gpt-4o-2024-08-06" -> "gpt-4o", "gemini-2.0-flash-001" -> "gemini-2.0-flash", "...-latest".
-_VERSION_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{3,8}|latest)$")
+_VERSION_SUFFIX = re.compile(r"-(?:\d{4}-\d{2}-\d{2}|\d{3,8}|latest)\Z")
 
 
 def read_data_file(path: str | os.PathLike[str]) -> Any:

@@ -63,7 +63,7 @@ def reap_orphans(runtime: Any) -> int:
         labels = facts.labels
         run_id = labels.get(LABEL_RUN, "")
         log_dir = Path(labels.get(LABEL_LOG_DIR, ""))
-        if not RUN_ID_RE.match(run_id) or log_dir.name != run_id:
+        if not RUN_ID_RE.fullmatch(run_id) or log_dir.name != run_id:
             continue
         st = read_status(log_dir)
         run = st.get("run") if st is not None else None

@@ -8,12 +8,27 @@ from collections.abc import Sequence
 PROGRESS_LINE = "[Coordination in progress - monitor status.json for real-time updates]"
 
 
+def _escape(c: str) -> str:
+    return c.encode("unicode_escape").decode("ascii")
+
+
 def ascii_line(text: str, limit: int | None = None) -> str:
-    """One line, ASCII only: whitespace folded, non-ASCII escaped, optionally cut."""
+    """One line of printable ASCII: whitespace folded, everything else (ESC, BEL, BS, non-ASCII) escaped."""
     one = " ".join(text.split())
     if limit is not None and len(one) > limit:
         one = one[:limit] + "..."
-    return one.encode("ascii", "backslashreplace").decode("ascii")
+    if one.isascii() and one.isprintable():
+        return one
+    return "".join(c if " " <= c <= "~" else _escape(c) for c in one)
+
+
+def terminal_safe(text: str) -> str:
+    """Text from a sandbox made harmless for a terminal: newlines and tabs kept, every other
+    non-printable character (ESC and CSI/OSC sequences, BEL, BS, CR, C1 controls, bidi
+    overrides) backslash-escaped, so it can neither move the cursor nor retitle the window."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c in "\n\t" else _escape(c) for c in text)
 
 
 def ascii_path(path: object) -> str:

@@ -22,11 +22,11 @@ from .tools_config import CustomToolEntry, McpServerConfig, check_tool_keys, nor
 
 # Dots are allowed after the first letter (MassGen ids such as `gemini2.5flash`); the leading
 # letter keeps `.` and `..` out, since ids are path components (final/<id>/, agents/<id>/).
-_ID_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,39}$")
+_ID_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_.-]{0,39}\Z")
 MIN_DISK_BYTES = 16 << 20
 MIN_DISK_INODES = 256
 MAX_CONTEXT_PATHS = 32
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*\Z", re.IGNORECASE)
 
 
 class _Strict(BaseModel):
@@ -206,7 +206,7 @@ class AgentConfig(_Strict):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, v: str) -> str:
-        if not _ID_RE.match(v):
+        if not _ID_RE.fullmatch(v):
             raise ValueError("agent id must start with a letter; letters, digits, _ and -, 1-40 chars")
         return v
 
@@ -235,7 +235,7 @@ def parse_size(value: str | int) -> int:
     """Parse '512m', '2g', '1GiB' or a byte count into bytes."""
     if isinstance(value, int):
         return value
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.fullmatch(value)
     if not m:
         raise ValueError(f"not a size: {value!r} (try 512m or 2g)")
     mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]

@@ -204,7 +204,7 @@ class RunIndex:
     def inside(self, log_dir: Path) -> bool:
         from ..logdir import RUN_ID_RE
 
-        if not RUN_ID_RE.match(log_dir.name):
+        if not RUN_ID_RE.fullmatch(log_dir.name):
             return False
         for root in self.roots:
             with contextlib.suppress(ValueError):
