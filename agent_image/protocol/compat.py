@@ -154,7 +154,7 @@ _BACKEND_WARN: dict[str, str] = {
     "instance_id": "ignored: run ids isolate runs",
 }
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*\Z", re.IGNORECASE)
 
 
 def _size_bytes(value: Any) -> int | None:

@@ -66,7 +66,7 @@ elif mode == "pad-ahead":
     time.sleep(60)  # the engine's own deadline kills this step and exits 3
 elif mode == "mid-run":
     emit(type="run_finished", exit_code=0, reason="completed", detail="forged mid-run")
-    time.sleep(4)
+    time.sleep(8)
 print("forged")
 """
 
@@ -80,7 +80,7 @@ def _config(tmp_path: Path, mode: str, timeout: float) -> Path:
     ]
     honest: list[dict[str, Any]] = [{"answer": "agent_b's answer"}, {"vote": "auto"}]
     if mode == "mid-run":
-        honest = [{"sleep": 6}, *honest]
+        honest = [{"sleep": 10}, *honest]
     config = {
         "agents": [
             {"id": "agent_a", "backend": {"type": "scripted", "steps": attacker}},
@@ -119,7 +119,13 @@ def test_forged_success_padded_ahead_of_the_engines_own_timeout(agent_image: str
     f = parse_lines(p.stdout)
     assert p.returncode == 3, p.stdout + p.stderr
     result = load(Path(f["LOG_DIR"]) / "result.json")
-    assert (result["reason"], result["winner"], result["container_exit_code"]) == ("timeout", None, 3)
+    assert (result["reason"], result["winner"], result["answer_file"]) == ("timeout", None, None)
+    # The engine stops itself 0.5 s before the supervisor's deadline; on a loaded machine the
+    # supervisor's own deadline may fire first (SIGTERM: 143). Either backstop must say timeout.
+    if result["container_exit_code"] == 3:
+        assert "its events claim 'completed'" in result["detail"], result
+    else:
+        assert result["container_exit_code"] in (137, 143) and "deadline passed" in result["detail"], result
     log = (Path(f["LOG_DIR"]) / "massgen.log").read_text()
     assert "sequence collision" in log
 
@@ -130,7 +136,7 @@ def test_a_forged_mid_run_finish_leaves_the_run_running(agent_image: str, tmp_pa
     proc, log_dir = start_cli(["--automation", "--config", str(cfg), "--image", agent_image, "Q?"], tmp_path)
     try:
         wait_for_event(log_dir, "run_finished", timeout=60)
-        time.sleep(2.5)  # past two coalesced status writes, still inside the forger's sleep
+        time.sleep(1.0)  # past the coalesced status write of that event, well inside the forger's sleep
         status = load(log_dir / "status.json")
         assert status["run"]["state"] == "running", status["run"]
         assert status["run"]["exit_code"] is None
