@@ -18,10 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 CUSTOM_PREFIX = "custom_tool__"
 MCP_PREFIX = "mcp__"
 # What OpenAI and Gemini both accept as a function name.
-TOOL_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]{0,63}$")
-_IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-_SERVER_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+TOOL_NAME_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_-]{0,63}\Z")
+_IDENT_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
+_MODULE_RE = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*\Z")
+_SERVER_RE = re.compile(r"\A[A-Za-z][A-Za-z0-9_-]{0,39}\Z")
 # ${VAR} (MassGen resolves it from the host's environment and .env); ${cwd} is the agent's workspace.
 ENV_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 MAX_TOOLS_PER_ENTRY = 64

@@ -29,9 +29,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 _result_fd = -1
-_ARGS_HEADER = re.compile(r"^\s*(Args|Arguments|Parameters|Params)\s*:\s*$")
-_SECTION = re.compile(r"^\s*(Returns?|Yields?|Raises?|Examples?|Notes?|Attributes|See Also|Todo)\s*:\s*$")
-_PARAM_LINE = re.compile(r"^\s*\*{0,2}([A-Za-z_][A-Za-z0-9_]*)\s*(\([^)]*\))?\s*:\s*(.*)$")
+_ARGS_HEADER = re.compile(r"\A\s*(Args|Arguments|Parameters|Params)\s*:\s*\Z")
+_SECTION = re.compile(r"\A\s*(Returns?|Yields?|Raises?|Examples?|Notes?|Attributes|See Also|Todo)\s*:\s*\Z")
+_PARAM_LINE = re.compile(r"\A\s*\*{0,2}([A-Za-z_][A-Za-z0-9_]*)\s*(\([^)]*\))?\s*:\s*(.*)\Z")
 
 
 def _answer(payload: dict[str, Any]) -> None:
