@@ -19,12 +19,12 @@ from ..configs import resolve_config
 
 MAX_SPEC_BYTES = 4 << 20
 MAX_ITEMS = 100_000
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
-LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,59}$")
+ID_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}\Z")
+LABEL_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,59}\Z")
 # Knobs that decide how a run is hosted, not what is measured: changing them keeps item ids
 # (a batch moved to a bigger machine, or to gVisor, resumes instead of starting over).
 RUNTIME_KNOBS = ("image", "runtime", "memory", "cpus", "pids", "stop_grace_seconds")
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
+_DURATION_RE = re.compile(r"\A\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*\Z")
 
 
 class _Strict(BaseModel):
