@@ -36,7 +36,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from agent_image.protocol.status import ContainerSection  # noqa: E402
+from agent_image.protocol.status import ContainerSection, RunState  # noqa: E402
 from supervisor.logdir import create_run_dirs  # noqa: E402
 from supervisor.materializer import Materializer  # noqa: E402
 from supervisor.verdict import Verdict  # noqa: E402
@@ -73,7 +73,7 @@ def make_runs(root: Path, finished: int, live: int) -> list[Materializer]:
             mat.finalize(Verdict("completed"))
             mat.close()
         else:
-            mat.set_run(state="running")
+            mat.set_run(state=RunState.RUNNING)
             mat.write_status(force=True)
             keep.append(mat)
     return keep
