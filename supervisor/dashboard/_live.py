@@ -45,6 +45,7 @@ FALLBACK_S = 2.0
 QUEUE_MAX = 256
 RING_MAX = 4096
 MAX_SUBSCRIBERS = 128
+MIN_RENDER_GAP_S = 0.25  # a followed run's sections are pushed at most this often
 _RUN_FILES = {STATUS, "events.jsonl", "telemetry.jsonl", "result.json"}
 _LOG = "massgen.log"
 
@@ -112,6 +113,8 @@ class Hub:
         self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._files: dict[Path, RunFiles] = {}  # incremental readers of the runs pages follow
+        self._next_render: dict[Path, float] = {}  # monotonic time a run's sections may be pushed again
+        self._render_later: set[Path] = set()
         self.pushes = 0  # messages queued so far (the benchmark reads it)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -304,10 +307,26 @@ class Hub:
                 if row.state != "unknown" and self.index.rows.get(row.log_dir) != row:
                     self._store(row)
         followed = {s.run_dir for s in self.subs if s.run_dir is not None}
+        now = time.monotonic()
         for d in followed & (status | detail):
+            wait = self._next_render.get(d, 0.0) - now
+            if wait > 0:
+                # Rendered a moment ago: once more when the pause is over, with everything since.
+                if d not in self._render_later:
+                    self._render_later.add(d)
+                    asyncio.get_running_loop().call_later(wait, self._render_due, d)
+                continue
+            t0 = time.monotonic()
             await self.push_run(d)
+            # A big run costs more to render and to send: pages get it less often (4x its cost).
+            self._next_render[d] = time.monotonic() + max(MIN_RENDER_GAP_S, 4 * (time.monotonic() - t0))
         for d in followed & logs:
             await self.push_log(d)
+
+    def _render_due(self, log_dir: Path) -> None:
+        self._render_later.discard(log_dir)
+        self._dirty_detail.add(log_dir)
+        self._wake.set()
 
     async def _fallback_loop(self) -> None:
         while True:
@@ -324,7 +343,7 @@ class Hub:
                     if row.state != "unknown" and self.index.rows.get(row.log_dir) != row:
                         self._store(row)
                         if any(s.run_dir == row.log_dir for s in self.subs):
-                            await self.push_run(row.log_dir)
+                            self._render_due(row.log_dir)  # through the flush loop and its pacing
             except Exception:  # noqa: BLE001 - keep rescanning whatever one pass hit
                 log.exception("dashboard: rescan failed")
 
@@ -342,6 +361,7 @@ class Hub:
         self.subs.discard(sub)
         if sub.run_dir is not None and not any(s.run_dir == sub.run_dir for s in self.subs):
             self._files.pop(sub.run_dir, None)
+            self._next_render.pop(sub.run_dir, None)
 
     def replay(self, sub: Subscriber, since: int) -> None:
         """Rows changed after generation `since` (the page's), or `reload` if the ring lost them."""

@@ -27,6 +27,7 @@ __all__ = ["esc", "page", "run_page_body", "run_sections", "runs_page_body", "ru
 
 SECTIONS = ("head", "agents", "timeline", "usage", "answers", "children", "container", "result")
 PALETTE = 8
+MAX_ANSWERS_SHOWN = 40  # the newest; a page re-sent on every change must stay a sane size
 LIVE_STATES = ("queued", "starting", "running")
 
 
@@ -506,11 +507,18 @@ def _answers(d: RunDetail) -> str:
     if not d.answers:
         out.append("<p class='empty'>No answers yet.</p>")
     colors = _colors(d.agents)
-    for a in reversed(d.answers):
+    shown = d.answers[-MAX_ANSWERS_SHOWN:]
+    for a in reversed(shown):
         out.append(
             f'<article class="answer" data-label="{esc(a.label)}"><header><span class="sw c{colors.get(a.agent, 0)}">'
             f"</span>{esc(a.label)} · {esc(a.agent)} · at {esc(fmt_dur(a.t))}</header>"
             f'<div class="md">{render_markdown(a.content)}</div></article>'
+        )
+    older = len(d.answers) - len(shown)
+    if older:
+        out.append(
+            f"<p class='empty'>{older} older answers not shown here; every answer is in the log dir"
+            " under agents/&lt;agent&gt;/&lt;label&gt;/answer.txt.</p>"
         )
     return "".join(out)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import html
 import json
@@ -463,5 +464,34 @@ def test_batches_show_progress_and_pass_fail_counts_live_with_their_runs(tmp_pat
                 _batch_status(bdir, counts, "finished", 10)
                 msg = await _sse(es, "batch")
                 assert "5/5" in msg["html"] and "finished (10)" in msg["html"]
+
+    run_async(main)
+
+
+def test_a_burst_of_changes_reaches_a_run_page_coalesced_and_complete(tmp_path: Path) -> None:
+    """40 status writes in a burst: section pushes at most one per 0.25 s (not 40), the last one current."""
+    root = tmp_path / "runs"
+    run = FakeRun(root)
+
+    async def main() -> None:
+        async with serving(root) as (dash, http):
+            await http.get(f"/?token={dash.token}")
+            async with http.get(f"/events?run={run.run_id}", timeout=aiohttp.ClientTimeout(total=30)) as es:
+                await _sse(es, "sections")  # the page's first full set
+                t0 = time.monotonic()
+                for i in range(40):
+                    run.answer("a" if i % 2 else "b", f"answer number {i}")
+                    run.write()
+                    await asyncio.sleep(0.025)
+                burst_s = time.monotonic() - t0
+                pushes, last = 0, ""
+                with contextlib.suppress(TimeoutError):
+                    while "answer number 39" not in last:
+                        msg = await _sse(es, "sections", timeout=5)
+                        pushes += 1
+                        last = msg.get("answers", last)
+                span_s = time.monotonic() - t0
+                assert "answer number 39" in last
+                assert pushes <= span_s / 0.25 + 2, (pushes, burst_s, span_s)
 
     run_async(main)
