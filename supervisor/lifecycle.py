@@ -64,6 +64,7 @@ MAX_IGNORED_LINES = 100_000
 # After the sandbox exited: how long the follower may spend on what is left of the outbox
 # (yielding between slices), and how long when the run already failed for flooding it.
 FINAL_DRAIN_S = 60.0
+DRAIN_REST_S = 0.005  # between two drain slices of a backlog (materializer.DRAIN_SLICE_S each)
 FINAL_DRAIN_FLOODED_S = 2.0
 MAX_OUTPUT_BYTES = 256 << 10  # of the sandbox's own stdout/stderr, the tail kept in massgen.log
 REMOVE_TIMEOUT_S = 30.0
@@ -286,7 +287,9 @@ class RunExecution:
             self.prepared.set()
             self.listener.prepared(paths, config, req.question)
             self.listener.config_notes(loaded.notes)
-            atomic_write(paths.config, dump_config(raw))
+            # Writes with fsync go to a thread: a disk busy with another run's flood must not
+            # stall the event loop (the daemon's, shared by every run and client).
+            await asyncio.to_thread(atomic_write, paths.config, dump_config(raw))
             try:
                 self.hooks.check(config, source)
                 contexts = self.contexts = await self.hooks.context_paths(config, source)
@@ -460,7 +463,7 @@ class RunExecution:
                     spec = self._sandbox_spec(config, raw, contexts, deadline)
                     spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
                     mat.set_run(deadline=deadline)
-                    mat.write_status(force=True)
+                    await mat.write_status_async(force=True)
                     problem = await self._image_problem(spec.image)
                     if problem:
                         return self._end(Verdict(Reason.IMAGE_INVALID, problem))
@@ -718,12 +721,17 @@ class RunExecution:
                 wake.clear()
                 mat.drain(tailer)
                 if tailer.more:
-                    wake.set()  # the drain's time slice ran out: back after the loop's other work
+                    # The drain's time slice ran out with a backlog: rest as long as it worked
+                    # before the next slice. A flood then takes at most about half of the
+                    # process's CPU, and the daemon is idle often enough to be scheduled at
+                    # once when a request or another run's timer comes in.
+                    await asyncio.sleep(DRAIN_REST_S)
+                    wake.set()
                 if not watch.on_file and (fd := tailer.fileno()) is not None:
                     watch.watch_file(fd)
                 flooded = self._check_outbox(tailer) or flooded
                 self._check_disk()
-                mat.write_status()
+                await mat.write_status_async()
                 if ctl.detach.is_set() and stop_task is None:
                     raise Detached()
                 if stop_task is None:
@@ -775,7 +783,7 @@ class RunExecution:
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
         verdict = self._verdict(info, facts, stopped_for, disk_full_at_exit)
-        return self._end(verdict, container_exit=info.exit_code)
+        return await mat.finalize_async(verdict, container_exit=info.exit_code)
 
     async def _final_drain(self, tailer: OutboxTailer, budget_s: float) -> None:
         """What the sandbox wrote before it exited, in slices that yield, for at most `budget_s`."""

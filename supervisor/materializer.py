@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
 import logging
 import os
 import stat
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -42,7 +45,7 @@ MAX_AGENTS = 16
 # One drain reads small slices and stops after DRAIN_SLICE_S: the work a sandbox can cause per
 # event-loop turn is bounded in time, not only in bytes (2-byte junk lines are 4096 per slice).
 READ_SLICE_BYTES = 8 << 10
-DRAIN_SLICE_S = 0.01
+DRAIN_SLICE_S = 0.005
 MAX_DRAIN_BYTES = 4 << 20  # one drain's byte bound when no time bound is given
 SEEN_SEQS = 4096
 MAX_COLLISION_LOGS = 10
@@ -104,6 +107,10 @@ class OutboxTailer:
         self.warnings: list[str] = []
         self.dropped = 0  # oversized lines skipped: each leaves one legitimate gap in seq
         self.more = False
+        # For the lines the last read returned: where each ends in the file, so a reader that
+        # stops mid-way can rewind to the first line it did not apply; and whether it dropped any.
+        self.line_ends: list[int] = []
+        self.read_dropped = False
 
     def _open(self) -> bool:
         if self._fd is not None:
@@ -140,11 +147,14 @@ class OutboxTailer:
 
     def _drop(self, size: str) -> None:
         self.dropped += 1
+        self.read_dropped = True
         self.warnings.append(f"dropped an oversized event line ({size} bytes)")
 
     def read_lines(self, max_bytes: int = MAX_DRAIN_BYTES) -> list[bytes]:
         """Complete new lines, reading at most `max_bytes` (`more` says whether data is left)."""
         self.more = False
+        self.read_dropped = False
+        self.line_ends = ends = []
         if not self._open():
             return []
         assert self._fd is not None
@@ -160,6 +170,7 @@ class OutboxTailer:
             chunk = os.pread(self._fd, min(READ_CHUNK, budget), self.offset)
             if not chunk:
                 break
+            chunk_at = self.offset
             budget -= len(chunk)
             self.offset += len(chunk)
             start = 0
@@ -176,19 +187,29 @@ class OutboxTailer:
                 self._buf += chunk[start:] if start else chunk
             else:
                 head = chunk[start:last]
+                pos = chunk_at + start - len(self._buf)  # where the first line starts
                 if self._buf:
                     head = bytes(self._buf) + head
                 self._buf = bytearray(chunk[last + 1 :])
                 for part in head.split(b"\n"):
+                    pos += len(part) + 1
                     if len(part) > self.max_line:
                         self._drop(str(len(part)))
                     else:
                         lines.append(part)
+                        ends.append(pos)
             if len(self._buf) > self.max_line:
                 self._drop(f">{self.max_line}")
                 self._buf = bytearray()
                 self._skipping = True
         return lines
+
+    def rewind(self, offset: int) -> None:
+        """Read again from `offset`, the end of a line the last read returned (see line_ends)."""
+        self.offset = offset
+        self._buf = bytearray()
+        self._skipping = False
+        self.more = True
 
     @property
     def committed_offset(self) -> int:
@@ -255,6 +276,9 @@ class Materializer:
             "massgen.log": os.fstat(self._log.fileno()).st_size,
         }
         self._sandbox_log_bytes = 0
+        self._stamp_second, self._stamp_text = -1, ""
+        self._write_lock = threading.Lock()
+        self._status_gen = self._committed_gen = 0
         self._log_capped = False
         # kind -> [window start, suppressed count]: see _warn
         self._warned: dict[str, list[float]] = {}
@@ -270,7 +294,7 @@ class Materializer:
         self._tailer: OutboxTailer | None = None
         self._started = False
         self._gap_allowance = 0
-        self._seen: dict[int, bytes] = {}  # digests of the last SEEN_SEQS accepted lines, by seq
+        self._seen: OrderedDict[int, bytes] = OrderedDict()  # digests of the last SEEN_SEQS accepted lines, by seq
         self.collisions = 0
         self.result: RunResult | None = None
         # With --sandbox none the engine calls models itself and reports them; behind the
@@ -299,7 +323,7 @@ class Materializer:
                 self._remember(ev.seq, raw)
                 if not isinstance(ev, LogLine):
                     self._side_effects(ev)
-                self._fold(ev)
+                self._fold(ev, raw)
         try:
             with os.fdopen(os.open(self.paths.log_dir / "telemetry.jsonl", os.O_RDONLY | os.O_NOFOLLOW), "rb") as fh:
                 for raw in fh:
@@ -370,15 +394,23 @@ class Materializer:
                 return
             message = clip(message, MAX_SANDBOX_LOG_BYTES - self._sandbox_log_bytes)
             self._sandbox_log_bytes += len(message)
-        try:
-            stamp = _log_stamp(ts or self.clock())
-        except (OverflowError, OSError, ValueError):
-            # ts comes from the sandbox: a valid event may still be outside time_t's range
-            stamp = _log_stamp(self.clock())
+        stamp = self._stamp(ts or self.clock())
         text = "".join(f"{stamp} {level.upper():7} {line}\n" for line in message.splitlines() or [""])
         self._log.write(text)
         self._log.flush()
         self._sizes["massgen.log"] += len(text.encode())
+
+    def _stamp(self, ts: float) -> str:
+        """_log_stamp(ts), with the date and time formatted once per second (a flood logs many per second)."""
+        try:
+            second = int(ts)
+            if second != self._stamp_second:
+                self._stamp_text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+                self._stamp_second = second
+        except (OverflowError, OSError, ValueError):
+            # ts comes from the sandbox: a valid event may still be outside time_t's range
+            return _log_stamp(self.clock())
+        return f"{self._stamp_text}.{int(ts * 1000) % 1000:03d}"
 
     def _warn(self, kind: str, message: str) -> None:
         """A warning about a line from the sandbox, aggregated per kind.
@@ -465,7 +497,7 @@ class Materializer:
         self.event_count += 1
         self._remember(ev.seq, raw)
         self._side_effects(ev)
-        self._fold(ev)
+        self._fold(ev, raw)
         self._dirty = True
         for fn in self.listeners:
             fn(ev)
@@ -474,17 +506,23 @@ class Materializer:
     def _remember(self, seq: int, raw: bytes) -> None:
         self._seen[seq] = _digest(raw)
         while len(self._seen) > SEEN_SEQS:
-            self._seen.pop(next(iter(self._seen)))
+            # popitem, not pop(next(iter())): a plain dict's first live key is found by
+            # scanning past every deleted slot, which made this O(n) per accepted event.
+            self._seen.popitem(last=False)
 
-    def _fold(self, ev: Event) -> None:
+    def _fold(self, ev: Event, raw: bytes) -> None:
         """Apply an accepted event to status; the sandbox's run_finished is only a claim (see finalize).
 
         Its strings are clipped on the way in (answers only go in as previews).
         """
-        if isinstance(ev, RunFinished):
+        if isinstance(ev, RunFinished | LogLine):
+            # A log line changes nothing in status but its clock fields, which write_status
+            # sets itself: folding it would be the costliest no-op of a forged-log flood.
             return
         question = self.status.meta.question
-        self.reducer.apply(_clip_model(ev, keep=frozenset({"content"})))
+        if len(raw) > MAX_SANDBOX_TEXT:  # no string of a shorter line can be longer
+            ev = _clip_model(ev, keep=frozenset({"content"}))
+        self.reducer.apply(ev)
         if question:
             # The supervisor was told the question; the sandbox's claim of it is not needed.
             self.status.meta.question = question
@@ -500,8 +538,10 @@ class Materializer:
             return None
         if isinstance(ev, ModelCall) and not self.accept_model_calls:
             return "model calls are metered by the gateway, not reported by the sandbox"
+        fields = type(ev).__pydantic_fields__
         for name in ("agent", "target", "winner"):
-            value = getattr(ev, name, None)
+            # Only fields the event has: getattr on a missing one takes pydantic's slow path.
+            value = getattr(ev, name) if name in fields else None
             if value is not None and value not in self._agents:
                 return f"{name} {str(value)[:40]!r} is not an agent of this run"
         return None
@@ -553,9 +593,14 @@ class Materializer:
                 else:
                     self.log(w, "warning")
             tailer.warnings.clear()
-            for line in lines:
+            for i, line in enumerate(lines):
                 if self.feed(line) is not None:
                     n += 1
+                if time.monotonic() >= deadline and i + 1 < len(lines) and not tailer.read_dropped:
+                    # Out of time mid-slice (a line can cost a file write): the rest is read
+                    # again next turn. Not past a dropped line, whose gap allowance is counted.
+                    tailer.rewind(tailer.line_ends[i])
+                    break
             if not tailer.more or time.monotonic() >= deadline:
                 break
         self.flush_warnings()
@@ -605,27 +650,57 @@ class Materializer:
 
     def write_status(self, *, force: bool = False) -> bool:
         """Coalesced: at most one write per 0.25 s, at least one per 2 s while running."""
+        job = self._status_job(force)
+        if job is None:
+            return False
+        self._commit(*job)
+        return True
+
+    async def write_status_async(self, *, force: bool = False) -> bool:
+        """write_status with the file writes on a worker thread.
+
+        Each write is two fsyncs, and a sandbox flooding the disk can make an fsync take a long
+        time: that may delay this run's follower, never the event loop everyone shares.
+        """
+        job = self._status_job(force)
+        if job is None:
+            return False
+        await asyncio.to_thread(self._commit, *job)
+        return True
+
+    def _status_job(self, force: bool) -> tuple[int, list[tuple[Path, Any]]] | None:
+        """What a due status write would write (a snapshot taken now), or None when not due."""
         now = self.clock()
         since = now - self._last_write
         if not force:
             if since < MIN_STATUS_INTERVAL_S:
-                return False
+                return None
             if not self._dirty and since < MAX_STATUS_INTERVAL_S:
-                return False
+                return None
         st = self.status
         st.meta.last_updated = now
         if st.meta.start_time is not None and st.run.state != RunState.FINISHED:
             st.meta.elapsed_seconds = round(max(0.0, now - st.meta.start_time), 3)
-        self._write_json(self.paths.status, st.model_dump(mode="json"))
+        files: list[tuple[Path, Any]] = [(self.paths.status, st.model_dump(mode="json"))]
         if self._tailer is not None:
             # Saved after the events it covers were appended: a crash in between re-reads them
             # from the outbox and the seq check drops the duplicates.
-            self._write_json(
-                self.paths.log_dir / FOLLOW_STATE, {"offset": self._tailer.committed_offset, "seq": self._last_seq}
-            )
+            state = {"offset": self._tailer.committed_offset, "seq": self._last_seq}
+            files.append((self.paths.log_dir / FOLLOW_STATE, state))
         self._last_write = now
         self._dirty = False
-        return True
+        self._status_gen += 1
+        return self._status_gen, files
+
+    def _commit(self, gen: int, files: list[tuple[Path, Any]]) -> None:
+        # A write still on its thread when a later one (finalize after a cancel) runs must not
+        # replace the later status with its older snapshot.
+        with self._write_lock:
+            if gen < self._committed_gen:
+                return
+            for path, doc in files:
+                self._write_json(path, doc)
+            self._committed_gen = gen
 
     def finalize(self, verdict: Verdict, *, container_exit: int | None = None) -> RunResult:
         """Record the run's end in status.json and result.json; later calls return the first verdict.
@@ -633,8 +708,23 @@ class Materializer:
         Only here does `run.state` become finished: the sandbox's own `run_finished` is a claim
         (kept in `finished_event` for supervisor/verdict.py), never applied to status.
         """
+        result, job = self._finalize_job(verdict, container_exit)
+        if job is not None:
+            self._commit(*job)
+        return result
+
+    async def finalize_async(self, verdict: Verdict, *, container_exit: int | None = None) -> RunResult:
+        """finalize with the file writes (six fsyncs) on a worker thread, as write_status_async."""
+        result, job = self._finalize_job(verdict, container_exit)
+        if job is not None:
+            await asyncio.to_thread(self._commit, *job)
+        return result
+
+    def _finalize_job(
+        self, verdict: Verdict, container_exit: int | None
+    ) -> tuple[RunResult, tuple[int, list[tuple[Path, Any]]] | None]:
         if self.result is not None:
-            return self.result
+            return self.result, None
         self.flush_warnings(force=True)
         now = self.clock()
         # The detail may be the engine's claim, i.e. sandbox text.
@@ -670,10 +760,12 @@ class Materializer:
                 "warning",
             )
         self.log(f"run finished: exit_code={exit_code} reason={reason} {detail}".rstrip())
-        self.write_status(force=True)
-        self._write_json(self.paths.result, json.loads(result.model_dump_json()))
+        job = self._status_job(True)
+        assert job is not None  # forced
+        gen, files = job
+        files.append((self.paths.result, json.loads(result.model_dump_json())))  # last: it means "done"
         self.result = result
-        return result
+        return result, (gen, files)
 
     def close(self) -> None:
         if not self._log.closed:
