@@ -427,6 +427,15 @@ class Materializer:
         else:
             window[1] += 1
 
+    def _suppressed(self, kind: str) -> bool:
+        """Count a warning of `kind` and say True when its interval already logged one (see _warn)."""
+        window = self._warned.get(kind)
+        if window is None:
+            return False
+        window[1] += 1
+        self.ignored_lines += 1
+        return True
+
     def flush_warnings(self, *, force: bool = False) -> None:
         """Write "ignored N more ..." for each kind whose interval is over (all kinds if `force`)."""
         if not self._warned:
@@ -455,6 +464,8 @@ class Materializer:
         try:
             ev = parse_event(raw)
         except ValidationError as exc:
+            if self._suppressed("malformed event lines"):
+                return None  # counted; describing the error would cost more than parsing
             first = exc.errors(include_url=False, include_input=False)[0]
             where = clip(".".join(str(p) for p in first["loc"]), 200)
             self._warn("malformed event lines", f"ignored malformed event line: {where}: {clip(first['msg'], 200)}")
