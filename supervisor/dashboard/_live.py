@@ -50,6 +50,11 @@ _RUN_FILES = {STATUS, "events.jsonl", "telemetry.jsonl", "result.json"}
 _LOG = "massgen.log"
 
 
+def _reread(dirs: list[Path], scan: Callable[[], list[RunRow]]) -> tuple[list[RunRow], list[RunRow]]:
+    """The fallback pass's reads (a worker thread): unfinished runs again, and new ones."""
+    return [read_row(d) for d in dirs], scan()
+
+
 @dataclass(eq=False)
 class Subscriber:
     """One open page's stream: its queue of (event name, JSON text) and what it follows."""
@@ -167,7 +172,7 @@ class Hub:
             self.index.add_root(root)
             await self._watch(root)
         if new:
-            rows = await asyncio.to_thread(self._scan_rows)
+            rows = await asyncio.to_thread(self._scanner())
             for row in rows:
                 self._store(row)
 
@@ -177,11 +182,12 @@ class Hub:
         if discover:
             want |= {d for d, b in self.batches.items() if b.state != "finished"}
 
+        broots, known = list(self._batch_dirs_seen) if discover else [], set(self.batches)
+
         def read() -> list[tuple[Path, BatchRow | None]]:
             found = set(want)
-            if discover:
-                for broot in self._batch_dirs_seen:
-                    found |= {d for d in iter_batch_dirs(broot) if d not in self.batches}
+            for broot in broots:
+                found |= {d for d in iter_batch_dirs(broot) if d not in known}
             return [(d, read_batch(d)) for d in found]
 
         import json
@@ -194,11 +200,12 @@ class Hub:
             for sub in [s for s in self.subs if s.run_dir is None]:
                 sub.push("batch", data)
 
-    def _scan_rows(self) -> list[RunRow]:
-        # Runs on a worker thread: reads only. The index itself is changed on the loop.
+    def _scanner(self) -> Callable[[], list[RunRow]]:
+        """A scan for new runs to run on a worker thread, over a copy taken here on the loop
+        (the index itself only changes on the loop)."""
         scratch = RunIndex(self.index.roots)
         scratch.rows = dict(self.index.rows)
-        return scratch.scan()
+        return scratch.scan
 
     def _observe(self, root: Path) -> Any:
         from watchdog.events import FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEventHandler
@@ -335,10 +342,7 @@ class Hub:
                 await self._add_roots()
                 unfinished = [d for d, r in self.index.rows.items() if not r.finished]
 
-                def reread(dirs: list[Path] = unfinished) -> tuple[list[RunRow], list[RunRow]]:
-                    return [read_row(d) for d in dirs], self._scan_rows()
-
-                rows, added = await asyncio.to_thread(reread)
+                rows, added = await asyncio.to_thread(_reread, unfinished, self._scanner())
                 for row in [*rows, *added]:
                     if row.state != "unknown" and self.index.rows.get(row.log_dir) != row:
                         self._store(row)
