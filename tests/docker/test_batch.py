@@ -379,3 +379,29 @@ def test_status_report_and_dry_run(reference: tuple[Path, Any], tmp_path: Path) 
     dry = _batch([str(DATA / "batch.yaml"), "--batch-dir", str(d), "--dry-run"], REPO, timeout=60)
     assert dry.returncode == 0 and "60 items" in dry.stdout and "cost upper bound: $0.0000" in dry.stdout
     assert not d.exists()
+
+
+@pytest.mark.timeout(300)
+def test_deadline_stops_the_batch_exit_3_and_skips_the_rest(tmp_path: Path, agent_image: str) -> None:
+    """A batch deadline reached mid-batch: the item in flight is stopped and recorded skipped
+    (reason deadline), nothing else starts, the reports say so, exit 3; a re-run finishes the rest."""
+    (tmp_path / "slow.yaml").write_text(SLOW)
+    qs = "".join(json.dumps({"id": f"q{i}", "question": f"{i}+1", "expected": i + 1}) + "\n" for i in range(4))
+    (tmp_path / "qs.jsonl").write_text(qs)
+    spec = tmp_path / "batch.yaml"
+    spec.write_text(
+        "configs:\n  slow: slow.yaml\nquestions: qs.jsonl\nassert:\n  - type: number_close\n"
+        "max_parallel: 1\ndeadline: 6s\n"
+    )
+    d = tmp_path / "batch"
+    res = _batch([str(spec), "--batch-dir", str(d), "--automation"], tmp_path, timeout=200)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert res.stdout.splitlines()[-1].startswith("STOPPED: batch deadline reached")
+    s = load(d / "summary.json")
+    assert s["state"] == "deadline" and s["counts"]["pending"] == 0
+    assert s["counts"]["pass"] + s["counts"]["skipped"] == 4 and s["counts"]["skipped"] >= 2
+    recs = _ledger(d)
+    assert all(r["state"] in ("pass", "skipped") for r in recs)
+    assert any(r["state"] == "skipped" and r["reason"] == "deadline" for r in recs)
+    root = ET.parse(d / "junit.xml").getroot()
+    assert int(root.get("skipped")) == s["counts"]["skipped"]
