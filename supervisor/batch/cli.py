@@ -277,6 +277,11 @@ def cmd_run(argv: list[str]) -> int:
         summary, code = asyncio.run(main())
     except _Refused as exc:
         return refuse("preflight error", [str(exc)])
+    except KeyboardInterrupt:
+        # Ctrl+C before the batch's own handlers were installed (building images, say).
+        summary = runner.write_reports(Ending("interrupted"))
+        code = BatchExit.INTERRUPTED
+        runner.write_status(final=True, exit_code=code)
     view.tail(batch_dir, summary, code, gh_annotations(summary))
     return code
 

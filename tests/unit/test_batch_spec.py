@@ -206,3 +206,18 @@ def test_resolved_spec_is_json() -> None:
     b = load_batch(DATA / "batch.yaml")
     doc = json.loads(json.dumps(b.resolved()))
     assert doc["items"] == 60 and set(doc["configs"]) == {"good", "flaky"}
+
+
+def test_cost_budget_with_an_unpriced_model_is_a_preflight_error(tmp_path: Path) -> None:
+    """A batch cost budget needs a price for every model a config uses; scripted configs need none."""
+    from supervisor.batch.runner import preflight_problems
+
+    model = "agents:\n  - id: m\n    backend: {type: openai, model: no-such-model-x}\n"
+    spec = "configs:\n  m: m.yaml\n  s: cfg.yaml\nquestions:\n  - id: q\n    question: Q\n"
+    p = _write(tmp_path, spec + "budget:\n  max_cost_usd: 1\n", **{"m.yaml": model, "cfg.yaml": QUICK})
+    probs = preflight_problems(load_batch(p))
+    assert len(probs) == 1 and "openai/no-such-model-x" in probs[0] and "no price" in probs[0]
+    p.write_text(spec)  # no cost budget: nothing to enforce, no problem
+    assert preflight_problems(load_batch(p)) == []
+    p.write_text(spec + "budget:\n  max_calls: 10\n")
+    assert preflight_problems(load_batch(p)) == []
