@@ -66,9 +66,12 @@ def read_capped(path: Path, limit: int, offset: int = 0) -> bytes | None:
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             return None
-        return os.pread(fd, limit, offset)
+        # Never more than the file holds: a buffer of `limit` bytes per read would cost more
+        # than the read itself (ps reads a thousand status.json files).
+        return os.pread(fd, max(0, min(limit, st.st_size - offset)), offset)
     except OSError:
         return None
     finally:
