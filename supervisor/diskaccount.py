@@ -47,7 +47,8 @@ class DiskAccount:
         self.logdir = DiskUse()
         self.snapshots = DiskUse()  # made for this run's nested runs
         self._answers: dict[str, int] = {}
-        self.released = False
+        self.released = False  # its folders were given back (their use is final)
+        self.torn_down = False
         if parent is not None:
             parent.children.append(self)
 

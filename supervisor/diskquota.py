@@ -383,13 +383,23 @@ class RunDisk:
         Returns what the folders hold on the host afterwards.
 
         Raises:
-            DiskError: unmounting failed (the state file is kept, so a later release retries).
+            DiskError: copying or unmounting failed (the state file is kept: a later release retries).
+        """
+        used = self.give_back()
+        self.teardown()
+        return used
+
+    def give_back(self) -> DiskUse:
+        """The first half of `release`: the folders are plain host folders again, with their contents.
+
+        The run's own filesystem stays mounted (out of sight) until `teardown`, which can run
+        while the container is being removed.
+
+        Raises:
+            DiskError: as release.
         """
         if self.mode == Mode.POLL:
-            used = DiskUse(*walk_use([self.workspace, self.outbox], 1 << 62, 1 << 62))
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.state_file)
-            return used
+            return DiskUse(*walk_use([self.workspace, self.outbox], 1 << 62, 1 << 62))
         points = mount_points()
         stats = CopyStats()
         if str(self.mount) in points:
@@ -402,9 +412,6 @@ class RunDisk:
         for target in (self.outbox, self.workspace):
             if str(target) in points:
                 _umount(target)
-        if str(self.mount) in points:
-            _umount(self.mount)
-        self._undo()
         if stats.skipped or stats.truncated:
             log.warning(
                 "run_id=%s copy-out skipped %d entries (special files or too deep), truncated %d",
@@ -413,6 +420,22 @@ class RunDisk:
                 stats.truncated,
             )
         return DiskUse(stats.bytes, stats.inodes)
+
+    def teardown(self) -> None:
+        """The second half of `release`: unmount the run's filesystem, delete its image and state.
+
+        Raises:
+            DiskError: unmounting failed.
+        """
+        if self.mode == Mode.MOUNT:
+            points = mount_points()
+            for target in (self.outbox, self.workspace, self.mount):
+                if str(target) in points:
+                    _umount(target)
+            self._undo()
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.state_file)
 
     def _give_back(self, inner: Path, target: Path, points: set[str], stats: CopyStats, limit: int) -> None:
         """Copy `inner` next to `target`, unmount the bind over `target`, rename the copy into place."""

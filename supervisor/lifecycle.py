@@ -244,6 +244,7 @@ class RunExecution:
         self._disk_job: asyncio.Future[None] | None = None
         self._disk_checked = 0.0
         self._disk_over: str | None = None
+        self._spec_json: str | None = None
 
     def _resolve(self) -> tuple[LoadedConfig, str]:
         req = self.req
@@ -395,9 +396,8 @@ class RunExecution:
                     os.chown(d, SANDBOX_UID, SANDBOX_UID)
             else:
                 user = f"{os.getuid()}:{os.getgid()}"
-        atomic_write(paths.sandbox / "spec.json", spec.model_dump_json())
-        if os.getuid() == 0 and req.sandbox == "docker":
-            os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
+        # Written by _write_spec once the run's own filesystem is mounted over sandbox/.
+        self._spec_json = spec.model_dump_json()
         if req.engine_command is not None:
             command = req.engine_command
         limits = Limits(sb.memory_bytes, int(sb.cpus * 1e9), sb.pids, sb.runtime)
@@ -443,6 +443,7 @@ class RunExecution:
         paths, mat, runtime = self.paths, self.mat, self.runtime
         assert paths is not None and mat is not None
         grace = config.sandbox.stop_grace_seconds
+        detached = False
         try:
             try:
                 async with self.hooks.admission():
@@ -454,26 +455,26 @@ class RunExecution:
                     refused = self._disk_account(config)
                     if refused is not None:
                         return self._end(Verdict(Reason.DISK_QUOTA_EXCEEDED, refused))
-                    # Formatting and mounting the run's filesystem (~30 ms) overlaps the services' start.
+                    # Formatting and mounting the run's filesystem (~30 ms) overlaps the services'
+                    # start, the status write and the image check.
                     disk_job = asyncio.ensure_future(asyncio.to_thread(self._create_disk))
                     try:
                         extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+                        spec = self._sandbox_spec(config, raw, contexts, deadline)
+                        spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
+                        mat.set_run(deadline=deadline)
+                        await mat.write_status_async(force=True)
+                        problem = await self._image_problem(spec.image)
                     finally:
                         await asyncio.shield(disk_job)
-                    spec = self._sandbox_spec(config, raw, contexts, deadline)
-                    spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
-                    mat.set_run(deadline=deadline)
-                    await mat.write_status_async(force=True)
-                    problem = await self._image_problem(spec.image)
                     if problem:
                         return self._end(Verdict(Reason.IMAGE_INVALID, problem))
+                    self._write_spec()
                     try:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:
-                        await self._release_disk()
                         return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
                     except ContainerRuntimeError as exc:
-                        await self._release_disk()
                         return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
                     try:
                         await self.hooks.services_ready(self)
@@ -485,14 +486,22 @@ class RunExecution:
                 reason = self.control.interrupt_reason
                 return self._end(Verdict(Reason.INTERRUPTED, f"{reason} while queued"))
         except Detached:
-            raise
-        except BaseException:
-            # Our own error or a cancellation before the follower released it: the sandbox is
-            # being removed, so the folders can be given back.
-            await asyncio.shield(self._release_disk())
+            detached = True
             raise
         finally:
+            if not detached:
+                # Every other way out (no sandbox started, our own error, a cancellation): no
+                # sandbox writes the folders any more, so they are given back (once; usually
+                # the follower already did).
+                await asyncio.shield(self._release_disk())
             await asyncio.shield(self.hooks.stop_services(self))
+
+    def _write_spec(self) -> None:
+        paths = self.paths
+        assert paths is not None and self._spec_json is not None
+        atomic_write(paths.sandbox / "spec.json", self._spec_json)
+        if os.getuid() == 0 and self.req.sandbox == "docker":
+            os.chown(paths.sandbox / "spec.json", SANDBOX_UID, SANDBOX_UID)
 
     # -- the disk budget ------------------------------------------------------------------------
 
@@ -601,25 +610,45 @@ class RunExecution:
             self._disk_checked = now
             self._disk_job = asyncio.ensure_future(asyncio.to_thread(acct.measure, paths.log_dir))
 
-    async def _release_disk(self) -> None:
-        """Give the workspace and outbox back as plain folders (after the sandbox exited); once."""
+    async def _release_disk(self, *, teardown: bool = True) -> None:
+        """Give the workspace and outbox back as plain folders (after the sandbox exited); once.
+
+        With `teardown=False` the run's filesystem stays mounted, out of sight, for
+        `_teardown_disk` to remove while the container is removed.
+        """
         acct, paths, mat = self.disk, self.paths, self.mat
-        if acct is None or acct.disk is None or acct.released or paths is None:
+        if acct is None or acct.disk is None or paths is None:
             return
-        if self._disk_job is not None:
-            with contextlib.suppress(Exception):
-                await self._disk_job
-            self._disk_job = None
-        acct.released = True
+        if not acct.released:
+            if self._disk_job is not None:
+                with contextlib.suppress(Exception):
+                    await self._disk_job
+                self._disk_job = None
+            acct.released = True
+            try:
+                acct.folders = await asyncio.to_thread(acct.disk.give_back)
+            except DiskError as exc:
+                acct.torn_down = True  # never unmount what could not be copied back: the image keeps it
+                log.error("run_id=%s giving back its folders failed: %s", paths.run_id, exc)
+                if mat is not None:
+                    mat.log(f"releasing the run's disk failed ({exc}); the next supervisor start retries", "error")
+                return
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(acct.refresh_logdir, paths.log_dir)
+            self._update_disk_status()
+        if teardown:
+            await self._teardown_disk()
+
+    async def _teardown_disk(self) -> None:
+        """Unmount and delete the run's filesystem once its folders were given back."""
+        acct, paths = self.disk, self.paths
+        if acct is None or acct.disk is None or not acct.released or acct.torn_down or paths is None:
+            return
+        acct.torn_down = True
         try:
-            acct.folders = await asyncio.to_thread(acct.disk.release)
+            await asyncio.to_thread(acct.disk.teardown)
         except DiskError as exc:
-            log.error("run_id=%s releasing its disk failed: %s", paths.run_id, exc)
-            if mat is not None:
-                mat.log(f"releasing the run's disk failed ({exc}); the next supervisor start retries", "error")
-        with contextlib.suppress(OSError):
-            await asyncio.to_thread(acct.refresh_logdir, paths.log_dir)
-        self._update_disk_status()
+            log.error("run_id=%s unmounting its disk failed: %s", paths.run_id, exc)
 
     async def _follow_and_remove(
         self, handle: SandboxHandle, deadline: float, grace: float, offset: int = 0
@@ -633,7 +662,7 @@ class RunExecution:
         finally:
             if not detached:
                 # Whoever created (or adopted) the sandbox removes it, whatever happened above.
-                await asyncio.shield(self._remove(handle))
+                await asyncio.shield(asyncio.gather(self._remove(handle), self._teardown_disk()))
 
     async def adopt(self, paths: RunPaths, handle: SandboxHandle, deadline: float) -> RunResult:
         """Take over a sandbox left running (or exited) by a previous supervisor process.
@@ -773,8 +802,8 @@ class RunExecution:
         tailer.close()
         disk_full_at_exit = await self._disk_at_exit()
         # The sandbox has exited: nothing writes its folders any more; give them back before
-        # result.json says the run is over.
-        await self._release_disk()
+        # result.json says the run is over (the filesystem goes while the container is removed).
+        await self._release_disk(teardown=False)
         output = await asyncio.to_thread(runtime.logs, handle)
         if output.strip():
             text = output[-MAX_OUTPUT_BYTES:].decode("utf-8", "replace").rstrip()
