@@ -15,11 +15,11 @@ import sys
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .logdir import STATUS_NAME, iter_run_dirs, read_status
+from .logdir import STATUS_NAME, iter_run_dirs
+from .runrows import RunRow, read_row
 
 __all__ = ["RunRow", "RunTable", "read_row", "tree", "watch"]
 
@@ -27,79 +27,6 @@ STATUS = STATUS_NAME
 FALLBACK_S = 5.0  # light rescan when no event came
 TICK_S = 1.0  # re-render (ages move) without reading anything
 MIN_RENDER_S = 0.1
-
-
-@dataclass
-class RunRow:
-    """The fields of one status.json that the ops views show."""
-
-    run_id: str
-    log_dir: Path
-    state: str = "unknown"
-    phase: str | None = None
-    percent: int | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    elapsed_s: float | None = None
-    start_time: float | None = None
-    depth: int = 0
-    parent_run_id: str | None = None
-    cpu_percent: float | None = None
-    memory_bytes: int | None = None
-    children: list[RunRow] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.state == "finished"
-
-    def ps_dict(self) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "state": self.state,
-            "phase": self.phase,
-            "exit_code": self.exit_code,
-            "reason": self.reason,
-            "elapsed_s": self.elapsed_s,
-            "started_at": self.start_time,
-            "cpu_percent": self.cpu_percent,
-            "memory_bytes": self.memory_bytes,
-            "depth": self.depth,
-        }
-
-    def tree_dict(self) -> dict[str, Any]:
-        return {
-            **self.ps_dict(),
-            "parent_run_id": self.parent_run_id,
-            "log_dir": str(self.log_dir),
-            "children": [c.tree_dict() for c in self.children],
-        }
-
-
-def _section(st: dict[str, Any], name: str) -> dict[str, Any]:
-    value = st.get(name)
-    return value if isinstance(value, dict) else {}
-
-
-def read_row(log_dir: Path) -> RunRow:
-    """The row for one log dir; a missing or unreadable status.json gives state "unknown"."""
-    row = RunRow(run_id=log_dir.name, log_dir=log_dir)
-    st = read_status(log_dir)
-    if st is None:
-        return row
-    run, co, meta = _section(st, "run"), _section(st, "coordination"), _section(st, "meta")
-    container = _section(st, "container")
-    row.state = str(run.get("state") or "unknown")
-    row.phase = co.get("phase")
-    row.percent = co.get("completion_percentage")
-    row.exit_code = run.get("exit_code")
-    row.reason = run.get("reason")
-    row.elapsed_s = meta.get("elapsed_seconds")
-    row.start_time = meta.get("start_time") or run.get("started_at")
-    row.depth = run.get("depth") or 0
-    row.parent_run_id = run.get("parent_run_id")
-    row.cpu_percent = container.get("cpu_percent")
-    row.memory_bytes = container.get("memory_bytes")
-    return row
 
 
 def tree(logs_root: Path) -> list[RunRow]:

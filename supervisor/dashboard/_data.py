@@ -34,8 +34,14 @@ from agent_image.protocol.events import (
     parse_event,
 )
 
-# The log-dir layout and its bounded, symlink-refusing readers are logdir's (one home for them).
+# The log-dir layout and its bounded, symlink-refusing readers are logdir's (one home for them),
+# and a run's row (what the lists show of its status.json) is runrows' (ps and watch share it).
 from ..logdir import STATUS_NAME, iter_run_dirs, read_capped, read_json
+from ..runrows import RunRow, row_from_status
+from ..runrows import as_int as _int
+from ..runrows import as_num as _num
+from ..runrows import as_str as _str
+from ..runrows import section as _section
 
 STATUS = STATUS_NAME
 MAX_EVENTS_BYTES = 64 << 20
@@ -66,84 +72,6 @@ class Redactor:
 
     def __call__(self, text: str) -> str:
         return self._re.sub("[redacted]", text) if self._re is not None else text
-
-
-def _section(doc: dict[str, Any], name: str) -> dict[str, Any]:
-    value = doc.get(name)
-    return value if isinstance(value, dict) else {}
-
-
-def _num(value: Any) -> float | None:
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _str(value: Any) -> str | None:
-    return value if isinstance(value, str) else None
-
-
-@dataclass
-class RunRow:
-    """One run as the runs page lists it (from its status.json alone)."""
-
-    run_id: str
-    log_dir: Path
-    state: str = "unknown"
-    phase: str | None = None
-    percent: int | None = None
-    exit_code: int | None = None
-    reason: str | None = None
-    start_time: float | None = None
-    elapsed_s: float | None = None
-    depth: int = 0
-    parent_run_id: str | None = None
-    agents: tuple[str, ...] = ()
-    winner: str | None = None
-    tokens: int = 0
-    cost_usd: float = 0.0
-    cpu_percent: float | None = None
-    memory_bytes: int | None = None
-    question: str = ""
-    sandbox: str | None = None
-
-    @property
-    def finished(self) -> bool:
-        return self.state == "finished"
-
-    @property
-    def live(self) -> bool:
-        return self.state in ("queued", "starting", "running")
-
-
-def row_from_status(log_dir: Path, st: dict[str, Any] | None) -> RunRow:
-    row = RunRow(run_id=log_dir.name, log_dir=log_dir)
-    if st is None:
-        return row
-    run, co, meta = _section(st, "run"), _section(st, "coordination"), _section(st, "meta")
-    res, container, tel = _section(st, "results"), _section(st, "container"), _section(st, "telemetry")
-    totals = _section(tel, "totals")
-    row.state = _str(run.get("state")) or "unknown"
-    row.phase = _str(co.get("phase"))
-    row.percent = _int(co.get("completion_percentage"))
-    row.exit_code = _int(run.get("exit_code"))
-    row.reason = _str(run.get("reason"))
-    row.start_time = _num(meta.get("start_time")) or _num(run.get("started_at"))
-    row.elapsed_s = _num(meta.get("elapsed_seconds"))
-    row.depth = _int(run.get("depth")) or 0
-    row.parent_run_id = _str(run.get("parent_run_id"))
-    agents = st.get("agents")
-    row.agents = tuple(str(a) for a in agents) if isinstance(agents, dict) else ()
-    row.winner = _str(res.get("winner"))
-    row.tokens = _int(totals.get("total_tokens")) or 0
-    row.cost_usd = _num(totals.get("cost_usd")) or 0.0
-    row.cpu_percent = _num(container.get("cpu_percent"))
-    row.memory_bytes = _int(container.get("memory_bytes"))
-    row.question = (_str(meta.get("question")) or "")[:300]
-    row.sandbox = _str(run.get("sandbox"))
-    return row
 
 
 def read_row(log_dir: Path) -> RunRow:
