@@ -27,6 +27,7 @@ import pytest
 
 from agent_image.protocol.api import ErrorBody
 from supervisor.daemon import supervisor_id_for
+from supervisor.diskquota import mount_points
 from supervisor.runtime.base import LABEL_RUN, LABEL_SUPERVISOR, SandboxFacts
 from supervisor.runtime.docker import DockerHandle, DockerRuntime
 from tests.cli_helpers import REPO, cli_env, load, parse_lines, write_config
@@ -374,6 +375,9 @@ def test_sigterm_detaches_and_the_next_daemon_readopts_the_run(daemon: Daemon, t
     assert facts.state == "running" and facts.labels[LABEL_RUN] == log_dir.name
     assert not (log_dir / "result.json").exists()
     assert load(log_dir / "status.json")["run"]["state"] != "finished"
+    # The run's own filesystem stays mounted for the sandbox that keeps running ...
+    workspaces = log_dir.parent.parent / "workspaces"
+    assert str(workspaces / log_dir.name) in mount_points()
     daemon.start()
     rc, out, err = _finish(proc)
     assert rc == 0, out + err
@@ -381,6 +385,10 @@ def test_sigterm_detaches_and_the_next_daemon_readopts_the_run(daemon: Daemon, t
     _assert_events_mirror_the_outbox(log_dir)
     assert daemon.containers() == []
     assert shutdown_s < 10, f"graceful shutdown took {shutdown_s:.1f}s"
+    # ... and the daemon that re-adopted the run released it: folders back, nothing mounted.
+    assert not any(log_dir.name in m for m in mount_points())
+    assert sorted(p.name for p in (workspaces / ".disks").iterdir()) == []
+    assert load(log_dir / "status.json")["disk"]["mode"] == "mount"
 
 
 def test_container_killed_from_outside_ends_with_exit_2(daemon: Daemon, tmp_path: Path) -> None:
