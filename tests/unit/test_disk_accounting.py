@@ -219,3 +219,22 @@ def test_a_polled_disk_is_past_its_budget_once_the_folders_are(tmp_path: Path) -
     used, over = disk.use()
     assert over and used.bytes > 2 * MiB
     assert disk.release().bytes >= 3 * MiB and (ws / "a").exists() and (out / "b").exists()
+
+
+def test_sweep_leaves_disks_of_live_owners_and_live_runs_alone(tmp_path: Path) -> None:
+    """A disk whose owner process lives, or whose run still has a container, is kept; an orphan's state goes."""
+    ws_root = tmp_path / "workspaces"
+    runs = {
+        "log_20260101_000000_000001_aaaaaa": os.getpid(),  # owner alive
+        "log_20260101_000000_000002_bbbbbb": 2**22 + 1,  # owner gone, container alive
+        "log_20260101_000000_000003_cccccc": 2**22 + 1,  # owner gone, nothing left: an orphan
+    }
+    for run_id, pid in runs.items():
+        (ws_root / run_id).mkdir(parents=True)
+        disk = RunDisk(run_id, tmp_path / run_id, ws_root / run_id, tmp_path / "out", DiskUse(MiB, 10), Mode.MOUNT)
+        disk.owner_pid = pid
+        disk.disks.mkdir(exist_ok=True)
+        disk._write_state()
+    diskquota.sweep(ws_root, lambda run_id: run_id.endswith("bbbbbb"))
+    left = sorted(p.name for p in (ws_root / diskquota.DISKS_DIR).iterdir())
+    assert left == [f"{r}.json" for r in list(runs)[:2]]
