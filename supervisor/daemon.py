@@ -185,7 +185,8 @@ def openapi_doc() -> dict[str, Any]:
     for model in (SubmitRun, RunInfo, ErrorBody):
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
         doc["components"]["schemas"][model.__name__] = schema
-    return doc
+    out: dict[str, Any] = doc
+    return out
 
 
 async def reconcile(sup: Any, runtime: Any, logs_root: Path, extra_roots: Iterable[Path] = ()) -> dict[str, int]:

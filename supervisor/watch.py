@@ -243,7 +243,8 @@ def watch(logs_root: Path, *, once: bool = False, console: Any = None) -> int:
     next_fallback = time.monotonic() + FALLBACK_S
 
     def max_rows() -> int:
-        return max(1, console.size.height - 8)
+        height: int = console.size.height
+        return max(1, height - 8)
 
     try:
         with Live(render(table, time.time(), max_rows()), console=console, auto_refresh=False) as live:

@@ -357,7 +357,8 @@ class GeminiBackend:
             # keeps a dead upstream from holding the run.
             return None
         backoff = self._retry_base * (2 ** (attempt - 1))
-        return min(self._max_wait, backoff * (0.75 + 0.25 * random.random()))
+        wait: float = min(self._max_wait, backoff * (0.75 + 0.25 * random.random()))
+        return wait
 
     def _translate(self, exc: Exception, attempt: int) -> BackendError:
         import httpx2

@@ -15,7 +15,7 @@ from ..protocol.events import RunFinished
 from ..protocol.result import Reason, exit_code_for
 from ..protocol.spec import RunSpec
 from .clock import Clock, SystemClock
-from .orchestrator import Orchestrator, Outcome
+from .orchestrator import Orchestrator, Outcome, TurnView
 from .outbox import EVENTS_FILE, EventWriter
 
 ENGINE_DEADLINE_MARGIN_S = 0.5
@@ -66,7 +66,7 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
                 extra=extra.by_agent.get(agent.id, ()),
             )
 
-            def view(aid: str = agent.id):  # noqa: ANN202 - closure over the orchestrator built below
+            def view(aid: str = agent.id) -> TurnView:  # a closure over the orchestrator built below
                 assert orch is not None
                 return orch.view(aid)
 

@@ -101,7 +101,7 @@ class Orchestrator:
     # -- views -------------------------------------------------------------------------
 
     def answers_by_anon(self) -> dict[str, str]:
-        return {s.anon: s.latest for s in self.agents.values() if s.latest is not None}  # type: ignore[misc]
+        return {s.anon: s.latest for s in self.agents.values() if s.latest is not None}
 
     def view(self, agent_id: str) -> TurnView:
         s = self.agents[agent_id]

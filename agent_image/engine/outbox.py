@@ -41,7 +41,8 @@ class EventWriter:
             if self._fd is not None:
                 os.write(self._fd, line)
             self.events.append(EVENT_ADAPTER.validate_python(ev))
-            return ev
+            emitted: Event = ev
+            return emitted
 
     def _shrink(self, event_type: type[Any], fields: dict[str, Any]) -> Any:
         budget = MAX_EVENT_BYTES // 2

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -478,10 +479,11 @@ def _sandbox_limits(tr: Translation, out: dict[str, Any], limits: dict[str, list
             total_cpu += float(value)
         except (TypeError, ValueError):
             tr.add(loc, "error", f"not a number of CPUs: {value!r}")
-    for kind, total, fmt in (
+    formats: tuple[tuple[str, Any, Callable[[Any], str]], ...] = (
         ("memory", total_mem, lambda n: f"{n // (1 << 20)}m"),
         ("cpus", total_cpu, lambda n: f"{n:g}"),
-    ):
+    )
+    for kind, total, fmt in formats:
         if not limits[kind] or not total:
             continue
         first = limits[kind][0][0]

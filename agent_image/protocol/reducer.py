@@ -117,7 +117,7 @@ class StatusReducer:
             # capped below 100 so 100 always means the run is over.
             denom = 2 * max(1, len(live)) if live else 2 * n
             pct = int(90 * min(1.0, (min(answered, len(live) or n) + len(self._standing)) / denom))
-            if self._standing and st.coordination.phase != Phase.PRESENTATION:
+            if self._standing:  # (this branch never sees PRESENTATION)
                 st.coordination.phase = Phase.VOTING
             elif st.coordination.phase == Phase.STARTING and self._order:
                 st.coordination.phase = Phase.INITIAL_ANSWER

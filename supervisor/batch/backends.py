@@ -209,7 +209,7 @@ def daemon_socket() -> Path | None:
         return None
     from agent_image.client import ClientError, SupervisorClient
 
-    from ..daemon import default_socket
+    from ..sockets import default_socket
 
     sock = default_socket()
     if not sock.exists():

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import SnapshotError
 from ..runtime.base import LABEL_OWNER, LABEL_RUN, LABEL_SUPERVISOR, Mount, SandboxSpec
-from ..snapshot import SnapshotError, snapshot_dir
+from ..snapshot import snapshot_dir
 from .assertions import Outcome, RunFacts, check
 
 log = logging.getLogger(__name__)

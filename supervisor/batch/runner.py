@@ -265,7 +265,7 @@ class BatchRunner:
         """
         path = self.dir / "batch.json"
         try:
-            prev = json.loads(path.read_text(encoding="utf-8"))
+            prev: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:

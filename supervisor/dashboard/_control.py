@@ -7,8 +7,9 @@ import os
 import signal
 from typing import Any, Protocol
 
+from ..logdir import read_json
+from ..runrows import RunRow
 from ..sockets import daemon_client
-from ._data import RunRow, read_json
 
 __all__ = ["Control", "LocalControl", "StopRefused", "SupervisorControl"]
 

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..runrows import RunRow
 from ._data import (
     STATUS,
     BatchRow,
     Redactor,
     RunFiles,
     RunIndex,
-    RunRow,
     iter_batch_dirs,
     load_detail,
     log_since,

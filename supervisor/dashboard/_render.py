@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from importlib import resources
 from typing import Any
 
-from ._data import BatchRow, Mark, RunDetail, RunRow, UsagePoint
+from ..runrows import RunRow
+from ._data import BatchRow, Mark, RunDetail, UsagePoint
 from ._markdown import render_markdown
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from ..runrows import RunRow
 from ._control import Control, StopRefused
-from ._data import Redactor, RunRow, load_detail
+from ._data import Redactor, load_detail
 from ._live import Hub
 from ._render import esc, page, run_page_body, runs_page_body, static_text
 
@@ -169,7 +171,7 @@ class Dashboard:
     # -- the guard -----------------------------------------------------------------------------
 
     @web.middleware
-    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             resp = await self._checked(request, handler)
         except web.HTTPException as exc:
@@ -180,7 +182,7 @@ class Dashboard:
             resp.headers.setdefault(k, v)
         return resp
 
-    async def _checked(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _checked(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if self.allowed_hosts and request.host not in self.allowed_hosts:
             return _plain(403, "Wrong host", "This dashboard answers only to the address it printed.")
         if request.path.startswith("/static/") and request.method == "GET":
@@ -261,7 +263,8 @@ class Dashboard:
         return web.Response(text=page(f"{run_id} · massgen", body, meta=self._meta()), content_type="text/html")
 
     async def result_json(self, request: web.Request) -> web.Response:
-        from ._data import MAX_RESULT_BYTES, read_json
+        from ..logdir import read_json
+        from ._data import MAX_RESULT_BYTES
 
         row = self._row(request)
         doc = await asyncio.to_thread(read_json, row.log_dir / "result.json", MAX_RESULT_BYTES)

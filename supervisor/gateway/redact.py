@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from urllib.parse import quote
 
 REDACTED = "[redacted]"
@@ -22,7 +23,10 @@ class Redactor:
 
     def __init__(self, secrets: list[str]) -> None:
         # JSON-escaped twice over: Python's way, and encoders that escape "/" as "\\/".
-        escaped = (lambda k: json.dumps(k)[1:-1], lambda k: json.dumps(k)[1:-1].replace("/", "\\/"))
+        escaped: tuple[Callable[[str], str], ...] = (
+            lambda k: json.dumps(k)[1:-1],
+            lambda k: json.dumps(k)[1:-1].replace("/", "\\/"),
+        )
         forms = {s for k in secrets if len(k) >= 4 for s in (k, quote(k, safe=""), *(e(k) for e in escaped))}
         self._text = sorted(forms, key=len, reverse=True)
         self._bytes = [s.encode() for s in self._text]

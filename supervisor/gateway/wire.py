@@ -107,9 +107,8 @@ def error_message(body: bytes) -> str:
     except ValueError:
         return body.decode("utf-8", "replace")
     err = obj.get("error") if isinstance(obj, dict) else None
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err["message"]
-    return body.decode("utf-8", "replace")
+    message = err.get("message") if isinstance(err, dict) else None
+    return message if isinstance(message, str) else body.decode("utf-8", "replace")
 
 
 def auth_headers(provider: str, api_key: str) -> dict[str, str]:

@@ -202,6 +202,8 @@ class DockerRuntime:
             if isinstance(exc.__cause__, docker.errors.ImageNotFound):
                 raise ImageMissing(spec.image) from exc.__cause__
             raise SandboxStartFailed(spec.run_id, f"create: {exc.detail}") from exc.__cause__
+        if not container.id:
+            raise SandboxStartFailed(spec.run_id, "create: the engine answered without a container id")
         handle = DockerHandle(container.id)
         try:
             with self._engine("start", handle.id):
@@ -228,7 +230,8 @@ class DockerRuntime:
         if timeout > 0:
             try:
                 with self._engine("wait", handle.id):
-                    result = self._api.wait(handle.id, timeout=timeout)
+                    # The SDK hands `timeout` to requests, which takes a float (the stub says int).
+                    result = self._api.wait(handle.id, timeout=timeout)  # type: ignore[arg-type]
             except RuntimeCallFailed as exc:
                 if isinstance(exc.__cause__, docker.errors.NotFound):
                     return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
@@ -237,7 +240,7 @@ class DockerRuntime:
                 if exc.__cause__ is not None and _is_read_timeout(exc.__cause__):
                     return None  # still running after `timeout`
                 raise
-            err = (result or {}).get("Error") or {}
+            err: Mapping[str, Any] = (result or {}).get("Error") or {}
             error = err.get("Message") or None
         state = self._inspect_state(handle)
         if state is None:
@@ -382,7 +385,7 @@ class DockerRuntime:
         """
         try:
             with self._engine("inspect-image", tag):
-                info = self._api.inspect_image(tag)
+                info = self._api.inspect_image(tag)  # type: ignore[no-untyped-call]  # unannotated in types-docker
         except RuntimeCallFailed as exc:
             if _gone(exc):
                 return None
