@@ -101,3 +101,31 @@ def check_context_paths(config: RunConfig, source: str) -> tuple[list[Path], lis
             continue
         paths.append(p.resolve())
     return paths, problems
+
+
+def price_problems(config: RunConfig, source: str, env: Any = None) -> list[ConfigProblem]:
+    """A cost budget needs a price for every model it would meter; an unpriced one would count $0.
+
+    Raises:
+        DataFileError: ``MASSGEN_PRICING_FILE`` is unreadable or malformed.
+    """
+    if config.sandbox.budget.max_cost_usd is None:
+        return []
+    from .pricing import Pricing
+
+    pricing = Pricing.load(env=env if env is not None else os.environ)
+    problems = []
+    for i, agent in enumerate(config.agents):
+        b = agent.backend
+        if b.type == "scripted" or not b.model or pricing.price(b.type, b.model) is not None:
+            continue
+        problems.append(
+            ConfigProblem(
+                source,
+                f"agents.{i}.backend.model",
+                None,
+                f"no price for {b.type}/{b.model}, and sandbox.budget.max_cost_usd would count it as $0: add it to a "
+                "copy of configs/pricing.json and set MASSGEN_PRICING_FILE, or use max_tokens / max_calls",
+            )
+        )
+    return problems

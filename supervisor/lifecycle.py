@@ -25,7 +25,7 @@ from agent_image.protocol.result import Reason, RunResult
 from agent_image.protocol.spec import RunSpec
 from agent_image.protocol.status import ContainerSection, DiskSection, RunState
 
-from .configs import check_context_paths, resolve_loaded
+from .configs import check_context_paths, price_problems, resolve_loaded
 from .diskaccount import DiskAccount
 from .diskquota import WALK_INTERVAL_S, DiskUse, Mode, RunDisk
 from .diskquota import disabled as disk_quota_disabled
@@ -70,7 +70,11 @@ MAX_OUTPUT_BYTES = 256 << 10  # of the sandbox's own stdout/stderr, the tail kep
 REMOVE_TIMEOUT_S = 30.0
 DISK_CHECK_S = 0.25  # how often a run's disk charge is measured (a statvfs and a few stats)
 MIN_CHILD_DISK_BYTES = 16 << 20  # a nested run given less than this by its parent is refused
-KEY_VARS = {"openai": ("OPENAI_API_KEY",), "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY")}
+KEY_VARS = {
+    "openai": ("OPENAI_API_KEY",),
+    "gemini": ("GEMINI_API_KEY", "GOOGLE_API_KEY"),
+    "claude": ("ANTHROPIC_API_KEY",),
+}
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,8 @@ class Listener:
 def _key_problems(config: RunConfig, source: str, sandbox: str) -> list[ConfigProblem]:
     problems = []
     configured: set[str] = set()
-    if sandbox == "docker" and config.needs_models():
+    docker = sandbox == "docker" and bool(config.needs_models())
+    if docker:
         # The gateway holds the keys: the environment or $MASSGEN_KEYS_FILE.
         from .gateway import upstreams_from_env
 
@@ -181,8 +186,36 @@ def _key_problems(config: RunConfig, source: str, sandbox: str) -> list[ConfigPr
         except Exception as exc:  # noqa: BLE001 - a broken keys file is a config problem, named
             return [ConfigProblem(os.environ.get("MASSGEN_KEYS_FILE", "<keys file>"), "", None, str(exc))]
     for i, agent in enumerate(config.agents):
-        names = KEY_VARS.get(agent.backend.type, ())
-        if agent.backend.type in configured:
+        b = agent.backend
+        if b.type == "openai":
+            # Per agent: the key its upstream's host takes (none for a local server).
+            from agent_image.protocol.providers import key_from_env, key_vars
+
+            if docker:
+                from .gateway import agent_upstream
+
+                try:
+                    found = agent_upstream(b.provider, b.base_url)[0] is not None
+                except Exception as exc:  # noqa: BLE001 - a broken keys file, named
+                    return [ConfigProblem(os.environ.get("MASSGEN_KEYS_FILE", "<keys file>"), "", None, str(exc))]
+            else:
+                found = (
+                    not key_vars(b.provider, b.base_url) or key_from_env(b.provider, b.base_url, os.environ) is not None
+                )
+            if not found:
+                names = key_vars(b.provider, b.base_url)
+                where = f" for {b.base_url}" if b.base_url else ""
+                problems.append(
+                    ConfigProblem(
+                        source,
+                        f"agents.{i}.backend.type",
+                        None,
+                        f"backend {b.provider or b.type!r}{where} needs {' or '.join(names)} in the environment",
+                    )
+                )
+            continue
+        names = KEY_VARS.get(b.type, ())
+        if b.type in configured:
             continue
         if names and not any(os.environ.get(n) for n in names):
             problems.append(
@@ -190,7 +223,7 @@ def _key_problems(config: RunConfig, source: str, sandbox: str) -> list[ConfigPr
                     source,
                     f"agents.{i}.backend.type",
                     None,
-                    f"backend {agent.backend.type!r} needs {' or '.join(names)} in the environment",
+                    f"backend {b.type!r} needs {' or '.join(names)} in the environment",
                 )
             )
     return problems
@@ -303,6 +336,14 @@ class RunExecution:
             key_problems = _key_problems(config, source, req.sandbox)
             if key_problems:
                 return self._end(Verdict(Reason.KEY_MISSING, str(ConfigError(key_problems))))
+            try:
+                unpriced = price_problems(config, source)
+            except ValueError as exc:  # a broken MASSGEN_PRICING_FILE: named
+                unpriced = [ConfigProblem(os.environ.get("MASSGEN_PRICING_FILE", "<pricing file>"), "", None, str(exc))]
+            if unpriced:
+                for p in unpriced:
+                    mat.log(f"config error: {p}", "error")
+                return self._end(Verdict(Reason.PRICE_MISSING, str(ConfigError(unpriced))))
             return await self._execute(config, raw, contexts)
         except Detached:
             mat.log("supervisor detached; the sandbox keeps running and will be re-adopted", "warning")

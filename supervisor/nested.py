@@ -124,10 +124,13 @@ class ChildHooks(RunHooks):
                 )
         # The gateway sends the host's real key to the upstream: a child (whose config an agent
         # wrote) may not point it anywhere its parent did not already use.
-        parent_urls = {a.backend.type: a.backend.base_url for a in pcfg.agents if a.backend.base_url}
+        parent_urls: dict[str, set[str]] = {}
+        for a in pcfg.agents:
+            if a.backend.base_url:
+                parent_urls.setdefault(a.backend.type, set()).add(a.backend.base_url)
         for i, agent in enumerate(config.agents):
             url = agent.backend.base_url
-            if url is not None and url != parent_urls.get(agent.backend.type):
+            if url is not None and url not in parent_urls.get(agent.backend.type, set()):
                 raise PolicyError(
                     "base_url_not_allowed",
                     f"agents.{i}.backend.base_url: nested runs may only use their parent's upstream",

@@ -46,7 +46,15 @@ class SocketServices(RunHooks):
         self.socket_dir: Path | None = None
 
     def _gateway(self, execution: RunExecution, config: RunConfig) -> Gateway:
-        from .gateway import BudgetMeter, CallRecord, ChainMeter, Gateway, seed_from_telemetry, upstreams_from_env
+        from .gateway import (
+            BudgetMeter,
+            CallRecord,
+            ChainMeter,
+            Gateway,
+            agent_upstream,
+            seed_from_telemetry,
+            upstreams_from_env,
+        )
         from .pricing import Pricing
 
         mat = execution.mat
@@ -94,21 +102,44 @@ class SocketServices(RunHooks):
         seed_from_telemetry(meter.own, self.record.paths.log_dir / "telemetry.jsonl")
         upstreams = upstreams_from_env()
         allowed: dict[str, set[str]] = {}
+        per_agent = {}
+        moved: set[str] = set()
         for agent in config.agents:
-            if agent.backend.type in ("openai", "gemini") and agent.backend.model:
+            if agent.backend.type in ("openai", "gemini", "claude") and agent.backend.model:
                 allowed.setdefault(agent.backend.type, set()).add(agent.backend.model)
-                if agent.backend.base_url and agent.backend.type in upstreams:
-                    up = upstreams[agent.backend.type]
-                    upstreams[agent.backend.type] = type(up)(
-                        up.provider, agent.backend.base_url.rstrip("/"), up.api_key
-                    )
-        log.info("run_id=%s gateway upstreams=%s", run_id, {k: v.base_url for k, v in upstreams.items()})
+            if agent.backend.type == "openai":
+                # Each OpenAI-compatible agent has its own upstream, with the key its host takes.
+                up, _names = agent_upstream(agent.backend.provider, agent.backend.base_url)
+                if up is not None:
+                    per_agent[agent.id] = up
+                plain = agent.backend.provider in (None, "openai")
+                if plain and agent.backend.base_url and "openai" in upstreams and "openai" not in moved:
+                    # The shared route (/openai/v1) keeps going where the run's first plain
+                    # `type: openai` agent points, as before per-agent routes.
+                    moved.add("openai")
+                    base = upstreams["openai"]
+                    upstreams["openai"] = type(base)(base.provider, agent.backend.base_url.rstrip("/"), base.api_key)
+            elif (
+                agent.backend.type in ("gemini", "claude")
+                and agent.backend.base_url
+                and agent.backend.type in upstreams
+            ):
+                kind = agent.backend.type
+                up = upstreams[kind]
+                upstreams[kind] = type(up)(up.provider, agent.backend.base_url.rstrip("/"), up.api_key)
+        log.info(
+            "run_id=%s gateway upstreams=%s agents=%s",
+            run_id,
+            {k: v.base_url for k, v in upstreams.items()},
+            {k: v.base_url for k, v in per_agent.items()},
+        )
         self.record.meter = meter
         return Gateway(
             upstreams,
             meter=meter,
             pricing=Pricing.load(),
             allowed_models=allowed,
+            agent_upstreams=per_agent,
             run_id=run_id,
             limiter=self.sup.upstream_limiter,
         )

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent_image.protocol.loader import ConfigError, ConfigProblem
 
-from .configs import check_context_paths, resolve_loaded
+from .configs import check_context_paths, price_problems, resolve_loaded
 
 
 def validate(source: str) -> tuple[list[ConfigProblem], list[ConfigProblem], str]:
@@ -22,7 +22,11 @@ def validate(source: str) -> tuple[list[ConfigProblem], list[ConfigProblem], str
     except ConfigError as exc:
         return list(exc.problems), list(exc.notes), source
     _, missing = check_context_paths(loaded.config, path)
-    return missing, list(loaded.notes), path
+    try:
+        unpriced = price_problems(loaded.config, path)
+    except ValueError as exc:  # a broken MASSGEN_PRICING_FILE
+        unpriced = [ConfigProblem(path, "", None, str(exc))]
+    return missing + unpriced, list(loaded.notes), path
 
 
 def main(argv: list[str], parser_cls: type[argparse.ArgumentParser] = argparse.ArgumentParser) -> int:

@@ -25,6 +25,10 @@ def make_backend(
         from .gemini_backend import GeminiBackend
 
         return GeminiBackend(cfg, agent_id=agent.id)
+    if cfg.type == "claude":
+        from .claude_backend import ClaudeBackend
+
+        return ClaudeBackend(cfg, agent_id=agent.id)
     raise ValueError(f"unknown backend type {cfg.type!r}")
 
 

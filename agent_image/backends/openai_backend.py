@@ -29,7 +29,8 @@ from ._http import AGENT_HEADER, env_number, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 PROVIDER = "openai"
-GATEWAY_BASE_URL = "http://massgen-gateway/openai/v1"
+GATEWAY_ROOT = "http://massgen-gateway/openai"
+GATEWAY_BASE_URL = f"{GATEWAY_ROOT}/v1"
 GATEWAY_KEY = "sandbox"
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_TIMEOUT_S = 120.0
@@ -158,15 +159,26 @@ class OpenAIBackend:
         headers: dict[str, str] | None = None
         if self._socket:
             headers = {AGENT_HEADER: agent_id} if agent_id else None
-            url: str | None = GATEWAY_BASE_URL
+            # Each agent's own route: the gateway knows its upstream (and the key for that host).
+            url: str | None = f"{GATEWAY_ROOT}/agents/{agent_id}/v1" if agent_id else GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
             if http_client is None:
                 transport = httpx2.AsyncHTTPTransport(uds=self._socket)
                 http_client = httpx2.AsyncClient(transport=transport)
         else:
             url = cfg.base_url or base_url or os.environ.get("OPENAI_BASE_URL") or None
-            key = api_key
-        self._secrets = (api_key, os.environ.get("OPENAI_API_KEY"))
+            from ..protocol.providers import key_from_env, key_vars
+
+            # The key the upstream's host takes (MassGen's table); a keyless local server gets a
+            # placeholder, since the SDK insists on one.
+            key = api_key or key_from_env(cfg.provider, url, os.environ)
+            names = key_vars(cfg.provider, url)
+            if key is None and not names:
+                key = "none"
+            elif key is None:
+                host = upstream_label(url or DEFAULT_BASE_URL, None)
+                raise BackendError(PROVIDER, f"cannot set up client for {host}: no API key: set {' or '.join(names)}")
+        self._secrets = (api_key, os.environ.get("OPENAI_API_KEY"), key if key != "none" else None)
         self.base_url = url or DEFAULT_BASE_URL
         self._upstream = upstream_label(self.base_url, self._socket)
         try:

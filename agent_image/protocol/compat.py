@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .providers import ALIASES, key_vars
+
 Severity = Literal["error", "warning", "info"]
 Loc = tuple[Any, ...]
 
@@ -32,20 +34,10 @@ ALT_KEYS = "model keys stay on the host: the supervisor's gateway adds them from
 ALT_FILES = "put files in `orchestrator.context_paths` (mounted read-only) and read them with the shell"
 ALT_SHELL = "every agent has a real sandboxed `shell` tool; run programs from it"
 ALT_NESTED = 'nested runs work through the shell: `massgen-run --automation --config ... "Q"`'
-ALT_BACKENDS = "use `type: openai` or `gemini` (any OpenAI-compatible server: `type: openai` with `base_url`)"
+ALT_BACKENDS = (
+    "use `type: openai`, `gemini` or `claude` (any OpenAI-compatible server: `type: chatcompletion` with `base_url`)"
+)
 ALT_CONTEXT = "use `orchestrator.context_paths` for files the agents should see"
-
-# OpenAI-compatible aliases: default upstream, and the host variable that holds its key (None:
-# a local server that takes no key). Used once the gateway routes per agent upstream.
-OPENAI_COMPATIBLE: dict[str, tuple[str | None, str | None]] = {
-    "chatcompletion": (None, None),  # base_url required; the key follows the upstream host
-    "grok": ("https://api.x.ai/v1", "XAI_API_KEY"),
-    "zai": ("https://api.z.ai/api/paas/v4/", "ZAI_API_KEY"),
-    "openrouter": ("https://openrouter.ai/api/v1", "OPENROUTER_API_KEY"),
-    "lmstudio": ("http://localhost:1234/v1", None),
-    "vllm": ("http://localhost:8000/v1", None),
-    "sglang": ("http://localhost:30000/v1", None),
-}
 
 # backend.type values refused outright, with the reason and the way forward.
 REFUSED_TYPES: dict[str, str] = {
@@ -330,13 +322,12 @@ def _agent(tr: Translation, loc: Loc, agent: dict[str, Any], limits: dict[str, l
 
 def _backend(tr: Translation, loc: Loc, b: dict[str, Any], limits: dict[str, list[tuple[Loc, Any]]]) -> None:
     btype = b.get("type")
-    if btype == "claude":
-        tr.add(loc + ("type",), "error", "backend type 'claude' is not supported yet; use `type: openai` or `gemini`")
-    elif isinstance(btype, str) and btype in REFUSED_TYPES:
+    if isinstance(btype, str) and btype in REFUSED_TYPES:
         why = REFUSED_TYPES[btype]
         tr.add(loc + ("type",), "error", f"backend type {btype!r} is not supported: {why}; {ALT_BACKENDS}")
-    elif isinstance(btype, str) and btype in OPENAI_COMPATIBLE:
+    elif isinstance(btype, str) and btype in ALIASES:
         _openai_alias(tr, loc, b, btype)
+        btype = "openai"
 
     for k, why in _BACKEND_REFUSED.items():
         if k not in b:
@@ -368,14 +359,22 @@ def _backend(tr: Translation, loc: Loc, b: dict[str, Any], limits: dict[str, lis
 
 
 def _openai_alias(tr: Translation, loc: Loc, b: dict[str, Any], btype: str) -> None:
-    default_url, _key_var = OPENAI_COMPATIBLE[btype]
-    tr.add(
-        loc + ("type",),
-        "error",
-        f"backend type {btype!r} is not supported yet (the gateway sends OPENAI_API_KEY to every OpenAI-compatible "
-        f"upstream); use `type: openai` with `base_url: {b.get('base_url') or default_url}` if that key is meant "
-        "for it",
-    )
+    # The OpenAI-compatible backend with MassGen's default upstream; the gateway picks the key
+    # by the upstream's host (agent_image/protocol/providers.py).
+    default_url = ALIASES[btype]
+    b["type"] = "openai"
+    b["provider"] = btype
+    if not b.get("base_url"):
+        if default_url is None:
+            tr.add(loc + ("base_url",), "error", f"backend type {btype!r} needs a base_url (an OpenAI-compatible URL)")
+            return
+        b["base_url"] = default_url
+    url = b["base_url"]
+    names = key_vars(btype, url)
+    key = f"the gateway sends {' or '.join(names)} from the host" if names else "no key is sent"
+    tr.add(loc + ("type",), "info", f"OpenAI-compatible upstream {url}; {key}")
+    if btype == "lmstudio":
+        tr.add(loc + ("type",), "warning", "LM Studio is not started, no model downloaded: start its server")
 
 
 def _command_line(tr: Translation, loc: Loc, b: dict[str, Any], limits: dict[str, list[tuple[Loc, Any]]]) -> None:

@@ -124,13 +124,16 @@ ScriptStep = Annotated[
 
 
 class BackendConfig(_Strict):
-    type: Literal["scripted", "openai", "gemini"]
+    type: Literal["scripted", "openai", "gemini", "claude"]
     model: str | None = None
     base_url: str | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, gt=0)
+    # openai: which OpenAI-compatible service (MassGen's type name: chatcompletion, grok, zai,
+    # lmstudio, ...); with base_url it chooses the host variable holding the key.
+    provider: str | None = None
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=1)  # gemini (openai-compatible: via extra_body)
+    top_k: int | None = Field(default=None, ge=1)  # gemini, claude (openai-compatible: via extra_body)
     verbosity: Literal["low", "medium", "high"] | None = None  # openai (MassGen: text.verbosity)
     reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None  # openai (reasoning.effort)
     extra_body: dict[str, Any] | None = None  # openai: merged into the request body
@@ -189,12 +192,14 @@ class BackendConfig(_Strict):
             "verbosity": "openai",
             "reasoning_effort": "openai",
             "extra_body": "openai",
-            "top_k": "gemini",
+            "top_k": ("gemini", "claude"),
             "enable_web_search": "gemini",
+            "provider": "openai",
         }
-        for name, kind in only.items():
-            if getattr(self, name) not in (None, False) and self.type != kind:
-                raise ValueError(f"{name} is only for the {kind} backend")
+        for name, kinds in only.items():
+            kinds = (kinds,) if isinstance(kinds, str) else kinds
+            if getattr(self, name) not in (None, False) and self.type not in kinds:
+                raise ValueError(f"{name} is only for the {' and '.join(kinds)} backend")
         return self
 
 
@@ -341,10 +346,11 @@ class RunConfig(_Strict):
                     ],
                 )
             seen.add(a.id)
-        # The gateway routes per provider: one upstream (base_url) per backend type per run.
+        # The gateway routes OpenAI-compatible calls per agent; Gemini's and Claude's upstream is
+        # one per run.
         urls: dict[str, str | None] = {}
         for i, a in enumerate(self.agents):
-            if a.backend.type == "scripted":
+            if a.backend.type not in ("gemini", "claude"):
                 continue
             if urls.setdefault(a.backend.type, a.backend.base_url) != a.backend.base_url:
                 raise ValidationError.from_exception_data(

@@ -26,6 +26,7 @@ class Reason(StrEnum):
     PATH_MISSING = "path_missing"
     IMAGE_MISSING = "image_missing"
     KEY_MISSING = "key_missing"
+    PRICE_MISSING = "price_missing"
     AGENT_FAILED = "agent_failed"
     BACKEND_ERROR = "backend_error"
     CONTAINER_CRASHED = "container_crashed"
@@ -57,6 +58,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.PATH_MISSING: ExitCode.CONFIG,
     Reason.IMAGE_MISSING: ExitCode.CONFIG,
     Reason.KEY_MISSING: ExitCode.CONFIG,
+    Reason.PRICE_MISSING: ExitCode.CONFIG,
     Reason.AGENT_FAILED: ExitCode.EXECUTION,
     Reason.BACKEND_ERROR: ExitCode.EXECUTION,
     Reason.CONTAINER_CRASHED: ExitCode.EXECUTION,

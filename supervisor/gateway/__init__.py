@@ -8,6 +8,10 @@ Routes (all under the socket's ``http://massgen-gateway`` origin):
 - ``GET /openai/v1/models``: this run's allowed models only, never the key holder's list.
 - ``POST /gemini/{v1,v1beta,...}/models/{model}:generateContent`` and ``:streamGenerateContent``
   (google-genai 3.x calls ``v1`` by default; ``v1beta`` when asked).
+- ``POST /openai/agents/{agent}/v1/...``: the same OpenAI routes for one agent's own upstream
+  (OpenAI-compatible services; the key its host takes, see `agent_upstream`).
+- ``POST /claude/v1/messages``: the Anthropic Messages API (JSON or SSE); usage is metered from
+  ``message_start`` (input, cache reads) and the last ``message_delta`` (output tokens).
 
 The sandbox's own credentials (``Authorization``, ``x-goog-api-key``, ``?key=``) are dropped and
 the real key added (``Authorization: Bearer`` for OpenAI, ``x-goog-api-key`` for Gemini). Keys
@@ -31,7 +35,8 @@ a 502 in the provider's error format naming the upstream host. Errors the gatewa
 Environment (``upstreams_from_env``): ``OPENAI_API_KEY``, ``OPENAI_BASE_URL`` (default
 ``https://api.openai.com/v1``); ``GOOGLE_API_KEY`` or ``GEMINI_API_KEY`` (google-genai's order:
 ``GOOGLE_API_KEY`` wins), ``GOOGLE_GEMINI_BASE_URL`` (the variable google-genai itself reads;
-default ``https://generativelanguage.googleapis.com``); ``MASSGEN_KEYS_FILE``: a JSON (or
+default ``https://generativelanguage.googleapis.com``); ``ANTHROPIC_API_KEY``,
+``ANTHROPIC_BASE_URL`` (default ``https://api.anthropic.com``); ``MASSGEN_KEYS_FILE``: a JSON (or
 JSON-compatible YAML) mapping ``provider -> {api_key, base_url?}`` whose entries win over the
 variables. HTTP(S)_PROXY / NO_PROXY are honoured for upstream connections.
 
@@ -62,8 +67,10 @@ from .upstreams import (
     DEFAULT_OPENAI_BASE_URL,
     PROVIDERS,
     Upstream,
+    agent_upstream,
     missing_key_message,
     upstreams_from_env,
+    url_keys,
 )
 from .wire import error_body, estimate_usage, max_output_tokens, usage_from
 
@@ -116,6 +123,7 @@ __all__ = [
     "Totals",
     "Upstream",
     "UpstreamLimiter",
+    "agent_upstream",
     "error_body",
     "estimate_usage",
     "max_output_tokens",
@@ -123,6 +131,7 @@ __all__ = [
     "retry_after_s",
     "seed_from_telemetry",
     "upstreams_from_env",
+    "url_keys",
     "usage_from",
 ]
 

@@ -28,7 +28,7 @@ from .limiter import UpstreamLimiter
 from .metering import CallRecord, Meter
 from .redact import Redactor, SseRelay
 from .upstreams import Upstream, missing_key_message
-from .wire import auth_headers, error_body, error_message, estimate_usage, usage_from, usage_marker
+from .wire import auth_headers, claude_stream_usage, error_body, error_message, estimate_usage, usage_from, usage_marker
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Gateway:
         meter: Meter,
         pricing: Pricing,
         allowed_models: Mapping[str, set[str]] | None = None,
+        agent_upstreams: Mapping[str, Upstream] | None = None,
         timeout_s: float = 120,
         max_retries: int = 3,
         connect_timeout_s: float = 5,
@@ -152,6 +153,8 @@ class Gateway:
         Args:
             allowed_models: per provider, the only models a sandbox may call; a provider left out
                 allows none. None: any model of any provider.
+            agent_upstreams: per agent id, its own OpenAI-compatible upstream (and key), served
+                under ``/openai/agents/{agent}/v1/...``; an agent not listed there gets a 404.
             timeout_s: the longest wait for the upstream's next byte (not for the whole answer:
                 long generations stream for minutes).
             max_retries: retries after a connect error, timeout, 408, 429 or 5xx.
@@ -166,6 +169,7 @@ class Gateway:
         self.run_id = run_id
         self._limiter = limiter
         self._upstreams = dict(upstreams)
+        self._agent_upstreams = dict(agent_upstreams or {})
         self._meter = meter
         self._pricing = pricing
         self._allowed: dict[str, set[str]] | None = None
@@ -177,7 +181,8 @@ class Gateway:
         self._max_retries = max(0, int(max_retries))
         self._retry_base = retry_base_s
         self._max_wait = max_retry_wait_s
-        self._redact = Redactor([u.api_key for u in self._upstreams.values()])
+        keys = [u.api_key for u in (*self._upstreams.values(), *self._agent_upstreams.values()) if u.api_key]
+        self._redact = Redactor(keys)
         self._session: aiohttp.ClientSession | None = None
         self._drain_timeout = drain_timeout_s
         self._drain_max_bytes = drain_max_bytes
@@ -191,8 +196,14 @@ class Gateway:
             web.post("/openai/v1/chat/completions", self._openai),
             web.post("/openai/v1/responses", self._openai),
             web.get("/openai/v1/models", self._openai_models),
+            # Per-agent upstreams (OpenAI-compatible services with their own host and key).
+            web.post("/openai/agents/{agent}/v1/chat/completions", self._openai),
+            web.post("/openai/agents/{agent}/v1/responses", self._openai),
+            web.get("/openai/agents/{agent}/v1/models", self._openai_models),
             # One segment holds "{model}:{action}"; split by hand (a model has no colon).
             web.post(r"/gemini/{version:v1[a-z0-9]*}/models/{target}", self._gemini),
+            # Anthropic Messages API (the SDK's base URL is http://massgen-gateway/claude).
+            web.post("/claude/v1/messages", self._claude),
         ]
 
     def make_app(self) -> web.Application:
@@ -253,13 +264,26 @@ class Gateway:
             obj = None
         if not isinstance(obj, dict) or not isinstance(obj.get("model"), str) or not obj["model"]:
             return self._refuse("openai", 400, "request body must be a JSON object with a 'model'", "invalid_request")
-        endpoint = request.path.removeprefix("/openai/v1")
+        route_agent = request.match_info.get("agent")
+        endpoint = "/" + request.path.split("/v1/", 1)[1]
         if obj.get("stream") is True and endpoint == "/chat/completions":
             opts = obj.get("stream_options")
             if not (isinstance(opts, dict) and opts.get("include_usage") is True):
                 obj["stream_options"] = {**(opts if isinstance(opts, dict) else {}), "include_usage": True}
                 body = json.dumps(obj).encode()
-        return await self._forward(request, "openai", obj["model"], endpoint, {}, body)
+        return await self._forward(request, "openai", obj["model"], endpoint, {}, body, route_agent)
+
+    async def _claude(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request, "claude")
+        if isinstance(body, web.Response):
+            return body
+        try:
+            obj = json.loads(body)
+        except ValueError:
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("model"), str) or not obj["model"]:
+            return self._refuse("claude", 400, "request body must be a JSON object with a 'model'", "invalid_request")
+        return await self._forward(request, "claude", obj["model"], "/v1/messages", {}, body)
 
     async def _openai_models(self, request: web.Request) -> web.Response:
         models = sorted((self._allowed or {}).get("openai", ()))
@@ -297,7 +321,14 @@ class Gateway:
     # -- forwarding ----------------------------------------------------------------------------
 
     async def _forward(
-        self, request: web.Request, provider: str, model: str, path: str, query: dict[str, str], body: bytes
+        self,
+        request: web.Request,
+        provider: str,
+        model: str,
+        path: str,
+        query: dict[str, str],
+        body: bytes,
+        route_agent: str | None = None,
     ) -> web.StreamResponse:
         raw_agent = _AGENT_CHARS.sub("", request.headers.get(AGENT_HEADER, ""))[:64]
         call = _Call(raw_agent or "unknown", provider, model.removeprefix("models/"), body=body)
@@ -313,7 +344,13 @@ class Gateway:
                 names = ", ".join(sorted(allowed)) or "none"
                 msg = f"model_not_allowed: model={call.model} is not allowed for provider={provider} (allowed: {names})"
                 return self._local_refusal(call, 403, msg, "model_not_allowed")
-        upstream = self._upstreams.get(provider)
+        if route_agent is not None:
+            upstream = self._agent_upstreams.get(route_agent)
+            if upstream is None:
+                msg = f"no upstream for agent={_AGENT_CHARS.sub('', route_agent)[:64]} in this run's config"
+                return self._local_refusal(call, 404, msg, "not_found")
+        else:
+            upstream = self._upstreams.get(provider)
         if upstream is None:
             return self._local_refusal(call, 401, missing_key_message(provider), "no_api_key")
         budget = self._meter.budget_error()
@@ -467,6 +504,13 @@ class Gateway:
 
     @staticmethod
     def _take_usage(call: _Call, relay: SseRelay) -> None:
+        if call.provider == "claude" and relay.usage_line is not None:
+            try:
+                first = json.loads(relay.first_usage_line) if relay.first_usage_line else None
+                call.usage = claude_stream_usage(first, json.loads(relay.usage_line))
+            except ValueError:
+                call.usage = None
+            return
         if relay.usage_line is not None:
             try:
                 call.usage = usage_from(call.provider, json.loads(relay.usage_line))

@@ -73,7 +73,8 @@ class SseRelay:
         self._marker = marker
         self._redact = redact
         self._pending = b""
-        self.usage_line: bytes | None = None
+        self.usage_line: bytes | None = None  # the last event carrying usage
+        self.first_usage_line: bytes | None = None  # the first (Anthropic: message_start)
 
     def feed(self, chunk: bytes) -> bytes:
         end = chunk.rfind(b"\n")
@@ -93,7 +94,8 @@ class SseRelay:
     def _scan(self, data: bytes) -> None:
         if self._marker not in data:
             return
-        for line in reversed(data.split(b"\n")):
+        for line in data.split(b"\n"):
             if line.startswith(b"data:") and self._marker in line:
+                if self.first_usage_line is None:
+                    self.first_usage_line = line[5:]
                 self.usage_line = line[5:]
-                return

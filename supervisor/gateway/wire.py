@@ -36,6 +36,17 @@ def usage_from(provider: str, obj: Any) -> tuple[int, int, int] | None:
         return found[-1] if found else None
     if not isinstance(obj, dict):
         return None
+    if provider == "claude":
+        # A message (non-streamed), or the stream's message_start (input side) / message_delta
+        # (final output_tokens); `claude_stream_usage` combines the two.
+        u = obj.get("usage")
+        if not isinstance(u, dict) and isinstance(obj.get("message"), dict):
+            u = obj["message"].get("usage")
+        if not isinstance(u, dict):
+            return None
+        read = _int(u.get("cache_read_input_tokens"))
+        prompt = _int(u.get("input_tokens")) + read + _int(u.get("cache_creation_input_tokens"))
+        return prompt, _int(u.get("output_tokens")), read
     if provider == "gemini":
         u = obj.get("usageMetadata")
         if not isinstance(u, dict):
@@ -55,6 +66,16 @@ def usage_from(provider: str, obj: Any) -> tuple[int, int, int] | None:
     details = u.get("prompt_tokens_details")
     cached = details.get("cached_tokens") if isinstance(details, dict) else 0
     return _int(u.get("prompt_tokens")), _int(u.get("completion_tokens")), _int(cached)
+
+
+def claude_stream_usage(first: Any, last: Any) -> tuple[int, int, int] | None:
+    """Usage of a Messages API stream: the input side from ``message_start``, the output tokens
+    from the last ``message_delta`` (which may repeat the input counts; the larger wins)."""
+    start = usage_from("claude", first) if first is not None else None
+    end = usage_from("claude", last) if last is not None else None
+    if start is None or end is None:
+        return end or start
+    return max(start[0], end[0]), end[1], max(start[2], end[2])
 
 
 def max_output_tokens(provider: str, body: bytes) -> int | None:
@@ -96,6 +117,9 @@ def error_body(provider: str, status: int, message: str, code: str) -> dict[str,
     """An error in the provider's own JSON shape, so the sandbox's SDK raises its usual error."""
     if provider == "gemini":
         return {"error": {"code": status, "message": message, "status": _GEMINI_STATUS.get(status, "UNKNOWN")}}
+    if provider == "claude":
+        kinds = {401: "authentication_error", 403: "permission_error", 404: "not_found_error", 429: "rate_limit_error"}
+        return {"type": "error", "error": {"type": kinds.get(status, "api_error"), "message": message}}
     kind = "invalid_request_error" if status < 500 else "server_error"
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
@@ -112,9 +136,12 @@ def error_message(body: bytes) -> str:
 
 
 def auth_headers(provider: str, api_key: str) -> dict[str, str]:
-    """The headers that carry the host's key to the upstream."""
+    """The headers that carry the host's key to the upstream (none for a keyless local server)."""
+    if not api_key:
+        return {}
     if provider == "gemini":
         return {"x-goog-api-key": api_key}
+    # claude: Bearer, as the anthropic SDK (2.x) itself sends an API key.
     return {"Authorization": f"Bearer {api_key}"}
 
 

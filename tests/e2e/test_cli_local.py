@@ -68,7 +68,7 @@ BAD_CONFIGS = {
     "not_mapping": "- 1\n- 2\n",
     "no_agents": "orchestrator: {}\n",
     "unknown_key": "agents:\n  - id: a\n    backend: {type: scripted}\nbogus: 1\n",
-    "bad_backend": "agents:\n  - id: a\n    backend: {type: claude}\n",
+    "bad_backend": "agents:\n  - id: a\n    backend: {type: bard}\n",
     "missing_model": "agents:\n  - id: a\n    backend: {type: openai}\n",
     "dup_ids": "agents:\n  - id: a\n    backend: {type: scripted}\n  - id: a\n    backend: {type: scripted}\n",
     "bad_timeout": "agents:\n  - id: a\n    backend: {type: scripted}\ntimeout_settings: {orchestrator_timeout_seconds: -5}\n",

@@ -128,3 +128,28 @@ def test_validate_is_fast(tmp_path: Path) -> None:
         assert massgen_run(["validate", str(cfg)], tmp_path).returncode == 0
         times.append(time.monotonic() - t0)
     assert statistics.median(times) < 5.0
+
+
+def test_cost_budget_with_an_unpriced_model_is_price_missing(tmp_path: Path) -> None:
+    """A cost budget over a model without a price is a config error (exit 1, price_missing), not a silent $0."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: chatcompletion, model: llama3.3-70b, base_url: "https://api.cerebras.ai/v1"}
+        sandbox:
+          budget: {max_cost_usd: 1.0}
+        """,
+    )
+    p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path, CEREBRAS_API_KEY="x")
+    assert p.returncode == 1, p.stdout + p.stderr
+    last = p.stdout.splitlines()[-1]
+    assert (
+        last.startswith("FAILED: price_missing: ") and "openai/llama3.3-70b" in last and "MASSGEN_PRICING_FILE" in last
+    )
+    v = massgen_run(["validate", str(cfg)], tmp_path)
+    assert v.returncode == 1 and "no price for openai/llama3.3-70b" in v.stdout
+    priced = tmp_path / "prices.json"
+    priced.write_text('{"openai": {"llama3.3-70b": {"input": 0.85, "cached_input": 0.85, "output": 1.2}}}')
+    assert massgen_run(["validate", str(cfg)], tmp_path, MASSGEN_PRICING_FILE=str(priced)).returncode == 0

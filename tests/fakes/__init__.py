@@ -1,4 +1,4 @@
-"""Fake model upstreams on loopback speaking the real OpenAI and Gemini wire protocols.
+"""Fake model upstreams on loopback speaking the real OpenAI, Gemini and Anthropic wire protocols.
 
 A fake is a context manager; `.base_url` is what an SDK is pointed at. A `policy` maps each
 request (a `FakeRequest`: the JSON body as a dict, plus `.path`, `.headers`, `.prompt_text`,
@@ -17,10 +17,12 @@ from ._common import (
     closed,
     sequence,
 )
+from .anthropic_server import FakeAnthropic
 from .gemini_server import FakeGemini
 from .openai_server import FakeOpenAI
 
 __all__ = [
+    "FakeAnthropic",
     "FakeGemini",
     "FakeOpenAI",
     "FakeRequest",

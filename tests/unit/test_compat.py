@@ -146,6 +146,18 @@ MAPPED = [
         "timeout_settings",
     ),
     ("web_search_gemini", _config({"enable_web_search": True}, btype="gemini"), None, None, None),
+    (
+        "chatcompletion",
+        _config({"base_url": "https://api.cerebras.ai/v1"}, btype="chatcompletion"),
+        B + "type",
+        "info",
+        "CEREBRAS_API_KEY",
+    ),
+    ("grok", _config(btype="grok"), B + "type", "info", "XAI_API_KEY"),
+    ("zai", _config(btype="zai"), B + "type", "info", "ZAI_API_KEY"),
+    ("openrouter", _config(btype="openrouter"), B + "type", "info", "OPENROUTER_API_KEY"),
+    ("vllm", _config(btype="vllm"), B + "type", "info", "no key is sent"),
+    ("sglang", _config(btype="sglang"), B + "type", "info", "no key is sent"),
 ]
 
 WARNED = [
@@ -280,6 +292,7 @@ REFUSED = [
     ("video_generation", _config({"enable_video_generation": True}), B + "enable_video_generation", "sandbox.image"),
     ("file_generation", _config({"enable_file_generation": True}), B + "enable_file_generation", "shell"),
     ("api_key", _config({"api_key": "${OPENAI_API_KEY}"}), B + "api_key", "gateway"),
+    ("chatcompletion_without_base_url", _config(btype="chatcompletion"), B + "base_url", "base_url"),
 ]
 
 
@@ -431,3 +444,63 @@ def test_translation_is_idempotent() -> None:
     second = _parse(yaml.safe_dump(first.data))
     assert second.config == first.config
     assert second.notes == ()
+
+
+def test_openai_compatible_aliases_become_openai_with_their_upstream() -> None:
+    """grok, lmstudio, chatcompletion...: the OpenAI-compatible backend, MassGen's default base_url, the alias kept."""
+    cases = {
+        "grok": "https://api.x.ai/v1",
+        "lmstudio": "http://localhost:1234/v1",
+        "vllm": "http://localhost:8000/v1",
+        "sglang": "http://localhost:30000/v1",
+        "zai": "https://api.z.ai/api/paas/v4/",
+        "openrouter": "https://openrouter.ai/api/v1",
+    }
+    for alias, url in cases.items():
+        b = _parse(_config(btype=alias)).config.agents[0].backend
+        assert (b.type, b.provider, b.base_url) == ("openai", alias, url)
+    lm = _parse(_config(btype="lmstudio"))
+    assert any("LM Studio is not started" in n.message for n in lm.warnings)
+    own = _parse(_config({"base_url": "http://gpu-box:9000/v1"}, btype="chatcompletion")).config.agents[0].backend
+    assert own.base_url == "http://gpu-box:9000/v1"
+
+
+def test_agents_of_one_kind_may_use_different_upstreams() -> None:
+    """OpenAI-compatible agents route per agent (no more one base_url per provider); Gemini keeps one."""
+    doc = {
+        "agents": [
+            {"id": "a", "backend": {"type": "chatcompletion", "model": "m", "base_url": "https://api.cerebras.ai/v1"}},
+            {"id": "b", "backend": {"type": "grok", "model": "grok-4"}},
+            {"id": "c", "backend": {"type": "openai", "model": "gpt-5"}},
+        ]
+    }
+    assert len(_parse(yaml.safe_dump(doc)).config.agents) == 3
+    gem = {
+        "agents": [
+            {"id": "a", "backend": {"type": "gemini", "model": "m", "base_url": "http://x"}},
+            {"id": "b", "backend": {"type": "gemini", "model": "m", "base_url": "http://y"}},
+        ]
+    }
+    with pytest.raises(ConfigError, match="same base_url"):
+        _parse(yaml.safe_dump(gem))
+
+
+def test_key_follows_the_upstream_host() -> None:
+    """MassGen's table: the host picks the variable; `type: openai` elsewhere keeps OPENAI_API_KEY; local aliases none."""
+    from agent_image.protocol.providers import key_from_env, key_vars
+
+    assert key_vars("chatcompletion", "https://api.cerebras.ai/v1") == ("CEREBRAS_API_KEY",)
+    assert key_vars("openai", "https://api.together.xyz/v1") == ("TOGETHER_API_KEY",)
+    assert key_vars("chatcompletion", "https://api.fireworks.ai/inference/v1") == ("FIREWORKS_API_KEY",)
+    assert key_vars("chatcompletion", "https://api.groq.com/openai/v1") == ("GROQ_API_KEY",)
+    assert key_vars("chatcompletion", "https://api.studio.nebius.com/v1") == ("NEBIUS_API_KEY",)
+    assert key_vars("chatcompletion", "https://api.moonshot.ai/v1") == ("MOONSHOT_API_KEY", "KIMI_API_KEY")
+    assert key_vars("chatcompletion", "https://dashscope.aliyuncs.com/compatible-mode/v1")[0] == "QWEN_API_KEY"
+    assert key_vars("grok", "https://api.x.ai/v1") == ("XAI_API_KEY",)
+    assert key_vars(None, None) == ("OPENAI_API_KEY",)
+    assert key_vars("openai", "http://127.0.0.1:9/v1") == ("OPENAI_API_KEY",)  # as before: the user pointed it there
+    assert key_vars("lmstudio", "http://localhost:1234/v1") == ()
+    assert key_vars("chatcompletion", "https://unknown.example/v1") == ()
+    assert key_vars("chatcompletion", "https://evil-cerebras.ai.example/v1") == ()  # a suffix, not a substring
+    env = {"MOONSHOT_API_KEY": "", "KIMI_API_KEY": "k2"}
+    assert key_from_env("chatcompletion", "https://api.moonshot.cn/v1", env) == "k2"

@@ -211,7 +211,7 @@ BAD_CONFIGS: list[tuple[str, str, str, int]] = [
         agents:
           - id: a
             backend:
-              type: claude
+              type: bard
         """,
         "agents.0.backend.type",
         4,

@@ -1105,3 +1105,67 @@ def test_malformed_requests_are_refused_locally() -> None:
     assert answers[0][1]["error"]["type"] == "invalid_request_error"
     assert answers[2][1]["error"]["status"] == "NOT_FOUND"
     assert fo.requests == [] and fg.requests == []
+
+
+def test_per_agent_routes_reach_each_agents_own_upstream_with_its_own_key() -> None:
+    """/openai/agents/{id}/v1: each agent's upstream and key; a keyless local upstream gets no Authorization."""
+    k1, k2 = "sk-route-one-aaaa", "sk-route-two-bbbb"
+
+    async def go(one: FakeServer, two: FakeServer, local: FakeServer) -> None:
+        routes = {
+            "a": Upstream("openai", one.base_url, k1),
+            "b.2": Upstream("openai", two.base_url, k2),
+            "c": Upstream("openai", local.base_url, ""),
+        }
+        seen: list[str] = []
+        meter = BudgetMeter(on_record=lambda call: seen.append(call.agent))
+        async with serving(meter=meter, agent_upstreams=routes, allowed_models={"openai": {"m"}}) as h:
+            for agent in routes:
+                client = openai.AsyncOpenAI(
+                    base_url=f"http://massgen-gateway/openai/agents/{agent}/v1",
+                    api_key=PLACEHOLDER,
+                    http_client=h.http(),
+                    max_retries=0,
+                    default_headers={"X-Massgen-Agent": agent},
+                )
+                resp = await client.chat.completions.create(model="m", messages=USER)
+                assert resp.choices[0].message.content == "ok"
+            with pytest.raises(openai.NotFoundError, match="no upstream for agent=zed"):
+                stranger = openai.AsyncOpenAI(
+                    base_url="http://massgen-gateway/openai/agents/zed/v1",
+                    api_key=PLACEHOLDER,
+                    http_client=h.http(),
+                    max_retries=0,
+                )
+                await stranger.chat.completions.create(model="m", messages=USER)
+        assert seen == ["a", "b.2", "c"]
+
+    with (
+        FakeOpenAI(lambda _r: Reply("ok"), api_key=k1) as one,
+        FakeOpenAI(lambda _r: Reply("ok"), api_key=k2) as two,
+        FakeOpenAI(lambda _r: Reply("ok")) as local,
+    ):
+        run(go(one, two, local))
+    assert [r.headers.get("authorization") for r in one.requests] == [f"Bearer {k1}"]
+    assert [r.headers.get("authorization") for r in two.requests] == [f"Bearer {k2}"]
+    assert [r.headers.get("authorization") for r in local.requests] == [None]
+    assert one.requests[0].path == "/v1/chat/completions"
+
+
+def test_agent_upstream_picks_the_key_by_host_and_keys_file_url(tmp_path: Path) -> None:
+    """agent_upstream: a URL entry in MASSGEN_KEYS_FILE wins; else the host's variable; local aliases need none."""
+    from supervisor.gateway import agent_upstream
+
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps({"http://127.0.0.1:9/v1/": {"api_key": "from-file"}}))
+    env = {"MASSGEN_KEYS_FILE": str(keys), "CEREBRAS_API_KEY": "cb", "OPENAI_API_KEY": "oa"}
+    up, _ = agent_upstream("chatcompletion", "http://127.0.0.1:9/v1", env)
+    assert up is not None and up.api_key == "from-file"
+    up, names = agent_upstream("chatcompletion", "https://api.cerebras.ai/v1", env)
+    assert up is not None and up.api_key == "cb" and names == ("CEREBRAS_API_KEY",)
+    up, names = agent_upstream("grok", "https://api.x.ai/v1", env)
+    assert up is None and names == ("XAI_API_KEY",)  # needed and missing: never OPENAI_API_KEY instead
+    up, names = agent_upstream("lmstudio", "http://localhost:1234/v1", env)
+    assert up is not None and up.api_key == "" and names == ()
+    up, _ = agent_upstream(None, None, env)
+    assert up is not None and (up.base_url, up.api_key) == ("https://api.openai.com/v1", "oa")

@@ -33,6 +33,7 @@ OWN_ONLY = [
     (Reason.PATH_MISSING, 1),
     (Reason.IMAGE_MISSING, 1),
     (Reason.KEY_MISSING, 1),
+    (Reason.PRICE_MISSING, 1),
     (Reason.ENGINE_UNAVAILABLE, 1),
     (Reason.IMAGE_INVALID, 1),
     (Reason.BUDGET_EXCEEDED, 2),
