@@ -268,6 +268,7 @@ class RunExecution:
         self.config: RunConfig | None = None
         self.deadline: float | None = None
         self.contexts: list[Path] = []
+        self.write_copies: dict[Path, Any] = {}  # host path -> writeback.WriteCopy (permission: write)
         self.limits: Limits | None = None
         self.prepared = asyncio.Event()
         # The run's disk budget and charge; a nested run's is a child of its parent's (the
@@ -344,6 +345,9 @@ class RunExecution:
                 for p in unpriced:
                     mat.log(f"config error: {p}", "error")
                 return self._end(Verdict(Reason.PRICE_MISSING, str(ConfigError(unpriced))))
+            refused = self._prepare_writes(config, contexts)
+            if refused is not None:
+                return self._end(refused)
             return await self._execute(config, raw, contexts)
         except Detached:
             mat.log("supervisor detached; the sandbox keeps running and will be re-adopted", "warning")
@@ -359,6 +363,63 @@ class RunExecution:
             return self._end(Verdict(Reason.SUPERVISOR_ERROR, f"{type(exc).__name__}: {exc}"[:500]))
         finally:
             mat.close()
+
+    def _prepare_writes(self, config: RunConfig, contexts: list[Path]) -> Verdict | None:
+        """Private copies of the `permission: write` folders (Docker runs only); a refusal verdict, or None."""
+        from .snapshot import SnapshotError
+        from .writeback import prepare
+
+        paths, mat = self.paths, self.mat
+        assert paths is not None and mat is not None
+        for i, cp in enumerate(config.orchestrator.context_paths):
+            if cp.permission != "write" or i >= len(contexts):
+                continue
+            host = contexts[i]
+            if self.req.sandbox != "docker":
+                mat.log(f"context path {host}: permission: write needs the docker sandbox; read-only here", "warning")
+                continue
+            copy = paths.workspace.parent / f"{paths.run_id}.context" / str(i)
+            uid = SANDBOX_UID if os.getuid() == 0 else None
+            try:
+                self.write_copies[host] = prepare(host, copy, i, cp.protected_paths, uid)
+            except (SnapshotError, OSError) as exc:
+                return Verdict(Reason.CONFIG_INVALID, f"orchestrator.context_paths.{i}: cannot copy {host}: {exc}")
+            mat.log(f"context path {host}: permission write: the run writes a private copy ({copy})")
+        return None
+
+    def _keep_results(self, verdict: Verdict) -> None:
+        """With a winner: its workspace in final/<winner>/workspace/, and the change set of each
+        writable context path in final/<winner>/context/<n>/ (applied to the host on exit 0 only)."""
+        from .snapshot import SnapshotError, snapshot_dir
+        from .writeback import discard, record_and_apply
+
+        paths, mat = self.paths, self.mat
+        assert paths is not None and mat is not None
+        winner = mat.status.results.winner
+        try:
+            if winner and (paths.workspace / winner).is_dir():
+                final = paths.log_dir / "final" / winner
+                try:
+                    snapshot_dir(paths.workspace, winner, final / "workspace")
+                except (SnapshotError, OSError) as exc:
+                    mat.log(f"winner's workspace not kept in final/{winner}/workspace: {exc}", "warning")
+            for wc in self.write_copies.values():
+                if not winner:
+                    continue
+                apply = verdict.exit_code == 0
+                try:
+                    doc = record_and_apply(wc, paths.log_dir / "final" / winner / "context" / str(wc.index), apply)
+                except OSError as exc:
+                    mat.log(f"context path {wc.host}: change set not recorded: {exc}", "error")
+                    continue
+                n = len(doc["added"]) + len(doc["changed"]) + len(doc["deleted"])
+                what = f"applied {len(doc['applied'])}" if apply else "not applied (the run did not exit 0)"
+                mat.log(f"context path {wc.host}: {n} change(s), {what}; refused {len(doc['refused'])}")
+                for r in doc["refused"]:
+                    mat.log(f"context path {wc.host}: refused {r['path']}: {r['why']}", "warning")
+        finally:
+            for wc in self.write_copies.values():
+                discard(wc)
 
     def _end(self, verdict: Verdict, container_exit: int | None = None) -> RunResult:
         assert self.mat is not None
@@ -410,6 +471,7 @@ class RunExecution:
                 outbox=OUTBOX_IN_SANDBOX,
                 workspace=WORKSPACE_IN_SANDBOX,
                 context_paths=[str(p) for p in contexts],
+                write_context_paths=[str(p) for p in self.write_copies],
                 sandbox="docker",
                 deadline=deadline,
                 parent_run_id=req.parent_run_id,
@@ -427,8 +489,14 @@ class RunExecution:
                 Mount(paths.sandbox, OUTBOX_IN_SANDBOX, read_only=False),
                 Mount(paths.workspace, WORKSPACE_IN_SANDBOX, read_only=False),
                 Mount(paths.children, CHILDREN_IN_SANDBOX, read_only=True),
-                # Two entries naming the same folder are one mount (the engine refuses duplicates).
-                *(Mount(p, str(p), read_only=True) for p in dict.fromkeys(contexts)),
+                # Two entries naming the same folder are one mount (the engine refuses duplicates);
+                # permission: write -> the run's private copy, read-write at the same path.
+                *(
+                    Mount(self.write_copies[p].copy, str(p), read_only=False)
+                    if p in self.write_copies
+                    else Mount(p, str(p), read_only=True)
+                    for p in dict.fromkeys(contexts)
+                ),
             )
             workdir = WORKSPACE_IN_SANDBOX
             if os.getuid() == 0:
@@ -853,6 +921,7 @@ class RunExecution:
         facts = await asyncio.to_thread(runtime.facts, handle)
         mat.set_container(_container_section(facts))
         verdict = self._verdict(info, facts, stopped_for, disk_full_at_exit)
+        await asyncio.to_thread(self._keep_results, verdict)
         return await mat.finalize_async(verdict, container_exit=info.exit_code)
 
     async def _final_drain(self, tailer: OutboxTailer, budget_s: float) -> None:

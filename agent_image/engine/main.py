@@ -76,7 +76,15 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
             # Finish (exit 3 from inside) just before the supervisor's own deadline fires.
             timeout = max(0.1, spec.deadline - clock.now() - ENGINE_DEADLINE_MARGIN_S)
         orch = Orchestrator(
-            config, spec.question, spec.run_id, writer, backends, tools, sandbox=spec.sandbox, timeout=timeout
+            config,
+            spec.question,
+            spec.run_id,
+            writer,
+            backends,
+            tools,
+            sandbox=spec.sandbox,
+            timeout=timeout,
+            write_paths=spec.write_context_paths,
         )
         return await orch.run()
     finally:

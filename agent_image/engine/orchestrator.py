@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..backends.base import Backend, BackendError, Message
@@ -81,8 +81,10 @@ class Orchestrator:
         sandbox: str = "none",
         price: PriceFn | None = None,
         timeout: float | None = None,
+        write_paths: Sequence[str] = (),
     ) -> None:
         self.config = config
+        self.write_paths = list(write_paths)  # permission: write context paths: the presenter's only
         self.question = question
         self.run_id = run_id
         self.writer = writer
@@ -280,10 +282,17 @@ class Orchestrator:
             self.writer.log(f"winner {winner} has failed; its latest answer is the final answer", "warning")
             return stored
         self.phase = "present"
+        grant = getattr(s.runner.tools, "grant_writes", None)
+        if self.write_paths and grant is not None:
+            grant(self.write_paths)
+            self.writer.log(f"{winner} presents and may write: {', '.join(self.write_paths)}")
         messages = [
             Message(role="system", content=prompts.system_prompt(s.system_message, s.anon, self._tool_names(s))),
             Message(
-                role="user", content=prompts.presentation_prompt(self.question, self.answers_by_anon(), s.anon, votes)
+                role="user",
+                content=prompts.presentation_prompt(
+                    self.question, self.answers_by_anon(), s.anon, votes, writable=self.write_paths
+                ),
             ),
         ]
         try:

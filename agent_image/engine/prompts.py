@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from ..backends.base import ToolSpec
 
@@ -59,7 +59,9 @@ def coordination_prompt(
     return "\n".join(parts)
 
 
-def presentation_prompt(question: str, answers: Mapping[str, str], anon: str, votes: int) -> str:
+def presentation_prompt(
+    question: str, answers: Mapping[str, str], anon: str, votes: int, writable: Sequence[str] = ()
+) -> str:
     parts = [
         "<ORIGINAL MESSAGE>",
         question,
@@ -75,6 +77,11 @@ def presentation_prompt(question: str, answers: Mapping[str, str], anon: str, vo
         "Write the final answer to the original message now, as plain text in your reply. "
         "You may use your tools first; do not call new_answer or vote.",
     ]
+    if writable:
+        parts.append(
+            "You may now write files in these context paths (the changes are applied when the run succeeds): "
+            + ", ".join(writable)
+        )
     return "\n".join(parts)
 
 

@@ -272,18 +272,19 @@ def _orchestrator(tr: Translation, orch: dict[str, Any]) -> None:
             if isinstance(cp, dict) and cp.get("permission") == "write":
                 tr.add(
                     base + ("context_paths", i, "permission"),
-                    "warning",
-                    "mounted read-only like every context path: the final presenter cannot write into it and "
-                    "nothing is applied to the host path; the winner's files are in its workspace",
+                    "info",
+                    "the final presenter writes a private copy; the change set is kept in "
+                    f"final/<winner>/context/{i}/ and applied to the host path when the run exits 0",
                 )
             if isinstance(cp, dict) and "protected_paths" in cp:
                 perm = cp.get("permission", "read")
-                if perm != "write":
-                    tr.add(
-                        base + ("context_paths", i, "protected_paths"),
-                        "info",
-                        "kept: the whole path is read-only anyway",
-                    )
+                tr.add(
+                    base + ("context_paths", i, "protected_paths"),
+                    "info",
+                    "kept: the whole path is read-only anyway"
+                    if perm != "write"
+                    else "changes under these sub-paths are never applied to the host",
+                )
 
 
 def _timeouts(tr: Translation, ts: dict[str, Any]) -> None:

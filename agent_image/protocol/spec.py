@@ -16,6 +16,7 @@ class RunSpec(BaseModel):
     outbox: str  # paths as the engine sees them (inside the sandbox, or host paths for --sandbox none)
     workspace: str
     context_paths: list[str] = []
+    write_context_paths: list[str] = []  # of context_paths: writable by the final presenter
     sandbox: str = "none"
     deadline: float | None = None  # unix time; the engine times itself out just before it
     parent_run_id: str | None = None

@@ -7,6 +7,7 @@ import copy
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -301,6 +302,18 @@ class ToolBox:
             logger.exception("tool=%s internal error", name)
             return _failure(name, f"internal error: {type(exc).__name__}: {exc}", source.kind)
         return ToolResult(out.content, out.ok, _one_line(out.summary), source.kind)
+
+    def grant_writes(self, paths: Sequence[Path | str]) -> None:
+        """Let the file tools write these context paths too (the final presenter, for MassGen's
+        `permission: write`)."""
+        writable = {os.path.realpath(p) for p in paths}
+        self.context_paths = tuple((p, w or os.path.realpath(p) in writable) for p, w in self.context_paths)
+        self._files = FileAccess(
+            self.workspace,
+            self.context_paths,
+            max_file_bytes=self.max_file_bytes,
+            max_list_entries=MAX_LIST_ENTRIES,
+        )
 
     async def _shell(self, args: dict[str, Any]) -> ToolResult:
         command: str = args["command"]

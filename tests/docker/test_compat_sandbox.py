@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -219,3 +220,107 @@ def test_claude_agents_coordinate_in_a_sandbox_through_the_gateway(agent_image: 
     cost = ((u.prompt_tokens - u.cached_tokens) * 3.0 + u.cached_tokens * 0.30 + u.completion_tokens * 15.0) / 1e6
     assert got["cost_usd"] == pytest.approx(cost, abs=1e-9) and cost > 0
     assert set(t["by_agent"]) == {"claude_a", "claude_b"}
+
+
+def _writer_policy(ctx: Path, outside: Path) -> Callable[[FakeRequest], Reply]:
+    """Answer, vote for itself, then present: write a file of the writable context path and plant symlinks."""
+    plant = (
+        f"ln -s {outside} {ctx}/escape-dir; ln -s {outside}/victim.txt {ctx}/victim-link; "
+        f"echo pwned > {ctx}/victim-link 2>/dev/null; echo planted"
+    )
+
+    def policy(req: FakeRequest) -> Reply:
+        text = req.prompt_text
+        if "selected to present" in text:
+            if "planted" not in text:
+                return Reply(
+                    tool_calls=[
+                        FakeToolCall("write_file", {"path": f"{ctx}/notes.txt", "content": "edited by the winner\n"}),
+                        FakeToolCall("write_file", {"path": f"{ctx}/sub/new.txt", "content": "a new file\n"}),
+                        FakeToolCall("shell", {"command": plant}),
+                    ]
+                )
+            return Reply(text="FINAL: notes edited")
+        if "(no answers available yet)" in text:
+            return Reply(tool_calls=[FakeToolCall("new_answer", {"content": "I will edit notes.txt"})])
+        return Reply(tool_calls=[FakeToolCall("vote", {"agent_id": "agent1", "reason": "mine"})])
+
+    return policy
+
+
+def test_permission_write_applies_the_winners_edits_on_exit_0_and_never_a_symlink(
+    agent_image: str, tmp_path: Path
+) -> None:
+    """The winner edits a writable context path in its presentation: the host file changes after exit 0, the
+    change set and diff are in final/<winner>/context/0/, and symlinks planted in the copy change nothing."""
+    ctx, outside = tmp_path / "project", tmp_path / "outside"
+    ctx.mkdir()
+    outside.mkdir()
+    (ctx / "notes.txt").write_text("original\n")
+    (ctx / "keep.txt").write_text("untouched\n")
+    (outside / "victim.txt").write_text("victim\n")
+    with FakeOpenAI(_writer_policy(ctx, outside), api_key=OPENAI_KEY) as oa:
+        config = textwrap.dedent(f"""\
+            agents:
+              - id: writer
+                backend: {{type: openai, model: gpt-4o-mini, base_url: "{oa.base_url}"}}
+            orchestrator:
+              context_paths:
+                - path: {ctx}
+                  permission: write
+            """)
+        cfg = write_config(tmp_path, config)
+        p = massgen_run(
+            ["--automation", "--image", agent_image, "--config", str(cfg), "Edit the notes"],
+            tmp_path,
+            timeout=180,
+            OPENAI_API_KEY=OPENAI_KEY,
+        )
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = parse_lines(p.stdout)
+    assert (ctx / "notes.txt").read_text() == "edited by the winner\n"
+    assert (ctx / "sub" / "new.txt").read_text() == "a new file\n"
+    assert (ctx / "keep.txt").read_text() == "untouched\n"
+    assert not (ctx / "escape-dir").exists() and not (ctx / "victim-link").exists()
+    assert (outside / "victim.txt").read_text() == "victim\n" and sorted(p.name for p in outside.iterdir()) == [
+        "victim.txt"
+    ]
+    changes_dir = Path(f["LOG_DIR"]) / "final" / "writer" / "context" / "0"
+    changes = json.loads((changes_dir / "changes.json").read_text())
+    assert changes["changed"] == ["notes.txt"] and changes["added"] == ["sub/new.txt"]
+    assert sorted(changes["applied"]) == ["notes.txt", "sub/new.txt"]
+    assert {r["path"] for r in changes["refused"]} == {"escape-dir", "victim-link"}
+    diff = (changes_dir / "changes.diff").read_text()
+    assert "-original" in diff and "+edited by the winner" in diff
+    assert (changes_dir / "files" / "notes.txt").read_text() == "edited by the winner\n"
+    assert (Path(f["LOG_DIR"]) / "final" / "writer" / "workspace").is_dir()  # the winner's workspace is kept
+
+
+def test_permission_write_leaves_the_host_untouched_on_any_other_exit(agent_image: str, tmp_path: Path) -> None:
+    """An agent writes the copy from its shell, then the run times out (exit 3): the host folder is unchanged."""
+    ctx = tmp_path / "project"
+    ctx.mkdir()
+    (ctx / "notes.txt").write_text("original\n")
+    config = textwrap.dedent(f"""\
+        agents:
+          - id: a
+            backend:
+              type: scripted
+              steps:
+                - shell: "echo changed > {ctx}/notes.txt && echo more > {ctx}/added.txt && cat {ctx}/notes.txt"
+                - answer: "changed it"
+                - sleep: 120
+        orchestrator:
+          context_paths:
+            - path: {ctx}
+              permission: write
+        timeout_settings:
+          orchestrator_timeout_seconds: 8
+        """)
+    cfg = write_config(tmp_path, config)
+    p = massgen_run(["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, timeout=120)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert (ctx / "notes.txt").read_text() == "original\n"
+    assert sorted(q.name for q in ctx.iterdir()) == ["notes.txt"]
+    log = (Path(parse_lines(p.stdout)["LOG_DIR"]) / "massgen.log").read_text()
+    assert "permission write" in log

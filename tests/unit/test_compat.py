@@ -147,6 +147,13 @@ MAPPED = [
     ),
     ("web_search_gemini", _config({"enable_web_search": True}, btype="gemini"), None, None, None),
     (
+        "write_context_path",
+        _config(orchestrator={"context_paths": [{"path": "/tmp", "permission": "write"}]}),
+        "orchestrator.context_paths.0.permission",
+        "info",
+        "applied to the host path when the run exits 0",
+    ),
+    (
         "chatcompletion",
         _config({"base_url": "https://api.cerebras.ai/v1"}, btype="chatcompletion"),
         B + "type",
@@ -210,12 +217,6 @@ WARNED = [
         "system_message",
     ),
     ("betas", _config({"betas": ["x"]}), B + "betas", "ignored"),
-    (
-        "write_context_path",
-        _config(orchestrator={"context_paths": [{"path": "/tmp", "permission": "write"}]}),
-        "orchestrator.context_paths.0.permission",
-        "read-only",
-    ),
     *[
         (
             f"coordination_{k}",
