@@ -233,6 +233,11 @@ def main(argv: list[str], socket_path: str | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    if argv and argv[0] == "validate":
+        # Nothing to ask the supervisor: the config is checked here, as the nested run would see it.
+        from .validate import run_cli, validate_here
+
+        return run_cli(argv[1:], validate_here, _Parser)
     verbs = {"ps", "status", "stop", "logs"}
     try:
         client = SupervisorClient(sock)

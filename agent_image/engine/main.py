@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +20,36 @@ from .orchestrator import Orchestrator, Outcome, TurnView
 from .outbox import EVENTS_FILE, EventWriter
 
 ENGINE_DEADLINE_MARGIN_S = 0.5
+PEERS_DIR = ".peers"
+MAX_PEER_SNAPSHOT_BYTES = 64 << 20
+
+
+def snapshot_workspace(src: Path, dest: Path) -> None:
+    """Replace `dest` with a copy of `src` (symlinks copied as links, never followed), read-only.
+
+    Raises:
+        OSError: the copy failed, or `src` holds more than MAX_PEER_SNAPSHOT_BYTES.
+    """
+    import shutil
+
+    total = 0
+    for dirpath, _dirs, names in os.walk(src):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    if total > MAX_PEER_SNAPSHOT_BYTES:
+        raise OSError(f"workspace {src} holds {total} bytes, over {MAX_PEER_SNAPSHOT_BYTES}; not shared")
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, symlinks=True)
+    for dirpath, _dirs, names in os.walk(tmp):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o444)
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
 
 
 async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
@@ -37,6 +68,15 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
     for agent in config.agents:
         ws = workspaces[agent.id] = workspace / agent.id
         ws.mkdir(parents=True, exist_ok=True)
+    peers_dir = workspace / PEERS_DIR
+    if config.orchestrator.share_workspaces:
+        # Agent ids start with a letter, so no agent's folder is ever ".peers".
+        peers_dir.mkdir(exist_ok=True)
+        contexts = [*contexts, (peers_dir, False)]
+
+    def snapshot_for_peers(agent_id: str, anon: str) -> None:
+        snapshot_workspace(workspaces[agent_id], peers_dir / anon)
+
     extra = AgentTools()
     try:
         if any(a.backend.custom_tools or a.backend.mcp_servers for a in config.agents):
@@ -85,6 +125,8 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
             sandbox=spec.sandbox,
             timeout=timeout,
             write_paths=spec.write_context_paths,
+            peers=snapshot_for_peers,
+            peers_dir=str(peers_dir),
         )
         return await orch.run()
     finally:

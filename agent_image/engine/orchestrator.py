@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..backends.base import Backend, BackendError, Message
@@ -82,8 +82,13 @@ class Orchestrator:
         price: PriceFn | None = None,
         timeout: float | None = None,
         write_paths: Sequence[str] = (),
+        peers: Callable[[str, str], None] | None = None,
+        peers_dir: str | None = None,
     ) -> None:
         self.config = config
+        # share_workspaces: `peers(agent_id, anon)` snapshots an agent's workspace after its answer.
+        self.peers = peers if config.orchestrator.share_workspaces else None
+        self.peers_dir = peers_dir if self.peers is not None else None
         self.write_paths = list(write_paths)  # permission: write context paths: the presenter's only
         self.question = question
         self.run_id = run_id
@@ -211,7 +216,7 @@ class Orchestrator:
             Message(
                 role="user",
                 content=prompts.coordination_prompt(
-                    self.question, answers, s.anon, self.config.orchestrator.voting_sensitivity
+                    self.question, answers, s.anon, self.config.orchestrator.voting_sensitivity, self.peers_dir
                 ),
             ),
         ]
@@ -265,6 +270,11 @@ class Orchestrator:
                 other.vote = None
             self.writer.emit(AnswerSubmitted, agent=s.id, label=label, content=wf.content)
             self.writer.log(f"{s.id} ({s.anon}) answered {label}; standing votes cleared")
+            if self.peers is not None:
+                try:
+                    self.peers(s.id, s.anon)
+                except OSError as exc:
+                    self.writer.log(f"snapshot of {s.id}'s workspace for its peers failed: {exc}", "warning")
             return
         target = self.by_anon[wf.target_anon]
         if seen_version != self.version:

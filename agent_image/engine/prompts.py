@@ -44,7 +44,11 @@ VOTING_SENSITIVITY = {
 
 
 def coordination_prompt(
-    question: str, answers: Mapping[str, str], anon: str, voting_sensitivity: str | None = None
+    question: str,
+    answers: Mapping[str, str],
+    anon: str,
+    voting_sensitivity: str | None = None,
+    peers_dir: str | None = None,
 ) -> str:
     parts = ["<ORIGINAL MESSAGE>", question, "<END OF ORIGINAL MESSAGE>", "", "<CURRENT ANSWERS from the agents>"]
     if not answers:
@@ -53,6 +57,12 @@ def coordination_prompt(
         mine = " (your own latest answer)" if name == anon else ""
         parts += [f"<{name}>{mine}", content, f"<end of {name}>"]
     parts += ["<END OF CURRENT ANSWERS>", ""]
+    others = [name for name in answers if name != anon]
+    if peers_dir and others:
+        parts.append(
+            f"Snapshots of the other agents' workspaces, taken at their latest answers, are in {peers_dir}/<agent>/ "
+            f"(read-only copies: {', '.join(f'{peers_dir}/{n}' for n in others)})."
+        )
     if voting_sensitivity in VOTING_SENSITIVITY:
         parts.append(VOTING_SENSITIVITY[voting_sensitivity])
     parts.append(ENFORCEMENT)

@@ -81,7 +81,6 @@ _ORCH_WARN = {
     "dspy": "ignored: there is no DSPy question paraphrasing",
     "session_storage": "ignored: there are no interactive sessions; every run has its own log dir",
     "snapshot_storage": "ignored: snapshots are per run, under the run's log dir",
-    "agent_temporary_workspace": "ignored: peers see each other's answers; their workspaces are not shared",
 }
 
 # coordination sub-keys: (severity, message). Anything else under coordination is unknown.
@@ -242,6 +241,14 @@ def _orchestrator(tr: Translation, orch: dict[str, Any]) -> None:
             for k, v in moved.items():
                 ts.setdefault(k, v)
         tr.add(base + ("timeout",), "info", "read as the top-level `timeout_settings` section")
+    if "agent_temporary_workspace" in orch:
+        orch.pop("agent_temporary_workspace")
+        orch.setdefault("share_workspaces", True)
+        tr.add(
+            base + ("agent_temporary_workspace",),
+            "info",
+            "peers read snapshots of each other's workspaces, taken at each answer (/workspace/.peers/<agentN>/)",
+        )
     vs = orch.get("voting_sensitivity")
     if vs is not None and vs in _VOTING_SENSITIVITY:
         tr.add(base + ("voting_sensitivity",), "info", f"{vs}: a sentence in the voting prompt")
@@ -497,7 +504,7 @@ def _sandbox_limits(tr: Translation, out: dict[str, Any], limits: dict[str, list
 # Keys this module knows, by the kind of mapping they sit in: for "did you mean" on typos.
 KNOWN_KEYS: dict[str, frozenset[str]] = {
     "": frozenset({"display", "memory"}),
-    "orchestrator": frozenset({*_ORCH_WARN, "timeout"}),
+    "orchestrator": frozenset({*_ORCH_WARN, "timeout", "agent_temporary_workspace"}),
     "coordination": frozenset(_COORDINATION),
     "timeout_settings": frozenset(_ROUND_TIMEOUTS),
     "backend": frozenset(

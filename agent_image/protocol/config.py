@@ -223,6 +223,9 @@ class OrchestratorConfig(_Strict):
     max_tool_calls_per_turn: int = Field(default=50, ge=1, le=1000)
     # MassGen's wording of the vote prompt: a sentence in the voting prompt.
     voting_sensitivity: Literal["lenient", "balanced", "strict"] | None = None
+    # MassGen's agent_temporary_workspace: after each answer, a snapshot of the answering agent's
+    # workspace is given to the others to read (/workspace/.peers/<agentN>/).
+    share_workspaces: bool = False
 
 
 class TimeoutSettings(_Strict):

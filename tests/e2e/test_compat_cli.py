@@ -51,7 +51,7 @@ def test_warnings_go_to_files_and_never_to_stdout_in_automation(tmp_path: Path) 
     st, res = load(log_dir / "status.json"), load(log_dir / "result.json")
     keys = {w["key"] for w in st["meta"]["config_warnings"]}
     assert "agents.0.backend.command_line_execution_mode" in keys
-    assert "ui.type" in keys and "orchestrator.agent_temporary_workspace" in keys
+    assert "ui.type" in keys and "orchestrator.agent_temporary_workspace" not in keys  # mapped (info)
     assert all(w["severity"] == "warning" and w["line"] for w in st["meta"]["config_warnings"])
     assert res["config_warnings"] == st["meta"]["config_warnings"]
     log = (log_dir / "massgen.log").read_text()
@@ -153,3 +153,50 @@ def test_cost_budget_with_an_unpriced_model_is_price_missing(tmp_path: Path) -> 
     priced = tmp_path / "prices.json"
     priced.write_text('{"openai": {"llama3.3-70b": {"input": 0.85, "cached_input": 0.85, "output": 1.2}}}')
     assert massgen_run(["validate", str(cfg)], tmp_path, MASSGEN_PRICING_FILE=str(priced)).returncode == 0
+
+
+def test_validate_inside_a_sandbox_needs_no_supervisor(tmp_path: Path) -> None:
+    """In a sandbox (MASSGEN_SUPERVISOR_SOCKET set) `validate` checks the file locally, with the same output."""
+    cfg = write_config(tmp_path, MASSGEN_STYLE)
+    env = {"MASSGEN_SUPERVISOR_SOCKET": str(tmp_path / "no-such.sock")}
+    p = massgen_run(["validate", "--json", str(cfg)], tmp_path, **env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["valid"] and any(w["key"] == "ui.type" for w in doc["warnings"])
+    bad = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: scripted, stepz: []}\n", "bad.yaml")
+    b = massgen_run(["validate", str(bad)], tmp_path, **env)
+    assert b.returncode == 1 and "did you mean 'steps'?" in b.stdout
+
+
+def test_agent_temporary_workspace_lets_peers_read_workspace_snapshots(tmp_path: Path) -> None:
+    """MassGen's agent_temporary_workspace: after an answer, the others read a snapshot of that agent's workspace."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend:
+              type: scripted
+              steps:
+                - write_file: result.txt
+                  content: "computed 42"
+                - answer: "see my result.txt"
+                - vote: auto
+          - id: b
+            backend:
+              type: scripted
+              steps:
+                - sleep: 1.0
+                - read_file: ../.peers/agent1/result.txt
+                  save_as: peer
+                - answer: "a said: {{peer}}"
+                - vote: auto
+        orchestrator:
+          agent_temporary_workspace: temp_workspaces
+        """,
+    )
+    p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "q"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    log_dir = Path(parse_lines(p.stdout)["LOG_DIR"])
+    answers = [a.read_text() for a in (log_dir / "agents" / "b").rglob("answer.txt")]
+    assert any("a said: computed 42" in a for a in answers), answers

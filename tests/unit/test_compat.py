@@ -147,6 +147,13 @@ MAPPED = [
     ),
     ("web_search_gemini", _config({"enable_web_search": True}, btype="gemini"), None, None, None),
     (
+        "agent_temporary_workspace",
+        _config(orchestrator={"agent_temporary_workspace": "temp"}),
+        "orchestrator.agent_temporary_workspace",
+        "info",
+        "snapshots of each other's workspaces",
+    ),
+    (
         "write_context_path",
         _config(orchestrator={"context_paths": [{"path": "/tmp", "permission": "write"}]}),
         "orchestrator.context_paths.0.permission",
@@ -203,12 +210,6 @@ WARNED = [
         "`shell` tool",
     ),
     ("web_search_openai", _config({"enable_web_search": True}), B + "enable_web_search", "only gemini"),
-    (
-        "agent_temporary_workspace",
-        _config(orchestrator={"agent_temporary_workspace": "temp"}),
-        "orchestrator.agent_temporary_workspace",
-        "answers",
-    ),
     ("memory_disabled", _config(top={"memory": {"enabled": False}}), "memory", "ignored"),
     (
         "append_system_prompt",

@@ -101,7 +101,8 @@ def test_single_agent_dict_and_massgen_keys_parse(tmp_path: Path) -> None:
     assert "snapshot_storage" not in loaded.data["orchestrator"]
     noted = {n.key: n.severity for n in loaded.notes}
     assert noted["orchestrator.snapshot_storage"] == "info"
-    assert noted["orchestrator.agent_temporary_workspace"] == "warning"
+    assert noted["orchestrator.agent_temporary_workspace"] == "info"  # peers read workspace snapshots
+    assert config.orchestrator.share_workspaces is True
     assert noted["orchestrator.context_paths.1.permission"] == "info"  # a private copy, applied on exit 0
     assert config.timeout_settings.orchestrator_timeout_seconds == 300
     assert config.ui is not None and config.ui.display_type == "rich_terminal"
