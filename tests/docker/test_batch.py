@@ -405,3 +405,33 @@ def test_deadline_stops_the_batch_exit_3_and_skips_the_rest(tmp_path: Path, agen
     assert any(r["state"] == "skipped" and r["reason"] == "deadline" for r in recs)
     root = ET.parse(d / "junit.xml").getroot()
     assert int(root.get("skipped")) == s["counts"]["skipped"]
+
+
+@pytest.mark.timeout(600)
+def test_real_shards_merge_into_the_unsharded_report(tmp_path: Path, agent_image: str) -> None:
+    """`--shard 1/2` and `--shard 2/2` run disjoint halves; `batch merge` of the two equals the unsharded
+    batch's summary.json byte for byte; a shard dir refuses another shard's flag."""
+    spec = tmp_path / "batch.yaml"
+    shutil.copy(DATA / "good.yaml", tmp_path / "good.yaml")
+    shutil.copy(DATA / "flaky.yaml", tmp_path / "flaky.yaml")
+    spec.write_text(
+        "configs:\n  good: good.yaml\n  flaky: flaky.yaml\n"
+        "questions:\n  - {id: a, question: 1+1, expected: 2}\n  - {id: b, question: 2+3, expected: 5}\n"
+        "  - {id: c, question: 3+3, expected: 6}\n"
+        "assert:\n  - type: number_close\ncompare:\n  - {baseline: good, candidate: flaky}\nmax_parallel: 3\n"
+    )
+    whole = _batch([str(spec), "--batch-dir", str(tmp_path / "whole")], tmp_path)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    parts = []
+    for i in (1, 2):
+        sd = tmp_path / f"s{i}"
+        res = _batch([str(spec), "--batch-dir", str(sd), "--shard", f"{i}/2", "--no-gate"], tmp_path)
+        assert res.returncode == 0, res.stdout + res.stderr
+        parts.append(sd)
+    ids = [{r["item"] for r in _ledger(sd)} for sd in parts]
+    assert ids[0] and ids[1] and not ids[0] & ids[1] and len(ids[0] | ids[1]) == 6
+    refused = _batch([str(spec), "--batch-dir", str(parts[0]), "--shard", "2/2"], tmp_path, timeout=60)
+    assert refused.returncode == 1 and "shard" in refused.stderr
+    merged = massgen_run(["batch", "merge", str(tmp_path / "merged"), *map(str, parts)], tmp_path)
+    assert merged.returncode == 0, merged.stdout + merged.stderr
+    assert (tmp_path / "merged" / "summary.json").read_bytes() == (tmp_path / "whole" / "summary.json").read_bytes()
