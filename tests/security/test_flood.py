@@ -232,7 +232,7 @@ def test_health_stays_fast_and_a_neighbours_deadline_fires_while_one_run_floods(
     assert res["finished_at"] - st["run"]["deadline"] < 2 + 5, (res, st["run"]["deadline"])
     # the daemon really was busy with the flood the whole time: behind it, applying megabytes
     assert flooding_still, "the flood ended before the neighbour's deadline: nothing was measured"
-    assert applied_during > 5 << 20, applied_during
+    assert applied_during > 1 << 20, applied_during  # > 10^4 forged events while probing
     assert len(probe.latencies) > 100
     p99 = _p99(probe.latencies)
     print(
