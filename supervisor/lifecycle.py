@@ -366,7 +366,7 @@ class RunExecution:
 
     def _prepare_writes(self, config: RunConfig, contexts: list[Path]) -> Verdict | None:
         """Private copies of the `permission: write` folders (Docker runs only); a refusal verdict, or None."""
-        from .snapshot import SnapshotError
+        from .errors import SnapshotError
         from .writeback import prepare
 
         paths, mat = self.paths, self.mat
@@ -390,7 +390,8 @@ class RunExecution:
     def _keep_results(self, verdict: Verdict) -> None:
         """With a winner: its workspace in final/<winner>/workspace/, and the change set of each
         writable context path in final/<winner>/context/<n>/ (applied to the host on exit 0 only)."""
-        from .snapshot import SnapshotError, snapshot_dir
+        from .errors import SnapshotError
+        from .snapshot import snapshot_dir
         from .writeback import discard, record_and_apply
 
         paths, mat = self.paths, self.mat

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .snapshot import SnapshotError, snapshot_dir
+from .errors import SnapshotError
+from .snapshot import snapshot_dir
 
 MAX_DIFF_BYTES = 1 << 20  # text files above this are listed, not diffed
 

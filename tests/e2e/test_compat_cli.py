@@ -200,3 +200,81 @@ def test_agent_temporary_workspace_lets_peers_read_workspace_snapshots(tmp_path:
     log_dir = Path(parse_lines(p.stdout)["LOG_DIR"])
     answers = [a.read_text() for a in (log_dir / "agents" / "b").rglob("answer.txt")]
     assert any("a said: computed 42" in a for a in answers), answers
+
+
+def _massgen_poller_view(st: dict) -> dict:  # type: ignore[type-arg]
+    """What a poller written for MassGen reads: every field of the v0.1.8 case study's status.json example,
+    plus MassGen's later is_complete / finish_reason / finish_reason_details / costs. KeyError = incompatible."""
+    meta, co, res = st["meta"], st["coordination"], st["results"]
+    view = {
+        "session_id": meta["session_id"],
+        "log_dir": meta["log_dir"],
+        "question": meta["question"],
+        "start_time": meta["start_time"],
+        "elapsed_seconds": meta["elapsed_seconds"],
+        "phase": co["phase"],
+        "active_agent": co["active_agent"],
+        "completion_percentage": co["completion_percentage"],
+        "is_final_presentation": co["is_final_presentation"],
+        "agents": {
+            aid: (a["status"], a["answer_count"], a["latest_answer_label"], a["times_restarted"])
+            for aid, a in st["agents"].items()
+        },
+        "winner": res["winner"],
+        "votes": res["votes"],
+        "is_complete": st["is_complete"],
+        "finish_reason": st["finish_reason"],
+        "finish_reason_details": st["finish_reason_details"],
+        "cost": st["costs"]["total_estimated_cost"],
+        "tokens": (st["costs"]["total_input_tokens"], st["costs"]["total_output_tokens"]),
+    }
+    assert isinstance(view["completion_percentage"], int) and 0 <= view["completion_percentage"] <= 100
+    assert view["active_agent"] is None or view["active_agent"] in st["agents"]
+    return view
+
+
+def test_a_massgen_poller_works_against_a_live_run_and_a_finished_one(tmp_path: Path) -> None:
+    """A poller reading MassGen's fields sees the run live (in_progress, an active agent) and then finished."""
+    from tests.cli_helpers import start_cli
+
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: agent_a
+            backend:
+              type: scripted
+              steps:
+                - shell: "sleep 3"
+                - answer: "four"
+                - vote: auto
+          - id: agent_b
+            backend:
+              type: scripted
+              steps:
+                - sleep: 4
+                - vote: auto
+        """,
+    )
+    proc, log_dir = start_cli(["--automation", "--sandbox", "none", "--config", str(cfg), "2+2?"], tmp_path)
+    live: list[dict] = []  # type: ignore[type-arg]
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            st = json.loads((log_dir / "status.json").read_text())
+        except (OSError, ValueError):
+            time.sleep(0.1)
+            continue
+        live.append(_massgen_poller_view(st))
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    during = [v for v in live if not v["is_complete"]]
+    assert during and all(v["finish_reason"] == "in_progress" and v["finish_reason_details"] is None for v in during)
+    assert any(v["active_agent"] == "agent_a" for v in during)  # agent_a's shell step is running
+    assert all(v["completion_percentage"] < 100 for v in during)
+    done = _massgen_poller_view(load(log_dir / "status.json"))
+    assert done["is_complete"] and done["finish_reason"] == "completed" and done["completion_percentage"] == 100
+    assert done["winner"] == "agent_a" and done["votes"].get("agent1.1", 0) >= 1
+    assert done["agents"]["agent_a"][1:3] == (1, "agent1.1")
+    assert done["session_id"] == log_dir.name and done["question"] == "2+2?"
