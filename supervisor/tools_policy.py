@@ -17,6 +17,14 @@ def _raw_agents(raw: dict[str, Any]) -> list[Any]:
     return agents if isinstance(agents, list) else [raw.get("agent")]
 
 
+def _raw_entry(raw_agents: list[Any], i: int, j: int) -> dict[str, Any] | None:
+    agent = raw_agents[i] if i < len(raw_agents) else None
+    backend = agent.get("backend") if isinstance(agent, dict) else None
+    tools = backend.get("custom_tools") if isinstance(backend, dict) else None
+    entry = tools[j] if isinstance(tools, list) and j < len(tools) else None
+    return entry if isinstance(entry, dict) else None
+
+
 def resolve_custom_tools(
     config: RunConfig, raw: dict[str, Any], contexts: Sequence[Path], source: str
 ) -> tuple[dict[str, Any], list[ConfigProblem]]:
@@ -37,7 +45,15 @@ def resolve_custom_tools(
             p = Path(entry.path).expanduser()
             p = p if p.is_absolute() else Path.cwd() / p
             if not p.is_file():
-                problems.append(ConfigProblem(source, key, None, f"custom tool file does not exist: {p}"))
+                problems.append(
+                    ConfigProblem(
+                        source,
+                        key,
+                        None,
+                        f"custom tool file does not exist: {p} (paths are relative to the current directory; "
+                        "the file must lie inside an orchestrator.context_paths entry)",
+                    )
+                )
                 continue
             resolved = p.resolve()
             if not any(resolved == c or resolved.is_relative_to(c) for c in contexts):
@@ -52,9 +68,9 @@ def resolve_custom_tools(
                     )
                 )
                 continue
-            with_path = raw_agents[i]["backend"]["custom_tools"][j] if i < len(raw_agents) else None
-            if isinstance(with_path, dict):
-                with_path["path"] = str(resolved)
+            raw_entry = _raw_entry(raw_agents, i, j)
+            if raw_entry is not None:
+                raw_entry["path"] = str(resolved)
     return out, problems
 
 

@@ -11,6 +11,7 @@ import argparse
 from agent_image.protocol.loader import ConfigError, ConfigProblem
 
 from .configs import check_context_paths, price_problems, resolve_loaded
+from .tools_policy import resolve_custom_tools
 
 
 def validate(source: str) -> tuple[list[ConfigProblem], list[ConfigProblem], str]:
@@ -19,7 +20,10 @@ def validate(source: str) -> tuple[list[ConfigProblem], list[ConfigProblem], str
         loaded, path = resolve_loaded(source)
     except ConfigError as exc:
         return list(exc.problems), list(exc.notes), source
-    _, missing = check_context_paths(loaded.config, path)
+    contexts, missing = check_context_paths(loaded.config, path)
+    if not missing:
+        # Custom tool files must lie in a context path, as a run would check before starting.
+        _, missing = resolve_custom_tools(loaded.config, {}, contexts, path)
     try:
         unpriced = price_problems(loaded.config, path)
     except ValueError as exc:  # a broken MASSGEN_PRICING_FILE

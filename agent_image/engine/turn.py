@@ -101,7 +101,7 @@ class TurnRunner:
             self.writer.emit(
                 ToolCalled,
                 agent=self.agent,
-                tool=call.name,
+                tool=call.name[:200],  # a model may call any name; events cap it
                 summary=str(getattr(result, "summary", ""))[:500],
                 ok=bool(getattr(result, "ok", True)),
                 duration_s=round(time.monotonic() - t0, 4),

@@ -403,3 +403,6 @@ def test_an_image_without_the_engine_is_refused_at_start(agent_image: str, tmp_p
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("FAILED: image_invalid:") and "does not carry the sandbox engine" in last
     assert f"FROM {agent_image}" in last
+    # Refused before anything was set up: no disk of its own left mounted, no container.
+    assert f["RUN_ID"] not in Path("/proc/self/mounts").read_text()
+    assert load(f["STATUS_FILE"])["container"] is None

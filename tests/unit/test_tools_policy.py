@@ -62,3 +62,22 @@ def test_engine_label_decides_whether_an_image_can_run_the_engine() -> None:
     assert msg is not None and "does not carry the sandbox engine" in msg and "FROM massgen-sandbox/agent:abc" in msg
     old = engine_image_problem({ENGINE_LABEL: "0"}, "mine:1", "massgen-sandbox/agent:abc")
     assert old is not None and "rebuild it" in old
+
+
+def test_validate_checks_custom_tool_files_like_a_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`massgen-run validate` refuses a custom tool file outside the context paths, naming it."""
+    from supervisor import validate
+
+    (tmp_path / "ctx").mkdir()
+    (tmp_path / "tool.py").write_text("def f():\n    return 1\n")
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "agents:\n  - id: a\n    backend:\n      type: scripted\n      custom_tools:\n"
+        "        - {path: tool.py, function: f}\norchestrator:\n  context_paths:\n    - path: ctx\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    errors, _notes, _path = validate.validate(str(cfg))
+    assert len(errors) == 1 and "outside every orchestrator.context_paths" in str(errors[0])
+    (tmp_path / "ctx" / "tool.py").write_text("def f():\n    return 1\n")
+    cfg.write_text(cfg.read_text().replace("path: tool.py", "path: ctx/tool.py"))
+    assert validate.validate(str(cfg))[0] == []
