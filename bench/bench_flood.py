@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -74,10 +75,12 @@ def health_under_flood(seconds: float) -> None:
         flooding = _probe(d, seconds)
         applied = (log_dir / "events.jsonl").stat().st_size - applied0
         backlog = outbox.stat().st_size - (log_dir / "events.jsonl").stat().st_size
-        proc.kill()
-        proc.communicate(timeout=30)
+        with d.http() as client:  # through the API: the daemon then gives the run's disk back
+            client.post(f"/v1/runs/{log_dir.name}/stop")
+        proc.communicate(timeout=90)
     finally:
         d.cleanup()
+        shutil.rmtree(work, ignore_errors=True)  # the flood left ~100 MiB of outbox there
     base, flood = _percentiles(idle), _percentiles(flooding)
     for k in ("p50", "p90", "p99"):
         print(
@@ -122,6 +125,7 @@ def drain_cost() -> None:
             f"drain {name:18} {dt / n * 1e6:6.1f} us/line   longest slice {worst * 1000:5.1f} ms"
             f"   massgen.log {log_kib} KiB for {n} lines"
         )
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def main() -> None:

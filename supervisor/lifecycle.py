@@ -62,8 +62,9 @@ MAX_OUTBOX_BYTES = 256 << 20  # a sandbox writing more events than this is stopp
 # none, so past this many the sandbox is flooding and is stopped (limit_exceeded).
 MAX_IGNORED_LINES = 100_000
 # After the sandbox exited: how long the follower may spend on what is left of the outbox
-# (yielding between slices), and how long when the run already failed for flooding it.
+# (yielding between slices); shorter when the supervisor stopped it, shortest when it flooded.
 FINAL_DRAIN_S = 60.0
+FINAL_DRAIN_STOPPED_S = 10.0  # the supervisor stopped it (deadline, interrupt): the verdict is ours
 DRAIN_REST_S = 0.005  # between two drain slices of a backlog (materializer.DRAIN_SLICE_S each)
 FINAL_DRAIN_FLOODED_S = 2.0
 MAX_OUTPUT_BYTES = 256 << 10  # of the sandbox's own stdout/stderr, the tail kept in massgen.log
@@ -908,7 +909,8 @@ class RunExecution:
             flooded, stopped_for = True, Reason.LIMIT_EXCEEDED.value
         if self._disk_over is None:
             # (past its disk budget, what is left would only add to a log dir already over it)
-            await self._final_drain(tailer, FINAL_DRAIN_FLOODED_S if flooded else FINAL_DRAIN_S)
+            budget_s = FINAL_DRAIN_S if stopped_for is None else FINAL_DRAIN_STOPPED_S
+            await self._final_drain(tailer, FINAL_DRAIN_FLOODED_S if flooded else budget_s)
         tailer.close()
         disk_full_at_exit = await self._disk_at_exit()
         # The sandbox has exited: nothing writes its folders any more; give them back before
