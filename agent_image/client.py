@@ -65,7 +65,7 @@ class SupervisorClient:
                 if time.monotonic() > give_up:
                     raise ClientError(f"supervisor at {self.socket_path} unreachable: {exc}") from exc
                 time.sleep(0.25)
-            except Exception as exc:  # noqa: BLE001 - one message for every other transport failure
+            except Exception as exc:
                 raise ClientError(f"supervisor at {self.socket_path} unreachable: {type(exc).__name__}: {exc}") from exc
         try:
             data = resp.json()
@@ -271,7 +271,7 @@ def _verb(client: SupervisorClient, verb: str, argv: list[str]) -> int:
             _say(f"{'RUN ID':40} {'STATE':9} {'PHASE':13} {'EXIT':>4} DEPTH")
             for r in runs:
                 ex = "" if r["exit_code"] is None else str(r["exit_code"])
-                _say(f"{r['run_id']:40} {r['state']:9} {str(r['phase']):13} {ex:>4} {r['depth']}")
+                _say(f"{r['run_id']:40} {r['state']:9} {r['phase']!s:13} {ex:>4} {r['depth']}")
         return 0
     if verb == "status":
         _, st = client.request("GET", f"/v1/runs/{args.run}/status")

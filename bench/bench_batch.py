@@ -29,7 +29,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_daemon import Daemon  # noqa: E402
+from bench_daemon import Daemon
 
 REPO = Path(__file__).resolve().parents[1]
 

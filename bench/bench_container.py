@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_of, report, time_cmd  # noqa: E402
+from _common import median_of, report, time_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import report
 
 REPO = Path(__file__).resolve().parents[1]
 LABEL_BENCH = "io.massgen.bench"

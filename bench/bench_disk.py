@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report, time_cmd  # noqa: E402
+from _common import report, time_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,12 +21,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import httpx2  # noqa: E402  # after the path fix: the fakes live in the checkout's tests/
+import httpx2  # after the path fix: the fakes live in the checkout's tests/
 
-from supervisor.gateway import BudgetMeter, Gateway, Upstream  # noqa: E402
-from supervisor.pricing import Pricing  # noqa: E402
-from tests.fakes import FakeOpenAI, Reply  # noqa: E402
-from tests.fakes._common import _Handler  # noqa: E402
+from supervisor.gateway import BudgetMeter, Gateway, Upstream
+from supervisor.pricing import Pricing
+from tests.fakes import FakeOpenAI, Reply
+from tests.fakes._common import _Handler
 
 TARGET_MS = 5.0
 KEY = "sk-bench-0123456789abcdef"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import report  # noqa: E402
+from _common import report
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD = "@examples/quickstart"

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import median_of, report, time_cmd  # noqa: E402
+from _common import median_of, report, time_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "massgen_v0.1.12" / "massgen" / "configs"

@@ -57,7 +57,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if exc.status >= 400 and not (exc.text or "").startswith("{"):
             return _error(exc.status, exc.reason, exc.text or "")
         raise
-    except Exception as exc:  # noqa: BLE001 - never a bare 500 page; log it and answer JSON
+    except Exception as exc:
         log.exception("api error path=%s", request.path)
         return _error(500, "internal_error", type(exc).__name__)
 
@@ -234,4 +234,4 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=2))
 
 
-__all__ = ["RunsApi", "UnixServer", "make_app", "PolicyError"]
+__all__ = ["PolicyError", "RunsApi", "UnixServer", "make_app"]

@@ -391,7 +391,7 @@ def cmd_ps(argv: list[str]) -> int:
         age = fmt_age(now - r.start_time if r.start_time else None)
         cpu = "" if r.cpu_percent is None else f"{r.cpu_percent:.0f}%"
         out.append(
-            f"{label:{width}} {r.state:9} {str(r.phase):13} {ex:>4} {el:>8} {age:>6} {cpu:>6}"
+            f"{label:{width}} {r.state:9} {r.phase!s:13} {ex:>4} {el:>8} {age:>6} {cpu:>6}"
             f" {fmt_bytes(r.memory_bytes):>8} {r.depth}"
         )
     _say("\n".join(out))

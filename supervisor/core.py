@@ -271,7 +271,7 @@ class Supervisor:
             run_id=rec.run_id,
             parent_run_id=rec.parent.run_id if rec.parent else None,
             depth=rec.depth,
-            state=res and "finished" or (st.run.state.value if st else "starting"),
+            state=(res and "finished") or (st.run.state.value if st else "starting"),
             phase=st.coordination.phase.value if st else None,
             exit_code=res.exit_code if res else None,
             reason=res.reason if res else None,

@@ -251,7 +251,7 @@ async def reconcile(sup: Any, runtime: Any, logs_root: Path, extra_roots: Iterab
             try:
                 if _finish_lost(log_dir, sup.supervisor_id):
                     counts["lost"] += 1
-            except Exception:  # noqa: BLE001 - one odd folder must not keep the daemon from starting
+            except Exception:
                 log.exception("could not finish lost run %s", log_dir)
     return counts
 
@@ -386,7 +386,7 @@ async def serve(args: argparse.Namespace) -> int:
     def on_signal(name: str) -> None:
         if stop.is_set():
             log.warning("second %s: forced exit", name)
-            os._exit(EXIT_FORCED)  # noqa: SLF001 - the documented forced shutdown
+            os._exit(EXIT_FORCED)
         log.info("%s: graceful shutdown (sandboxes keep running and are re-adopted on restart)", name)
         stop.set()
 

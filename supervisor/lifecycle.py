@@ -29,7 +29,8 @@ from .configs import check_context_paths, price_problems, resolve_loaded
 from .diskaccount import DiskAccount
 from .diskquota import WALK_INTERVAL_S, DiskUse, Mode, RunDisk
 from .diskquota import disabled as disk_quota_disabled
-from .errors import ContainerRuntimeError, DiskError, ImageMissing, PolicyError
+from .errors import ContainerRuntimeError, DiskError, ImageMissing
+from .errors import PolicyError as PolicyError  # also importable from here
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
 from .outbox_watch import OutboxWatch
@@ -482,7 +483,7 @@ class RunExecution:
             env = {
                 "MASSGEN_RUN_ID": paths.run_id,
                 "MASSGEN_IN_SANDBOX": "1",
-                "HOME": "/tmp",
+                "HOME": "/tmp",  # noqa: S108 - the sandbox's own private tmpfs
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONDONTWRITEBYTECODE": "1",
             }
@@ -589,7 +590,7 @@ class RunExecution:
                         return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
                     try:
                         await self.hooks.services_ready(self)
-                    except Exception as exc:  # noqa: BLE001 - the sandbox exists: follow and remove it anyway
+                    except Exception as exc:
                         log.exception("run_id=%s the run's socket did not come up", paths.run_id)
                         mat.log(f"the run's socket did not come up ({exc}); nested runs and models fail", "error")
                     return await self._follow_and_remove(handle, deadline, grace)
@@ -801,7 +802,7 @@ class RunExecution:
                 try:
                     await self.hooks.start_services(self, self.config, deadline)
                     await self.hooks.services_ready(self)
-                except Exception as exc:  # noqa: BLE001 - following the run matters more; say what broke
+                except Exception as exc:
                     log.exception("run_id=%s could not restart the run's socket", paths.run_id)
                     mat.log(f"the run's socket could not be restarted ({exc}); nested runs and models fail", "error")
             return await self._follow_and_remove(handle, deadline, grace, mat.resume_offset)

@@ -173,7 +173,8 @@ class ChildHooks(RunHooks):
         budget = SnapshotBudget(min(DEFAULT_LIMIT_BYTES, room.bytes), min(DEFAULT_LIMIT_ENTRIES, room.inodes))
         failure: PolicyError | None = None
         try:
-            await snapshot_dir_async(root, os.path.relpath(real, root), dest, budget=budget)
+            rel = os.path.relpath(real, root)  # noqa: ASYNC240 - string arithmetic on two absolute paths
+            await snapshot_dir_async(root, rel, dest, budget=budget)
         except SnapshotError as exc:
             by_disk = (exc.limit == "bytes" and room.bytes < DEFAULT_LIMIT_BYTES) or (
                 exc.limit == "entries" and room.inodes < DEFAULT_LIMIT_ENTRIES

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import DataFileError
+from .errors import DataFileError as DataFileError  # also importable from here
 
 log = logging.getLogger(__name__)
 

@@ -85,7 +85,7 @@ def reap_orphans(runtime: Any) -> int:
             runtime.remove(handle)
             reaped += 1
             log.warning("reaped orphaned sandbox %s of run %s", facts.id[:12], run_id)
-        except Exception:  # noqa: BLE001 - reaping is best effort; the next run tries again
+        except Exception:
             log.exception("could not reap sandbox %s", facts.id[:12])
     return reaped
 
@@ -102,6 +102,6 @@ def reap_disks(runtime: Any, workspaces_root: Path) -> int:
 
     try:
         return sweep(workspaces_root, live)
-    except Exception:  # noqa: BLE001 - best effort, like reaping; the next run tries again
+    except Exception:
         log.exception("could not sweep the run disks under %s", workspaces_root)
         return 0

@@ -150,7 +150,7 @@ class SocketServices(RunHooks):
         self.socket_dir = short_socket_dir(self.record.run_id)
         ensure_private_dir(self.socket_dir.parent)  # other host users cannot reach any run's socket
         self.socket_dir.mkdir(mode=0o755, exist_ok=True)
-        os.chmod(self.socket_dir, 0o755)  # the sandbox's user must enter its mounted socket dir
+        os.chmod(self.socket_dir, 0o755)  # noqa: S103 - the sandbox's user must enter its mounted socket dir
         path = self.socket_dir / SOCKET_NAME
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a stale socket from a supervisor that died

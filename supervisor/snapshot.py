@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import SnapshotError
+from .errors import SnapshotError as SnapshotError  # also importable from here
 
 DEFAULT_LIMIT_BYTES = 256 << 20
 DEFAULT_LIMIT_ENTRIES = 100_000

@@ -21,7 +21,8 @@ SOCKET_NAME = "api.sock"
 def runtime_base() -> Path:
     """The per-user base for sockets: $XDG_RUNTIME_DIR/massgen, else /tmp/massgen-<uid> (short paths)."""
     runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")
+    # ensure_private_dir refuses a squatted /tmp path (another owner, a symlink).
+    return Path(runtime_dir) / "massgen" if runtime_dir else Path(f"/tmp/massgen-{os.getuid()}")  # noqa: S108
 
 
 def socket_root() -> Path:

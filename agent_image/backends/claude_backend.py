@@ -201,7 +201,7 @@ class ClaudeBackend:
             raise BackendError(PROVIDER, self._safe(f"{self._upstream} failed: {type(exc).__name__}: {exc}")) from exc
         except BackendError:
             raise
-        except Exception as exc:  # noqa: BLE001  # garbage on the wire must not escape untranslated
+        except Exception as exc:  # garbage on the wire must not escape untranslated
             raise BackendError(
                 PROVIDER, self._safe(f"bad answer from {self._upstream}: {type(exc).__name__}: {exc}")
             ) from exc

@@ -59,7 +59,7 @@ _SIGNATURE_CACHE_SIZE = 4096
 def synthetic_id(position: int, index: int, name: str, args: dict[str, Any]) -> str:
     """A stable id for a call Gemini gave none: same conversation position and call, same id."""
     key = f"{position}:{index}:{name}:{json.dumps(args, sort_keys=True, default=str)}"
-    return SYNTHETIC_ID_PREFIX + hashlib.sha1(key.encode()).hexdigest()[:16]
+    return SYNTHETIC_ID_PREFIX + hashlib.sha1(key.encode(), usedforsecurity=False).hexdigest()[:16]
 
 
 def retry_after_s(exc: Any) -> float | None:
@@ -291,7 +291,7 @@ class GeminiBackend:
                 return await self._call(contents, config, t0, len(messages))
             except BackendError:
                 raise
-            except Exception as exc:  # noqa: BLE001  # every SDK/transport failure is translated here
+            except Exception as exc:  # every SDK/transport failure is translated here
                 wait = self._retry_wait(exc, attempt)
                 if wait is None:
                     raise self._translate(exc, attempt) from exc
@@ -357,7 +357,7 @@ class GeminiBackend:
             # keeps a dead upstream from holding the run.
             return None
         backoff = self._retry_base * (2 ** (attempt - 1))
-        wait: float = min(self._max_wait, backoff * (0.75 + 0.25 * random.random()))
+        wait: float = min(self._max_wait, backoff * (0.75 + 0.25 * random.random()))  # noqa: S311 - jitter, not a secret
         return wait
 
     def _translate(self, exc: Exception, attempt: int) -> BackendError:

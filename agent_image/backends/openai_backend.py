@@ -105,7 +105,7 @@ def usage_from(u: Any) -> Usage:
 class _ToolCallAcc:
     """One tool call being assembled from stream deltas."""
 
-    __slots__ = ("id", "name", "args")
+    __slots__ = ("args", "id", "name")
 
     def __init__(self) -> None:
         self.id = ""
@@ -255,7 +255,7 @@ class OpenAIBackend:
             raise BackendError(PROVIDER, self._safe(msg)) from exc
         except BackendError:
             raise
-        except Exception as exc:  # noqa: BLE001  # garbage on the wire must not escape untranslated
+        except Exception as exc:  # garbage on the wire must not escape untranslated
             msg = f"bad answer from {self._upstream}: {type(exc).__name__}: {exc}"
             raise BackendError(PROVIDER, self._safe(msg)) from exc
 

@@ -151,4 +151,4 @@ class ScriptedBackend:
         return None
 
 
-__all__ = ["ScriptedBackend", "BackendError", "template_names"]
+__all__ = ["BackendError", "ScriptedBackend", "template_names"]

@@ -231,7 +231,7 @@ class McpServer:
         loop = asyncio.get_running_loop()
         read_fd, write_fd = os.pipe()
         sink = self._stderr = _TailSink(self._stderr_closed)
-        pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - the transport owns and closes it
+        pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - wraps a pipe fd (no I/O); the transport closes it
         self._stderr_transport, _ = await loop.connect_read_pipe(lambda: sink, pipe)
         stdio = cfg.type == "stdio"
         try:
@@ -289,7 +289,7 @@ class McpServer:
                 self._session = session
                 self._ready.set()
                 await self._stop.wait()
-        except BaseException as exc:  # noqa: BLE001 - a dying server surfaces as anything (ExceptionGroup too)
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             self._error = exc
@@ -429,7 +429,7 @@ class McpServer:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            except Exception:  # noqa: BLE001 - stopping must not fail the run
+            except Exception:  # noqa: BLE001, S110 - stopping must not fail the run
                 pass
         proc = self._proc
         if proc is not None:

@@ -117,7 +117,7 @@ async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> No
         async with asyncio.timeout_at(deadline):
             await proc.wait()
             # Members ignoring SIGTERM keep the group alive after the leader is reaped.
-            while _group_alive(proc.pid):
+            while _group_alive(proc.pid):  # noqa: ASYNC110 - no event tells when a process group is empty
                 await asyncio.sleep(0.02)
     _signal_group(proc.pid, signal.SIGKILL)
     with contextlib.suppress(TimeoutError):
@@ -126,7 +126,7 @@ async def _terminate_group(proc: asyncio.subprocess.Process, grace: float) -> No
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, read_fd: int, sink: _CappedSink) -> asyncio.ReadTransport:
-    pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115 - the transport owns and closes it
+    pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - wraps a pipe fd (no I/O); the transport closes it
     try:
         transport, _ = await loop.connect_read_pipe(lambda: sink, pipe)
     except BaseException:

@@ -56,10 +56,10 @@ def _copy_for_grader(facts: RunFacts, dest: Path) -> None:
         (dest / "workspace").mkdir(exist_ok=True)
     for dirpath, dirnames, filenames in os.walk(dest):
         for d in dirnames:
-            os.chmod(os.path.join(dirpath, d), 0o555)
+            os.chmod(os.path.join(dirpath, d), 0o555)  # noqa: S103 - read-only for everyone, on purpose
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o444)
-    os.chmod(dest, 0o555)
+    os.chmod(dest, 0o555)  # noqa: S103 - read-only for everyone, on purpose
 
 
 def _run_grader(ctx: GradeContext, a: Any, copy: Path, env: dict[str, str], name: str) -> Outcome:
@@ -131,7 +131,7 @@ async def grade(
         "QUESTION": question,
         "EXPECTED": expected if isinstance(expected, str) else json.dumps(expected),
         "WINNER": facts.winner or "",
-        "HOME": "/tmp",
+        "HOME": "/tmp",  # noqa: S108 - a grading command's HOME inside its own sandbox
     }
     for i, a in enumerate(commands):
         name = f"grade-{item_id}-{i}-{os.urandom(3).hex()}"
@@ -146,9 +146,9 @@ def _rmtree(path: Path) -> None:
     for dirpath, dirnames, _files in os.walk(path):
         for d in dirnames:
             with contextlib.suppress(OSError):
-                os.chmod(os.path.join(dirpath, d), 0o755)
+                os.chmod(os.path.join(dirpath, d), 0o755)  # noqa: S103 - writable again, to be removed
     with contextlib.suppress(OSError):
-        os.chmod(path, 0o755)
+        os.chmod(path, 0o755)  # noqa: S103 - writable again, to be removed
     shutil.rmtree(path, ignore_errors=True)
 
 

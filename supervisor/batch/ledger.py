@@ -14,7 +14,7 @@ LEDGER_SCHEMA_VERSION = 1
 
 
 class ItemState(StrEnum):
-    PASS = "pass"  # every assertion held
+    PASS = "pass"  # noqa: S105 - every assertion held (a state, not a password)
     FAIL = "fail"  # the behaviour under test: a wrong answer, timeout, budget, no answer
     ERROR = "error"  # the harness could not give the item a fair run
     SKIPPED = "skipped"  # never run: deadline, batch budget, filter

@@ -740,12 +740,15 @@ class BatchRunner:
     async def execute(self) -> Ending:
         """Adopt what was in flight, run what is left; returns how it ended."""
         loop = asyncio.get_running_loop()
+        stops: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
         def on_signal(name: str) -> None:
             if self.stopping == "interrupted" or self.forced:
                 self.forced = True
                 self.err(f"massgen-run batch: second {name}: killing in-flight items")
-            loop.create_task(self.stop_all("interrupted"))
+            task = loop.create_task(self.stop_all("interrupted"))
+            stops.add(task)
+            task.add_done_callback(stops.discard)
 
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, on_signal, sig.name)

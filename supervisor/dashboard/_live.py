@@ -301,7 +301,7 @@ class Hub:
                 if batches:
                     await self._refresh_batches(batches)
                 await self._apply(status, detail, logs)
-            except Exception:  # noqa: BLE001 - one odd log dir must not end live updates
+            except Exception:
                 log.exception("dashboard: update failed")
 
     async def _apply(self, status: set[Path], detail: set[Path], logs: set[Path]) -> None:
@@ -348,7 +348,7 @@ class Hub:
                         self._store(row)
                         if any(s.run_dir == row.log_dir for s in self.subs):
                             self._render_due(row.log_dir)  # through the flush loop and its pacing
-            except Exception:  # noqa: BLE001 - keep rescanning whatever one pass hit
+            except Exception:
                 log.exception("dashboard: rescan failed")
 
     # -- pages ---------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ def static_text(name: str) -> str:
     return resources.files(__package__).joinpath("static", name).read_text(encoding="utf-8")
 
 
-__all__ = ["esc", "page", "run_page_body", "run_sections", "runs_page_body", "run_row_html", "SECTIONS"]
+__all__ = ["SECTIONS", "esc", "page", "run_page_body", "run_row_html", "run_sections", "runs_page_body"]
 
 SECTIONS = ("head", "agents", "timeline", "usage", "answers", "children", "container", "result")
 PALETTE = 8

@@ -146,7 +146,7 @@ class Dashboard:
             names |= {"localhost", f"localhost:{self.port}", "127.0.0.1", f"127.0.0.1:{self.port}"}
         # Bound to every address, any name may reach it: then only the token (and, for actions,
         # the same-origin check) stand guard, which the warning at start says.
-        self.allowed_hosts = set() if self.host in ("0.0.0.0", "::", "") else names
+        self.allowed_hosts = set() if self.host in ("0.0.0.0", "::", "") else names  # noqa: S104 - a check, not a bind
         # Cookies ignore ports: one name per port keeps two dashboards on one host apart.
         self.cookie = f"massgen_dashboard_{self.port}"
         return self.url
@@ -154,7 +154,7 @@ class Dashboard:
     @property
     def base_url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        if self.host in ("0.0.0.0", "::"):
+        if self.host in ("0.0.0.0", "::"):  # noqa: S104 - a check, not a bind
             host = "127.0.0.1"
         return f"http://{host}:{self.port}"
 

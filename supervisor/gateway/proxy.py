@@ -397,7 +397,7 @@ class Gateway:
         session = self._client()
         while True:
             call.attempts += 1
-            delay = min(self._max_wait, self._retry_base * 2 ** (call.attempts - 1)) * random.uniform(0.8, 1.0)
+            delay = min(self._max_wait, self._retry_base * 2 ** (call.attempts - 1)) * random.uniform(0.8, 1.0)  # noqa: S311 - jitter
             if self._limiter is not None:
                 await self._limiter.wait(upstream.host)
             try:
@@ -608,7 +608,7 @@ class Gateway:
         )
         try:
             self._meter.record(record)
-        except Exception:  # noqa: BLE001  # a broken meter must not turn a served answer into a 500
+        except Exception:  # a broken meter must not turn a served answer into a 500
             log.exception(
                 "meter.record failed run_id=%s agent=%s provider=%s model=%s",
                 self.run_id,

@@ -108,7 +108,7 @@ class DockerRuntime:
             if self._client is None:
                 with self._engine("connect", self.endpoint):
                     self._client = docker.from_env(
-                        timeout=int(math.ceil(self._timeout)),
+                        timeout=math.ceil(self._timeout),
                         max_pool_size=self._max_pool_size,
                         environment=self._environment,
                     )
@@ -179,7 +179,7 @@ class DockerRuntime:
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "read_only": True,
-            "tmpfs": {"/tmp": tmpfs_opts},
+            "tmpfs": {"/tmp": tmpfs_opts},  # noqa: S108 - the sandbox's own private tmpfs
             "init": True,
             "pids_limit": spec.pids_limit,
             "mem_limit": spec.memory_bytes,
@@ -429,7 +429,7 @@ class DockerRuntime:
                     forcerm=True,
                     nocache=nocache,
                     decode=True,
-                    timeout=int(math.ceil(timeout)),
+                    timeout=math.ceil(timeout),
                 )
                 for chunk in stream:
                     if "error" in chunk or "errorDetail" in chunk:

@@ -41,7 +41,7 @@ class LocalRuntime:
         env = dict(spec.env)
         try:
             with open(output, "wb") as fh:
-                proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                proc = subprocess.Popen(
                     [sys.executable, *spec.command],
                     cwd=spec.workdir,
                     env=env,

@@ -83,7 +83,7 @@ class Compose:
 
 
 def _containers(rt: DockerRuntime, **labels: str) -> list[str]:
-    client = rt._docker  # noqa: SLF001 - a test looks at the engine directly
+    client = rt._docker
     filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
     return [c.id for c in client.containers.list(all=True, filters=filters)]
 

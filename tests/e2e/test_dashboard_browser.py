@@ -145,7 +145,7 @@ class _Evil(http.server.BaseHTTPRequestHandler):
 
     target = ""
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+    def do_GET(self) -> None:
         body = f"""<!doctype html><form id=f method=post action="{self.target}"></form>
 <script>fetch("{self.target}", {{method: "POST", credentials: "include", mode: "no-cors"}})
   .finally(() => document.getElementById("f").submit());</script>""".encode()

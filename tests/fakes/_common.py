@@ -140,13 +140,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _Server | _UnixServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  # stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:  # stdlib signature
         return
 
-    def do_GET(self) -> None:  # noqa: N802  # stdlib naming
+    def do_GET(self) -> None:  # stdlib naming
         self.server.owner._dispatch(self, "GET")
 
-    def do_POST(self) -> None:  # noqa: N802  # stdlib naming
+    def do_POST(self) -> None:  # stdlib naming
         self.server.owner._dispatch(self, "POST")
 
     # -- writing helpers, used by the concrete servers ---------------------------------------

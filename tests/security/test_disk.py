@@ -247,7 +247,7 @@ def test_snapshots_past_the_parents_budget_refuse_the_child_disk_quota_exceeded(
     """Three distinct 20 MiB snapshots with 64 MiB for the parent: the child ends exit 2 disk_quota_exceeded."""
     child = _child(["/workspace", "/workspace/agent_a", "/workspace/agent_a/d"])
     config = NESTED_PARENT.format(size=20 * MiB, blob_dir="/workspace/agent_a/d", child=child, disk="64m")
-    f, res = _run(tmp_path, agent_image, config, timeout=180)
+    f, _res = _run(tmp_path, agent_image, config, timeout=180)
     answer = (Path(f["LOG_DIR"]) / "final" / "a" / "answer.txt").read_text()
     assert "FAILED: disk_quota_exceeded: " in answer and "rc=2" in answer, answer
     [child_dir] = list((Path(f["LOG_DIR"]) / "children").iterdir())

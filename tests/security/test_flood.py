@@ -273,7 +273,7 @@ def test_outbox_flood_ends_as_limit_exceeded_quickly_with_bounded_logs(
         _agent(f'        - {{shell: "{attack}", timeout: 120}}\n        - answer: survived\n        - vote: auto\n')
         + "timeout_settings: {orchestrator_timeout_seconds: 150}\n",
     )
-    p, f, elapsed = _run_cli(tmp_path, agent_image, cfg)
+    p, _f, elapsed = _run_cli(tmp_path, agent_image, cfg)
     log_dir = _log_dir(p.stdout)
     try:
         assert p.returncode == 2, p.stdout + p.stderr
@@ -331,7 +331,7 @@ def test_forged_long_strings_are_cut_before_status_json_and_massgen_log(agent_im
             + "        - answer: done\n        - vote: auto\n"
         ),
     )
-    p, f, _ = _run_cli(tmp_path, agent_image, cfg)
+    p, _f, _ = _run_cli(tmp_path, agent_image, cfg)
     log_dir = _log_dir(p.stdout)
     assert (log_dir / "result.json").exists(), p.stdout + p.stderr  # the verdict itself is not this test's subject
     for name in ("status.json", "result.json"):

@@ -110,7 +110,7 @@ def test_holm_makes_a_borderline_comparison_inconclusive() -> None:
 
     def st(it: Item) -> str:
         n = int(it.question[1:])
-        if it.config == "b" and n < 6 or it.config == "c" and n < 5:
+        if (it.config == "b" and n < 6) or (it.config == "c" and n < 5):
             return "fail"
         return "pass"
 
@@ -175,7 +175,7 @@ def test_junit_is_xunit2_and_counts_equal_the_ledger(tmp_path: Path) -> None:
     root = ET.fromstring(xml)
     assert root.get("tests") == "20" and root.get("failures") == "1" and root.get("errors") == "2"
     assert root.get("skipped") == "2"
-    b = [ts for ts in root if ts.get("name") == "b"][0]
+    b = next(ts for ts in root if ts.get("name") == "b")
     assert len(b.findall("testcase/failure")) == 1
     assert len(b.findall("testcase/error")) == 2
     assert len(b.findall("testcase/skipped")) == 2

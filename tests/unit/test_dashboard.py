@@ -192,7 +192,7 @@ def test_without_the_token_pages_events_and_actions_are_401_and_a_wrong_token_40
     run = FakeRun(tmp_path / "runs")
 
     async def main() -> None:
-        async with serving(tmp_path / "runs", _Control()) as (dash, http):
+        async with serving(tmp_path / "runs", _Control()) as (_dash, http):
             for method, path in (
                 ("GET", "/"),
                 ("GET", f"/run/{run.run_id}"),
@@ -311,7 +311,7 @@ def test_a_status_change_reaches_an_open_runs_page_and_a_new_run_appears(tmp_pat
                 run.answer("a", "four")
                 run.write()
                 msg = await _sse(es, "row")
-                assert msg["id"] == run.run_id and "initial_answer" in msg["html"] or "answer" in msg["html"]
+                assert (msg["id"] == run.run_id and "initial_answer" in msg["html"]) or "answer" in msg["html"]
                 new = FakeRun(root)
                 msg = await _sse(es, "row")
                 while msg["id"] != new.run_id:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -829,7 +830,7 @@ def test_model_outside_allowlist_is_refused_with_403() -> None:
                 await h.openai().chat.completions.create(model="gpt-4o", messages=USER)
             assert err.value.status_code == 403
             await h.gemini().aio.models.generate_content(model="gemini-2.5-flash", contents="hi")
-            with pytest.raises(genai_errors.ClientError, match="model=gemini-2.5-pro") as gerr:
+            with pytest.raises(genai_errors.ClientError, match=re.escape("model=gemini-2.5-pro")) as gerr:
                 await h.gemini().aio.models.generate_content(model="gemini-2.5-pro", contents="hi")
             assert gerr.value.code == 403
 

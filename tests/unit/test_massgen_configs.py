@@ -65,12 +65,8 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any,
 
 def _present(data: Any, path: tuple[Any, ...]) -> bool:
     for part in path:
-        if (
-            isinstance(data, dict)
-            and part in data
-            or isinstance(data, list)
-            and isinstance(part, int)
-            and part < len(data)
+        if (isinstance(data, dict) and part in data) or (
+            isinstance(data, list) and isinstance(part, int) and part < len(data)
         ):
             data = data[part]
         else:

@@ -320,7 +320,7 @@ def test_status_writes_are_atomic(mat: Materializer, paths: RunPaths, clock: Fak
             try:
                 Status.model_validate(strict_json(paths.status))
                 reads += 1
-            except Exception as exc:  # any failure to read or validate is the finding
+            except Exception as exc:  # noqa: BLE001 - any failure to read or validate is the finding
                 errors.append(exc)
 
     thread = threading.Thread(target=reader)
