@@ -398,7 +398,7 @@ def test_an_image_without_the_engine_is_refused_at_start(agent_image: str, tmp_p
         sandbox:
           image: massgen-sandbox/base:bookworm
         """)
-    p, _f = _run(tmp_path, agent_image, config)
+    p, f = _run(tmp_path, agent_image, config)
     assert p.returncode == 1, p.stdout + p.stderr
     last = p.stdout.strip().splitlines()[-1]
     assert last.startswith("FAILED: image_invalid:") and "does not carry the sandbox engine" in last
