@@ -56,6 +56,7 @@ class Verdict:
 
     @property
     def exit_code(self) -> int:
+        """The exit code, derived from the reason."""
         return int(REASON_EXIT[self.reason])
 
 

@@ -27,6 +27,7 @@ class UpstreamLimiter:
             self._until[host] = until
 
     def remaining(self, host: str) -> float:
+        """Seconds until `host` may be called again (0 when it may now)."""
         return max(0.0, self._until.get(host, 0.0) - time.monotonic())
 
     async def wait(self, host: str) -> float:

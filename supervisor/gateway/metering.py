@@ -36,38 +36,60 @@ class SpentCall(Protocol):
     """What totals are made of: a `CallRecord`, or a past call read back (e.g. a telemetry line)."""
 
     @property
-    def agent(self) -> str: ...
+    def agent(self) -> str:
+        """The agent that made the call (as the sandbox labelled it)."""
+        ...
 
     @property
-    def provider(self) -> str: ...
+    def provider(self) -> str:
+        """The provider the call went to."""
+        ...
 
     @property
-    def model(self) -> str: ...
+    def model(self) -> str:
+        """The model called."""
+        ...
 
     @property
-    def prompt_tokens(self) -> int: ...
+    def prompt_tokens(self) -> int:
+        """Prompt tokens billed (cached ones included)."""
+        ...
 
     @property
-    def completion_tokens(self) -> int: ...
+    def completion_tokens(self) -> int:
+        """Completion tokens billed (thinking included)."""
+        ...
 
     @property
-    def cached_tokens(self) -> int: ...
+    def cached_tokens(self) -> int:
+        """Prompt tokens served from the provider's cache."""
+        ...
 
     @property
-    def cost_usd(self) -> float: ...
+    def cost_usd(self) -> float:
+        """What the call cost, in US dollars."""
+        ...
 
     @property
-    def ok(self) -> bool: ...
+    def ok(self) -> bool:
+        """Whether the call succeeded."""
+        ...
 
 
 class Meter(Protocol):
     """Where the gateway reports calls and asks whether the budget still allows one."""
 
-    def record(self, call: CallRecord) -> None: ...
+    def record(self, call: CallRecord) -> None:
+        """Count one finished call."""
+        ...
 
-    def budget_error(self) -> str | None: ...
+    def budget_error(self) -> str | None:
+        """Why the next call is refused (a budget is spent), or None."""
+        ...
 
-    def on_budget_exceeded(self, message: str) -> None: ...
+    def on_budget_exceeded(self, message: str) -> None:
+        """A call was refused for `message`; called on every refusal."""
+        ...
 
 
 @dataclass
@@ -83,9 +105,11 @@ class Totals:
 
     @property
     def tokens(self) -> int:
+        """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
 
     def add(self, call: SpentCall) -> None:
+        """Add one call to the sums."""
         self.calls += 1
         self.failed += 0 if call.ok else 1
         self.prompt_tokens += call.prompt_tokens
@@ -120,6 +144,7 @@ class BudgetMeter:
         self.exceeded: str | None = None
 
     def record(self, call: CallRecord) -> None:
+        """Add the call to the totals (overall, per agent, per model), then to `on_record`."""
         self.total.add(call)
         self.by_agent.setdefault(call.agent, Totals()).add(call)
         self.by_model.setdefault((call.provider, call.model), Totals()).add(call)
@@ -141,6 +166,7 @@ class BudgetMeter:
         return n
 
     def budget_error(self) -> str | None:
+        """The first limit the totals have reached, as a message, or None."""
         t = self.total
         if self.max_tokens is not None and t.tokens >= self.max_tokens:
             return f"budget_exceeded: tokens={t.tokens} reached max_tokens={self.max_tokens}"
@@ -151,6 +177,7 @@ class BudgetMeter:
         return None
 
     def on_budget_exceeded(self, message: str) -> None:
+        """Remember the first refusal and fire `on_exceeded` for it (once)."""
         if self.exceeded is not None:
             return
         self.exceeded = message
@@ -221,9 +248,11 @@ class ChainMeter:
         self.ancestors = [a for a in ancestors if a is not None]
 
     def record(self, call: CallRecord) -> None:
+        """Count the call into this run's own meter (ancestors are charged by its `on_record`)."""
         self.own.record(call)
 
     def budget_error(self) -> str | None:
+        """This run's, else the nearest ancestor's, reached limit, or None."""
         for m in (self.own, *(a.own for a in self.ancestors)):
             err = m.budget_error()
             if err:
@@ -231,4 +260,5 @@ class ChainMeter:
         return None
 
     def on_budget_exceeded(self, message: str) -> None:
+        """Recorded by this run's own meter."""
         self.own.on_budget_exceeded(message)

@@ -151,6 +151,9 @@ class Gateway:
         """Set up; the client session is made on first use, inside the serving loop.
 
         Args:
+            upstreams: per provider, where its calls go and the host key they carry.
+            meter: where each call is reported and the budget asked (the run's `ChainMeter`).
+            pricing: prices calls from their usage.
             allowed_models: per provider, the only models a sandbox may call; a provider left out
                 allows none. None: any model of any provider.
             agent_upstreams: per agent id, its own OpenAI-compatible upstream (and key), served
@@ -192,6 +195,7 @@ class Gateway:
     # -- wiring --------------------------------------------------------------------------------
 
     def routes(self) -> list[web.RouteDef]:
+        """The model routes, for an application of the caller's (the run's socket)."""
         return [
             web.post("/openai/v1/chat/completions", self._openai),
             web.post("/openai/v1/responses", self._openai),

@@ -32,12 +32,14 @@ class Redactor:
         self._bytes = [s.encode() for s in self._text]
 
     def text(self, value: str) -> str:
+        """`value` with every key replaced."""
         for s in self._text:
             if s in value:
                 value = value.replace(s, REDACTED)
         return value
 
     def data(self, value: bytes) -> bytes:
+        """`value` with every key replaced."""
         for s in self._bytes:
             if s in value:
                 value = value.replace(s, REDACTED.encode())
@@ -77,6 +79,7 @@ class SseRelay:
         self.first_usage_line: bytes | None = None  # the first (Anthropic: message_start)
 
     def feed(self, chunk: bytes) -> bytes:
+        """The complete lines so far, redacted; a partial last line waits for the next chunk."""
         end = chunk.rfind(b"\n")
         if end < 0:
             self._pending += chunk
@@ -87,6 +90,7 @@ class SseRelay:
         return self._redact.data(out)
 
     def flush(self) -> bytes:
+        """What is left at the stream's end, redacted."""
         out, self._pending = self._pending, b""
         self._scan(out)
         return self._redact.data(out)

@@ -69,8 +69,11 @@ def usage_from(provider: str, obj: Any) -> tuple[int, int, int] | None:
 
 
 def claude_stream_usage(first: Any, last: Any) -> tuple[int, int, int] | None:
-    """Usage of a Messages API stream: the input side from ``message_start``, the output tokens
-    from the last ``message_delta`` (which may repeat the input counts; the larger wins)."""
+    """Usage of a Messages API stream, from its first and its last usage event.
+
+    The input side comes from ``message_start``, the output tokens from the last
+    ``message_delta`` (which may repeat the input counts; the larger wins).
+    """
     start = usage_from("claude", first) if first is not None else None
     end = usage_from("claude", last) if last is not None else None
     if start is None or end is None:

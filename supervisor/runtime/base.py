@@ -25,6 +25,8 @@ LABEL_WORKSPACE = "io.massgen.workspace"
 
 @dataclass(frozen=True)
 class Mount:
+    """A bind mount: a host folder at a path in the sandbox."""
+
     source: Path  # host path, absolute
     target: str  # path inside the sandbox
     read_only: bool = True
@@ -52,6 +54,8 @@ class SandboxSpec:
 
 @dataclass(frozen=True)
 class ExitInfo:
+    """How a sandbox ended: its exit code, whether it was OOM-killed, the engine's error."""
+
     exit_code: int
     oom_killed: bool = False
     error: str | None = None
@@ -74,6 +78,8 @@ class SandboxFacts:
 
 
 class SandboxHandle(Protocol):
+    """A started sandbox, as its runtime knows it."""
+
     id: str
 
 
@@ -100,15 +106,21 @@ class Runtime(Protocol):
         """SIGTERM to the sandbox's init, SIGKILL after `grace` seconds."""
         ...
 
-    def kill(self, handle: SandboxHandle) -> None: ...
+    def kill(self, handle: SandboxHandle) -> None:
+        """SIGKILL the sandbox; one that is already stopped or gone is fine."""
+        ...
 
     def remove(self, handle: SandboxHandle) -> None:
         """Remove the sandbox; never raises if it is already gone."""
         ...
 
-    def logs(self, handle: SandboxHandle) -> bytes: ...
+    def logs(self, handle: SandboxHandle) -> bytes:
+        """The tail of the sandbox's stdout and stderr; empty once it is gone."""
+        ...
 
-    def facts(self, handle: SandboxHandle, *, stats: bool = False) -> SandboxFacts: ...
+    def facts(self, handle: SandboxHandle, *, stats: bool = False) -> SandboxFacts:
+        """Its state (with `stats`, one resource sample too); state 'removed' once it is gone."""
+        ...
 
     def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
         """Sandboxes carrying all the given labels (and the owner label)."""
