@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import docker
 import docker.errors
@@ -42,6 +42,8 @@ _OWNER_VALUE = "1"
 # Reported when the engine can no longer tell an exit code (the container vanished).
 _UNKNOWN_EXIT = -1
 
+
+T = TypeVar("T")
 
 LOG_TAIL_LINES = 2000  # what massgen.log keeps of a sandbox's own output
 
@@ -134,6 +136,16 @@ class DockerRuntime:
             raise RuntimeCallFailed(op, target, _explain(exc)) from exc
         except (requests.exceptions.RequestException, docker.errors.DockerException) as exc:
             raise RuntimeUnavailable(f"op={op} target={target}: {_explain(exc)}") from exc
+
+    def _unless_gone(self, op: str, target: str, call: Callable[[], T], *, fine: tuple[str, ...] = ()) -> T | None:
+        """`call()` through `_engine`; None when its object is gone (404) or the refusal says `fine`."""
+        try:
+            with self._engine(op, target):
+                return call()
+        except RuntimeCallFailed as exc:
+            if _gone(exc) or any(f in exc.detail for f in fine):
+                return None
+            raise
 
     def ping(self) -> None:
         """Check that the engine answers.
@@ -262,13 +274,7 @@ class DockerRuntime:
         """
         # The engine takes whole seconds; rounding up never kills earlier than asked.
         seconds = max(0, math.ceil(grace))
-        try:
-            with self._engine("stop", handle.id):
-                self._api.stop(handle.id, timeout=seconds)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return
-            raise
+        self._unless_gone("stop", handle.id, lambda: self._api.stop(handle.id, timeout=seconds))
 
     def kill(self, handle: SandboxHandle) -> None:
         """SIGKILL the sandbox; a sandbox that is already stopped or gone is fine.
@@ -277,13 +283,7 @@ class DockerRuntime:
             RuntimeUnavailable: the engine cannot be reached.
             RuntimeCallFailed: the engine refused.
         """
-        try:
-            with self._engine("kill", handle.id):
-                self._api.kill(handle.id)
-        except RuntimeCallFailed as exc:
-            if _gone(exc) or "is not running" in exc.detail:
-                return
-            raise
+        self._unless_gone("kill", handle.id, lambda: self._api.kill(handle.id), fine=("is not running",))
 
     def remove(self, handle: SandboxHandle) -> None:
         """Force-remove the sandbox; never raises if it is already gone.
@@ -292,14 +292,13 @@ class DockerRuntime:
             RuntimeUnavailable: the engine cannot be reached.
             RuntimeCallFailed: the engine refused.
         """
-        try:
-            with self._engine("remove", handle.id):
-                self._api.remove_container(handle.id, force=True, v=True)
-        except RuntimeCallFailed as exc:
-            # "removal already in progress" is a 409 that means the same as success here.
-            if _gone(exc) or "already in progress" in exc.detail:
-                return
-            raise
+        # "removal already in progress" is a 409 that means the same as success here.
+        self._unless_gone(
+            "remove",
+            handle.id,
+            lambda: self._api.remove_container(handle.id, force=True, v=True),
+            fine=("already in progress",),
+        )
 
     def logs(self, handle: SandboxHandle) -> bytes:
         """stdout and stderr of the sandbox so far, interleaved; empty if it is gone.
@@ -307,13 +306,13 @@ class DockerRuntime:
         Raises:
             RuntimeUnavailable: the engine cannot be reached.
         """
-        try:
-            with self._engine("logs", handle.id):
-                out = self._api.logs(handle.id, stdout=True, stderr=True, stream=False, tail=LOG_TAIL_LINES)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return b""
-            raise
+        out = self._unless_gone(
+            "logs",
+            handle.id,
+            lambda: self._api.logs(handle.id, stdout=True, stderr=True, stream=False, tail=LOG_TAIL_LINES),
+        )
+        if out is None:
+            return b""
         return out if isinstance(out, bytes) else bytes(out)
 
     def facts(self, handle: SandboxHandle, *, stats: bool = False) -> SandboxFacts:
@@ -324,13 +323,9 @@ class DockerRuntime:
         Raises:
             RuntimeUnavailable: the engine cannot be reached.
         """
-        try:
-            with self._engine("inspect", handle.id):
-                info = self._api.inspect_container(handle.id)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return SandboxFacts(id=handle.id, image="", runtime="", state="removed")
-            raise
+        info = self._unless_gone("inspect", handle.id, lambda: self._api.inspect_container(handle.id))
+        if info is None:
+            return SandboxFacts(id=handle.id, image="", runtime="", state="removed")
         facts = _facts_from_inspect(info)
         if not stats or facts.state != "running":
             return facts
@@ -383,13 +378,13 @@ class DockerRuntime:
         Raises:
             RuntimeUnavailable: the engine cannot be reached.
         """
-        try:
-            with self._engine("inspect-image", tag):
-                info = self._api.inspect_image(tag)  # type: ignore[no-untyped-call]  # unannotated in types-docker
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return None
-            raise
+        info = self._unless_gone(
+            "inspect-image",
+            tag,
+            lambda: self._api.inspect_image(tag),  # type: ignore[no-untyped-call]  # unannotated in types-docker
+        )
+        if info is None:
+            return None
         return dict((info.get("Config") or {}).get("Labels") or {})
 
     def build_image(
@@ -483,36 +478,18 @@ class DockerRuntime:
             RuntimeUnavailable: the engine cannot be reached.
             RuntimeCallFailed: the engine refused (e.g. a container still uses it).
         """
-        try:
-            with self._engine("remove-image", tag):
-                self._api.remove_image(tag, force=force)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return
-            raise
+        self._unless_gone("remove-image", tag, lambda: self._api.remove_image(tag, force=force))
 
     # -- helpers ----------------------------------------------------------------------------
 
     def _inspect_state(self, handle: SandboxHandle) -> dict[str, Any] | None:
-        try:
-            with self._engine("inspect", handle.id):
-                info = self._api.inspect_container(handle.id)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return None
-            raise
-        return dict(info.get("State") or {})
+        info = self._unless_gone("inspect", handle.id, lambda: self._api.inspect_container(handle.id))
+        return None if info is None else dict(info.get("State") or {})
 
     def _stats_sample(self, handle: SandboxHandle) -> dict[str, Any] | None:
         # stream=False without one_shot makes the engine take two readings (about 1 s apart),
         # which fills precpu_stats so a cpu percentage can be computed.
-        try:
-            with self._engine("stats", handle.id):
-                sample = self._api.stats(handle.id, stream=False)
-        except RuntimeCallFailed as exc:
-            if _gone(exc):
-                return None
-            raise
+        sample = self._unless_gone("stats", handle.id, lambda: self._api.stats(handle.id, stream=False))
         return sample if isinstance(sample, dict) else None
 
     def _remove_quietly(self, handle: SandboxHandle) -> None:
