@@ -501,7 +501,13 @@ def test_oversized_real_event_dropped_then_next_parses(paths: RunPaths, clock: F
     m = Materializer(paths, clock=clock)
     tailer = OutboxTailer(outbox)
     try:
-        assert m.drain(tailer) == 2
+        # drain works in time slices: on a loaded machine one slice may not reach the end
+        applied = m.drain(tailer)
+        for _ in range(10_000):
+            if not tailer.more:
+                break
+            applied += m.drain(tailer)
+        assert applied == 2
     finally:
         tailer.close()
         m.close()
