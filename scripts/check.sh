@@ -6,4 +6,4 @@ py=.venv/bin/python
 [[ -x $py ]] || py=python3
 $py -m ruff check .
 $py -m ruff format --check .
-$py -m mypy agent_image supervisor
+$py -m mypy agent_image supervisor tests

@@ -106,12 +106,13 @@ class FakeRun:
         )
 
     def finish(self, reason: str = "completed") -> None:
+        from agent_image.protocol.result import Reason
         from supervisor.verdict import Verdict
 
         if reason == "completed":
             self.event("winner", winner=self.agents[0], votes={self.agents[0]: len(self.agents)})
             self.event("final_answer", agent=self.agents[0], content="final")
-        self.mat.finalize(Verdict(reason))
+        self.mat.finalize(Verdict(Reason(reason)))
 
     def write(self) -> None:
         self.mat.write_status(force=True)
@@ -182,6 +183,6 @@ def start_dashboard(logs_root: Path, cwd: Path, **env: str) -> tuple[Any, str]:
     assert proc.stdout is not None
     line = proc.stdout.readline()
     assert line.startswith("DASHBOARD: http://127.0.0.1:"), line + (
-        proc.stderr.read() if proc.poll() is not None else ""
+        proc.stderr.read() if proc.stderr is not None and proc.poll() is not None else ""
     )
     return proc, line.split(": ", 1)[1].strip()

@@ -404,7 +404,9 @@ def test_deadline_stops_the_batch_exit_3_and_skips_the_rest(tmp_path: Path, agen
     assert all(r["state"] in ("pass", "skipped") for r in recs)
     assert any(r["state"] == "skipped" and r["reason"] == "deadline" for r in recs)
     root = ET.parse(d / "junit.xml").getroot()
-    assert int(root.get("skipped")) == s["counts"]["skipped"]
+    skipped = root.get("skipped")
+    assert skipped is not None
+    assert int(skipped) == s["counts"]["skipped"]
 
 
 @pytest.mark.timeout(600)

@@ -94,7 +94,7 @@ def no_container_for(runtime: DockerRuntime, run_id: str) -> bool:
 
 def model_cost(provider: str, model: str, usage: UsageTotals) -> float:
     """USD for `usage` at the configs/pricing.json list price (linear, so totals suffice)."""
-    price = json.loads((REPO / "configs" / "pricing.json").read_text())[provider][model]
+    price: dict[str, float] = json.loads((REPO / "configs" / "pricing.json").read_text())[provider][model]
     fresh = usage.prompt_tokens - usage.cached_tokens
     return (
         fresh * price["input"] + usage.cached_tokens * price["cached_input"] + usage.completion_tokens * price["output"]

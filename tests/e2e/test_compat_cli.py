@@ -158,13 +158,13 @@ def test_cost_budget_with_an_unpriced_model_is_price_missing(tmp_path: Path) -> 
 def test_validate_inside_a_sandbox_needs_no_supervisor(tmp_path: Path) -> None:
     """In a sandbox (MASSGEN_SUPERVISOR_SOCKET set) `validate` checks the file locally, with the same output."""
     cfg = write_config(tmp_path, MASSGEN_STYLE)
-    env = {"MASSGEN_SUPERVISOR_SOCKET": str(tmp_path / "no-such.sock")}
-    p = massgen_run(["validate", "--json", str(cfg)], tmp_path, **env)
+    sock = str(tmp_path / "no-such.sock")
+    p = massgen_run(["validate", "--json", str(cfg)], tmp_path, MASSGEN_SUPERVISOR_SOCKET=sock)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(p.stdout)
     assert doc["valid"] and any(w["key"] == "ui.type" for w in doc["warnings"])
     bad = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: scripted, stepz: []}\n", "bad.yaml")
-    b = massgen_run(["validate", str(bad)], tmp_path, **env)
+    b = massgen_run(["validate", str(bad)], tmp_path, MASSGEN_SUPERVISOR_SOCKET=sock)
     assert b.returncode == 1 and "did you mean 'steps'?" in b.stdout
 
 

@@ -84,8 +84,12 @@ class Compose:
 
 def _containers(rt: DockerRuntime, **labels: str) -> list[str]:
     client = rt._docker
-    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-    return [c.id for c in client.containers.list(all=True, filters=filters)]
+    filters: dict[str, str | list[str] | bool] = {"label": [f"{k}={v}" for k, v in labels.items()]}
+    ids: list[str] = []
+    for c in client.containers.list(all=True, filters=filters):
+        assert c.id is not None, c
+        ids.append(c.id)
+    return ids
 
 
 @pytest.fixture

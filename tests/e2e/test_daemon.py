@@ -331,7 +331,11 @@ def _start_in_flight(d: Daemon, cfg: Path, cwd: Path, n: int) -> list[tuple[subp
     procs = [d.cli(["--automation", "--config", str(cfg), "q"], cwd) for _ in range(n)]
     runs = [(p, _first_line_log_dir(p)) for p in procs]
     for _, log_dir in runs:
-        _until(lambda ld=log_dir: "tool_called" in _types(ld / "events.jsonl"), 30, f"{log_dir.name} running a tool")
+
+        def running_a_tool(ld: Path = log_dir) -> bool:
+            return "tool_called" in _types(ld / "events.jsonl")
+
+        _until(running_a_tool, 30, f"{log_dir.name} running a tool")
     assert len([c for c in d.containers() if c.state == "running"]) == n
     return runs
 
@@ -530,6 +534,7 @@ def test_openapi_fuzz_finds_no_server_error(daemon: Daemon, tmp_path: Path) -> N
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis.checks import not_a_server_error
+    from schemathesis.core.result import Ok
 
     with daemon.http() as c:
         doc = c.get("/openapi.json").json()
@@ -551,6 +556,7 @@ def test_openapi_fuzz_finds_no_server_error(daemon: Daemon, tmp_path: Path) -> N
     http = daemon.http(timeout=90)
     try:
         for result in schema.get_all_operations():
+            assert isinstance(result, Ok), result.err()
             op = result.ok()
             for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
 
@@ -562,7 +568,7 @@ def test_openapi_fuzz_finds_no_server_error(daemon: Daemon, tmp_path: Path) -> N
                     phases=[Phase.generate],
                     suppress_health_check=list(HealthCheck),
                 )
-                def fuzz(case: schemathesis.Case) -> None:
+                def fuzz(case: schemathesis.Case[Any]) -> None:
                     confine(case.body)
                     kw = case.as_transport_kwargs(base_url="http://d")
                     if "data" in kw and isinstance(kw["data"], str | bytes):

@@ -61,7 +61,7 @@ def dashboard(xss_run: Path) -> Iterator[str]:
 
 def _figures(page: Any) -> dict[str, Any]:
     """What the run page shows: mark counts by kind, the usage totals, the final answer's text."""
-    return page.evaluate(
+    figures: dict[str, Any] = page.evaluate(
         """() => {
             const n = (s) => document.querySelectorAll(s).length;
             const end = document.querySelector("circle.s-total-end[data-last-cost]");
@@ -75,6 +75,7 @@ def _figures(page: Any) -> dict[str, Any]:
             };
         }"""
     )
+    return figures
 
 
 def test_hostile_answer_renders_as_text_and_no_script_runs(dashboard: str, xss_run: Path) -> None:
@@ -270,7 +271,10 @@ def test_runs_page_filters_sorts_and_keeps_nested_runs_under_their_parent(tmp_pa
             page.wait_for_selector(f"#r-{child.run_id}")
 
             def shown() -> list[str]:
-                return page.eval_on_selector_all("#runs-body tr:not([hidden])", "rs => rs.map(r => r.dataset.run)")
+                runs: list[str] = page.eval_on_selector_all(
+                    "#runs-body tr:not([hidden])", "rs => rs.map(r => r.dataset.run)"
+                )
+                return runs
 
             assert shown() == [live.run_id, parent.run_id, child.run_id, bad.run_id, ok.run_id]
             page.select_option("#state", "bad")

@@ -141,9 +141,10 @@ def _wait(cond: Any, timeout: float, what: str) -> Any:
 
 def _status(log_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((log_dir / "status.json").read_text())
+        status: dict[str, Any] = json.loads((log_dir / "status.json").read_text())
     except (OSError, ValueError):
         return {}
+    return status
 
 
 def test_six_runs_live_in_the_browser_then_stop_one_from_its_page(web_daemon: WebDaemon, tmp_path: Path) -> None:

@@ -25,9 +25,11 @@ def coordinating_policy(req: FakeRequest) -> Reply:
     )
 
 
-def _run(tmp_path: Path, config: str, **env: str) -> tuple[int, dict[str, str], str]:
+def _run(tmp_path: Path, config: str, *, timeout: float = 120, **env: str) -> tuple[int, dict[str, str], str]:
     cfg = write_config(tmp_path, config)
-    p = massgen_run(["--automation", "--sandbox", "none", "--config", str(cfg), "What is 2+2?"], tmp_path, **env)
+    p = massgen_run(
+        ["--automation", "--sandbox", "none", "--config", str(cfg), "What is 2+2?"], tmp_path, timeout=timeout, **env
+    )
     return p.returncode, parse_lines(p.stdout), p.stdout + p.stderr
 
 

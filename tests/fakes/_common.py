@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 
@@ -221,7 +221,7 @@ class FakeServer:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def __enter__(self) -> FakeServer:
+    def __enter__(self) -> Self:
         httpd: _Server | _UnixServer = (
             _UnixServer(self.uds, _Handler) if self.uds else _Server(("127.0.0.1", 0), _Handler)
         )

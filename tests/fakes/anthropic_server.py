@@ -159,7 +159,7 @@ class FakeAnthropic(FakeServer):
     ) -> None:
         h.start_sse()
         start_usage = {**usage, "output_tokens": 1}
-        message = {
+        message: dict[str, Any] = {
             "id": msg_id,
             "type": "message",
             "role": "assistant",
@@ -180,7 +180,7 @@ class FakeAnthropic(FakeServer):
                 start = {"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}}
                 self._event(h, "content_block_start", {"index": i, "content_block": start})
                 for piece in split(json.dumps(block["input"]), reply.chunk_size, at_least=2):
-                    delta = {"type": "input_json_delta", "partial_json": piece}
+                    delta: dict[str, Any] = {"type": "input_json_delta", "partial_json": piece}
                     self._event(h, "content_block_delta", {"index": i, "delta": delta})
             self._event(h, "content_block_stop", {"index": i})
         delta = {

@@ -6,6 +6,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +35,9 @@ def _host_use(*roots: Path) -> tuple[int, int]:
     return used, inodes
 
 
-def _run(tmp_path: Path, image: str, config: str, *, timeout: float = 120, **env: str) -> tuple[dict[str, str], dict]:
+def _run(
+    tmp_path: Path, image: str, config: str, *, timeout: float = 120, **env: str
+) -> tuple[dict[str, str], dict[str, Any]]:
     cfg = write_config(tmp_path, config)
     t0 = time.monotonic()
     p = massgen_run(["--automation", "--image", image, "--config", str(cfg), "q"], tmp_path, timeout=timeout, **env)

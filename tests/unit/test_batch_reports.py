@@ -27,7 +27,7 @@ XSD = Path(__file__).resolve().parent.parent / "data" / "junit-xunit2.xsd"
 
 
 def _spec(**kw: Any) -> ReportSpec:
-    base = {
+    base: dict[str, Any] = {
         "name": "t",
         "fingerprint": "f" * 16,
         "seed": 7,
@@ -46,7 +46,7 @@ def _spec(**kw: Any) -> ReportSpec:
 
 
 def _plan(rs: ReportSpec) -> list[Item]:
-    items = []
+    items: list[Item] = []
     for lab in rs.labels:
         for q, _t in rs.questions:
             for r in range(rs.repeats):
@@ -236,7 +236,7 @@ def test_ledger_cuts_a_torn_last_line(tmp_path: Path) -> None:
 
 
 def _facts(**kw: Any) -> RunFacts:
-    base = {"log_dir": "/x", "run_id": "r", "exit_code": 0, "reason": "completed"}
+    base: dict[str, Any] = {"log_dir": "/x", "run_id": "r", "exit_code": 0, "reason": "completed"}
     base.update(kw)
     return RunFacts(**base)
 

@@ -12,13 +12,17 @@ from supervisor.batch import stats
 def test_wilson_hand_values() -> None:
     """Wilson 95%: 3/3 -> [0.4385, 1], 15/30 -> [0.3315, 0.6685], 0/10 -> [0, 0.2775]; n=0 has none."""
     z2 = stats.Z95**2
-    lo, hi = stats.wilson(3, 3)
+    three = stats.wilson(3, 3)
+    assert three is not None
+    lo, hi = three
     # p = 1: centre = (1 + z²/6) / (1 + z²/3), half = (z²/6) / (1 + z²/3)
     assert lo == pytest.approx((1 + z2 / 6 - z2 / 6) / (1 + z2 / 3), abs=1e-12)
     assert lo == pytest.approx(0.43850, abs=1e-5)
     assert hi == 1.0
     assert stats.wilson(15, 30) == pytest.approx((0.331541, 0.668459), abs=1e-6)
-    lo, hi = stats.wilson(0, 10)
+    none_of_ten = stats.wilson(0, 10)
+    assert none_of_ten is not None
+    lo, hi = none_of_ten
     assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-6)
     assert stats.wilson(0, 0) is None
 
@@ -74,4 +78,6 @@ def test_paired_bootstrap_p_value_matches_hand_probability() -> None:
     (lo, hi), p = res
     assert p == pytest.approx(2 * 0.5**10, abs=0.002)
     assert lo == pytest.approx(-0.8, abs=0.1) and hi == pytest.approx(-0.2, abs=0.1)
-    assert math.isclose(stats.paired_bootstrap([0.0, 0.0], "s")[1], 1.0)
+    flat = stats.paired_bootstrap([0.0, 0.0], "s")
+    assert flat is not None
+    assert math.isclose(flat[1], 1.0)

@@ -383,7 +383,7 @@ def test_mapped_values_reach_the_schema() -> None:
 
 def test_limits_of_several_agents_add_up_and_an_explicit_sandbox_wins() -> None:
     """Per-agent container limits become one per-run limit (the sum); sandbox.* when given wins, with a warning."""
-    doc = {
+    doc: dict[str, Any] = {
         "agents": [
             {"id": f"a{i}", "backend": {"type": "openai", "model": "m", "command_line_docker_memory_limit": "512m"}}
             for i in range(3)

@@ -112,6 +112,7 @@ def test_errors_in_anchored_config_have_correct_lines() -> None:
 def test_line_index_enters_each_node_once() -> None:
     """_line_index does not walk aliased subtrees again: the bomb's index stays as small as its text."""
     node = yaml.compose(_bomb(9), Loader=yaml.SafeLoader)
+    assert node is not None
     start = time.monotonic()
     index = loader._line_index(node)
     assert time.monotonic() - start < 1.0

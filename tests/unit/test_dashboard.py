@@ -161,7 +161,7 @@ class _Control:
         self.stopped: list[str] = []
 
     def can_stop(self, row: Any) -> bool:
-        return row.live
+        return bool(row.live)
 
     async def stop(self, row: Any) -> str:
         if not row.live:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -202,7 +203,7 @@ def test_quota_mode_polls_when_told_or_not_root(monkeypatch: pytest.MonkeyPatch)
 def test_a_remote_engine_cannot_see_our_mounts(monkeypatch: pytest.MonkeyPatch) -> None:
     """DOCKER_HOST over tcp: the budget is polled (a mount there would not be the sandbox's)."""
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(diskquota.shutil, "which", lambda tool: f"/sbin/{tool}")
+    monkeypatch.setattr(shutil, "which", lambda tool: f"/sbin/{tool}")
     mode, why = quota_mode({"DOCKER_HOST": "tcp://10.0.0.1:2375"})
     assert mode == Mode.POLL and "remote" in why
 

@@ -46,7 +46,7 @@ GEMINI_KEY = "AIzaHostReal0123456789abcdefSECRET"
 PLACEHOLDER = "sandbox"
 OPENAI_URL = "http://massgen-gateway/openai/v1"
 GEMINI_URL = "http://massgen-gateway/gemini"
-TABLE = json.loads(DEFAULT_PRICING_FILE.read_text())
+TABLE: dict[str, dict[str, dict[str, float]]] = json.loads(DEFAULT_PRICING_FILE.read_text())
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

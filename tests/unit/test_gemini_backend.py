@@ -407,4 +407,5 @@ def test_web_search_and_sampling_params_reach_the_wire() -> None:
     assert any("googleSearch" in t or "google_search" in t for t in tools), tools
     assert any("functionDeclarations" in t or "function_declarations" in t for t in tools)
     gen = body.get("generationConfig") or body.get("generation_config")
+    assert gen is not None, body
     assert gen["topP"] == 0.5 and gen["topK"] == 20

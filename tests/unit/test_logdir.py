@@ -121,9 +121,14 @@ def test_atomic_write_concurrent_writers_never_tear(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=reader)
     thread.start()
+
+    def write_ten(i: int) -> None:
+        for _ in range(10):
+            atomic_write(target, payloads[i])
+
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            list(pool.map(lambda i: [atomic_write(target, payloads[i]) for _ in range(10)], range(8)))
+            list(pool.map(write_ten, range(8)))
     finally:
         stop.set()
         thread.join(timeout=10)

@@ -18,7 +18,7 @@ from agent_image.protocol.events import MAX_EVENT_BYTES, parse_event
 from agent_image.protocol.reducer import reduce_events
 from agent_image.protocol.result import Reason
 from agent_image.protocol.status import RunState, Status
-from supervisor.logdir import RunPaths, create_run_dirs
+from supervisor.logdir import RunPaths, atomic_write_json, create_run_dirs
 from supervisor.materializer import Materializer, OutboxTailer
 from supervisor.verdict import Verdict
 
@@ -263,7 +263,7 @@ def test_overflowing_cost_keeps_status_json_standard(mat: Materializer, paths: R
 @pytest.fixture
 def write_count(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     calls: list[Path] = []
-    real = materializer_mod.atomic_write_json
+    real = atomic_write_json  # the very function supervisor.materializer imported
 
     def spy(path: Path, obj: Any) -> None:
         calls.append(path)

@@ -45,6 +45,16 @@ def _json(status: Status) -> str:
     return json.dumps(status.model_dump(mode="json"), sort_keys=True, allow_nan=False)
 
 
+def _phase(r: StatusReducer) -> Phase:
+    """The current phase, read afresh (a plain attribute read stays narrowed across apply())."""
+    return r.status.coordination.phase
+
+
+def _agent_status(r: StatusReducer, agent: str) -> AgentStatus:
+    """An agent's current status, read afresh (see _phase)."""
+    return r.status.agents[agent].status
+
+
 # --- strategies ---------------------------------------------------------------------------
 
 
@@ -128,7 +138,7 @@ def valid_streams(draw: st.DrawFn) -> list[Event]:
         else:
             events.append(LogLine(seq=seq, ts=now, message=draw(_text)))
 
-    if +answers and draw(st.booleans()):
+    if bool(+answers) and draw(st.booleans()):
         winner = draw(st.sampled_from(sorted(+answers)))
         seq, now = nxt()
         events.append(WinnerSelected(seq=seq, ts=now, winner=winner, votes={winner: 1}))
@@ -331,21 +341,21 @@ def test_phases_through_a_successful_run() -> None:
     assert r.status.agents["a"].status == AgentStatus.WORKING
     r.apply(AnswerSubmitted(seq=2, ts=102, agent="a", label="agent1.1", content="4"))
     r.apply(AnswerSubmitted(seq=3, ts=103, agent="b", label="agent2.1", content="four"))
-    assert r.status.coordination.phase == Phase.INITIAL_ANSWER
+    assert _phase(r) == Phase.INITIAL_ANSWER
     assert r.status.coordination.completion_percentage == 45
     r.apply(VoteCast(seq=4, ts=104, agent="a", target="b", reason="clearer"))
-    assert r.status.coordination.phase == Phase.VOTING
+    assert _phase(r) == Phase.VOTING
     assert r.status.results.votes == {"agent2.1": 1}
     assert r.status.agents["a"].vote_cast is not None
     assert r.status.agents["a"].vote_cast.voted_for_label == "agent2.1"
     r.apply(VoteCast(seq=5, ts=105, agent="b", target="b", reason="mine"))
     assert r.status.coordination.completion_percentage == 90
     r.apply(WinnerSelected(seq=6, ts=106, winner="b", votes={"b": 2}))
-    assert r.status.coordination.phase == Phase.PRESENTATION
+    assert _phase(r) == Phase.PRESENTATION
     assert r.status.coordination.completion_percentage == 95
     assert r.status.agents["b"].status == AgentStatus.PRESENTING
     r.apply(FinalAnswer(seq=7, ts=107, agent="b", content="four"))
-    assert r.status.agents["b"].status == AgentStatus.DONE
+    assert _agent_status(r, "b") == AgentStatus.DONE
     assert r.status.results.final_answer_preview == "four"
     r.apply(RunFinished(seq=8, ts=108, exit_code=0, reason="completed"))
     st_ = r.status
@@ -368,7 +378,7 @@ def test_new_answer_clears_votes_and_relabels() -> None:
     r.apply(AnswerSubmitted(seq=3, ts=103, agent="a", label="agent1.2", content="y"))
     assert r.status.results.votes == {}
     assert r.status.agents["b"].vote_cast is None
-    assert r.status.agents["b"].status == AgentStatus.WAITING
+    assert _agent_status(r, "b") == AgentStatus.WAITING
     r.apply(VoteCast(seq=4, ts=104, agent="b", target="a", reason="ok"))
     assert r.status.results.votes == {"agent1.2": 1}
 
@@ -386,7 +396,7 @@ def test_failed_agent_and_failed_run() -> None:
     r.apply(TurnStarted(seq=4, ts=104, agent="a", turn=2))
     assert r.status.agents["a"].status == AgentStatus.FAILED
     r.apply(RunFinished(seq=5, ts=105, exit_code=2, reason="agent_failed", detail="all agents failed"))
-    assert r.status.coordination.phase == Phase.FAILED
+    assert _phase(r) == Phase.FAILED
     assert (r.status.run.exit_code, r.status.run.reason, r.status.run.detail) == (
         2,
         "agent_failed",
@@ -402,6 +412,6 @@ def test_finished_run_ignores_late_events_for_phase() -> None:
     r.apply(RunFinished(seq=1, ts=101, exit_code=3, reason="timeout"))
     r.apply(WinnerSelected(seq=2, ts=102, winner="a", votes={}))
     r.apply(TurnStarted(seq=3, ts=103, agent="a", turn=1))
-    assert r.status.coordination.phase == Phase.FAILED
+    assert _phase(r) == Phase.FAILED
     assert r.status.coordination.active_agents == []
     assert r.status.coordination.completion_percentage == 100

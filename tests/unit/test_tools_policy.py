@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from agent_image.protocol.spec import ENGINE_LABEL, ENGINE_PROTOCOL
 from supervisor.tools_policy import engine_image_problem, resolve_custom_tools
 
 
-def _config(path: str) -> tuple[RunConfig, dict]:
+def _config(path: str) -> tuple[RunConfig, dict[str, Any]]:
     raw = {
         "agents": [{"id": "a", "backend": {"type": "scripted", "custom_tools": [{"path": path, "function": "f"}]}}],
     }
