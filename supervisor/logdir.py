@@ -100,26 +100,51 @@ def new_run_id(now: _dt.datetime | None = None) -> str:
     return f"log_{now:%Y%m%d_%H%M%S_%f}_{secrets.token_hex(3)}"
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o644) -> None:
-    """Temp file in the same directory, fsync, os.replace, fsync the directory."""
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o644, *, sync: bool = True) -> None:
+    """Temp file in the same directory, fsync, os.replace, fsync the directory.
+
+    With `sync=False` readers still never see a partial file, but durability is the caller's
+    (`sync_files` later): an fsync can wait for the whole filesystem's journal commit.
+    """
     raw = data.encode() if isinstance(data, str) else data
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(raw)
             fh.flush()
-            os.fsync(fh.fileno())
+            if sync:
+                os.fsync(fh.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def sync_files(paths: list[Path]) -> None:
+    """Make files written with `atomic_write(..., sync=False)` durable (they and their directories)."""
+    for directory in sorted({p.parent for p in paths}):
+        for p in paths:
+            if p.parent == directory:
+                with contextlib.suppress(FileNotFoundError):
+                    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            _fsync_dir(directory)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

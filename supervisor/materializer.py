@@ -33,7 +33,7 @@ from agent_image.protocol.reducer import StatusReducer
 from agent_image.protocol.result import RunResult
 from agent_image.protocol.status import ConfigNote, ContainerSection, RunState, Status
 
-from .logdir import LABEL_RE, SAFE_NAME_RE, RunPaths, atomic_write, atomic_write_json
+from .logdir import LABEL_RE, SAFE_NAME_RE, RunPaths, atomic_write, atomic_write_json, sync_files
 from .verdict import Verdict
 
 log = logging.getLogger(__name__)
@@ -269,6 +269,7 @@ class Materializer:
             _trim_partial_line(paths.events)
         self._events = _open_append(paths.events, binary=True)
         self._log = _open_append(paths.log, binary=False)
+        self._unsynced: set[Path] = set()  # answers written without fsync (see _write_file)
         # Bytes of every file this materializer keeps in the log dir (appended ones as they grow,
         # replaced ones at their latest size): what the run's disk budget counts for the log dir.
         self._sizes: dict[str, int] = {
@@ -366,8 +367,12 @@ class Materializer:
         return sum(self._sizes.values())
 
     def _write_file(self, path: Path, data: bytes | str) -> None:
+        # Answers are written on the loop without fsync (one can wait ~0.2 s for the journal
+        # while other runs' disks are busy): events.jsonl replay rewrites them after a crash,
+        # and finalize makes them durable before result.json says the run is done.
         raw = data.encode() if isinstance(data, str) else data
-        atomic_write(path, raw)
+        atomic_write(path, raw, sync=False)
+        self._unsynced.add(path)
         self._sizes[str(path.relative_to(self.paths.log_dir))] = len(raw)
 
     def _write_json(self, path: Path, obj: Any) -> None:
@@ -709,6 +714,9 @@ class Materializer:
         with self._write_lock:
             if gen < self._committed_gen:
                 return
+            if any(path == self.paths.result for path, _ in files):
+                pending, self._unsynced = sorted(self._unsynced), set()
+                sync_files(pending)
             for path, doc in files:
                 self._write_json(path, doc)
             self._committed_gen = gen

@@ -766,3 +766,27 @@ def test_massgen_log_lines_carry_milliseconds(tmp_path: Path) -> None:
     assert lines[1:] == [f"{after}.000 WARNING two", f"{after}.000 WARNING lines"]
     stamp = re.compile(r"^\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}\.\d{3} ")
     assert len(lines) == 3 and all(stamp.match(line) for line in lines)
+
+
+def test_answers_skip_fsync_on_the_loop_and_are_synced_before_result_json(
+    mat: Materializer, paths: RunPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fsync per answer while following; finalize syncs them all before it writes result.json."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    mat.feed(started())
+    mat.feed(line(type="answer", seq=1, agent="alpha", label="agent1.1", content="4"))
+    mat.feed(line(type="final_answer", seq=2, agent="alpha", content="4"))
+    answer, final = paths.answer_file("alpha", "agent1.1"), paths.final_file("alpha")
+    assert answer.read_text() == "4" and final.read_text() == "4"
+    assert str(answer) not in synced and str(final) not in synced
+    mat.finalize(Verdict(Reason.COMPLETED))
+    assert str(answer) in synced and str(final) in synced
+    result_syncs = [i for i, p in enumerate(synced) if p.startswith(str(paths.log_dir / ".result.json."))]
+    assert result_syncs and synced.index(str(final)) < result_syncs[0]
