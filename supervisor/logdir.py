@@ -133,17 +133,19 @@ def _fsync_dir(directory: Path) -> None:
 
 
 def sync_files(paths: list[Path]) -> None:
-    """Make files written with `atomic_write(..., sync=False)` durable (they and their directories)."""
-    for directory in sorted({p.parent for p in paths}):
-        for p in paths:
-            if p.parent == directory:
-                with contextlib.suppress(FileNotFoundError):
-                    fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
+    """Make files written with `atomic_write(..., sync=False)` durable (they and their directories).
+
+    Best effort: a file that cannot be synced must not keep result.json from being written.
+    """
+    for p in paths:
+        with contextlib.suppress(OSError):
+            fd = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    for directory in {p.parent for p in paths}:
+        with contextlib.suppress(OSError):
             _fsync_dir(directory)
 
 
