@@ -33,6 +33,19 @@ class Mount:
 
 
 @dataclass(frozen=True)
+class Tmpfs:
+    """A private in-memory folder of the sandbox, owned by its user (runtimes without shared files).
+
+    Its pages count against the sandbox's memory limit; `size_bytes` and `inodes` are enforced
+    by the kernel (ENOSPC).
+    """
+
+    target: str
+    size_bytes: int
+    inodes: int | None = None
+
+
+@dataclass(frozen=True)
 class SandboxSpec:
     """Everything needed to start one run's sandbox."""
 
@@ -50,6 +63,11 @@ class SandboxSpec:
     network: str = "none"
     runtime: str = "runc"
     tmpfs_bytes: int = 256 << 20
+    # Runtimes without a shared filesystem get folders here instead of `mounts` (which is empty).
+    tmpfs_mounts: tuple[Tmpfs, ...] = ()
+    # Seconds the runtime may take to get the sandbox running (image pull, scheduling) before
+    # start() fails with SandboxStartFailed; runtimes that start synchronously ignore it.
+    start_timeout: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -125,3 +143,47 @@ class Runtime(Protocol):
     def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
         """Sandboxes carrying all the given labels (and the owner label)."""
         ...
+
+
+class ByteStream(Protocol):
+    """A blocking, bidirectional byte stream to a process in the sandbox (its stdin/stdout)."""
+
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes of the process's stdout; b"" once it is closed."""
+        ...
+
+    def write(self, data: bytes) -> None:
+        """All of `data` to the process's stdin.
+
+        Raises:
+            OSError: the stream is broken.
+        """
+        ...
+
+    def close(self) -> None:
+        """Close both directions; never raises."""
+        ...
+
+
+class LinkRuntime(Runtime, Protocol):
+    """A runtime whose sandboxes share no filesystem with the supervisor (docs/channel.md).
+
+    `start` gets a spec with no `mounts` (only `tmpfs_mounts`), and the run channel goes
+    through `open_link`: the engine's own exec stream, so the sandbox needs no network.
+    """
+
+    linked: bool  # True: the lifecycle uses the channel (supervisor/channel) for this runtime
+
+    def open_link(self, handle: SandboxHandle, argv: tuple[str, ...]) -> ByteStream:
+        """Run `argv` in the sandbox with stdin/stdout attached to the returned stream.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            ContainerRuntimeError: the engine refused (e.g. the sandbox is not running).
+        """
+        ...
+
+
+def shares_filesystem(runtime: Runtime) -> bool:
+    """False for runtimes that link their sandboxes through the channel (`linked` is true)."""
+    return not getattr(runtime, "linked", False)
