@@ -45,6 +45,9 @@ class Reason(StrEnum):
     BASE_URL_NOT_ALLOWED = "base_url_not_allowed"
     SUPERVISOR_ERROR = "supervisor_error"
     ENGINE_UNAVAILABLE = "engine_unavailable"
+    # The sandbox never got running: a pod unschedulable or its image unpullable past the start
+    # timeout, or a linked sandbox whose channel never came up (the detail says which).
+    START_FAILED = "start_failed"
     TOOL_UNAVAILABLE = "tool_unavailable"  # a custom tool or MCP server cannot be offered
     IMAGE_INVALID = "image_invalid"  # sandbox.image does not carry the engine
     TIMEOUT = "timeout"
@@ -77,6 +80,7 @@ REASON_EXIT: dict[Reason, ExitCode] = {
     Reason.BASE_URL_NOT_ALLOWED: ExitCode.EXECUTION,
     Reason.SUPERVISOR_ERROR: ExitCode.EXECUTION,
     Reason.ENGINE_UNAVAILABLE: ExitCode.CONFIG,
+    Reason.START_FAILED: ExitCode.EXECUTION,
     Reason.TOOL_UNAVAILABLE: ExitCode.CONFIG,
     Reason.IMAGE_INVALID: ExitCode.CONFIG,
     Reason.TIMEOUT: ExitCode.TIMEOUT,

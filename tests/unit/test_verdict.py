@@ -35,6 +35,7 @@ OWN_ONLY = [
     (Reason.KEY_MISSING, 1),
     (Reason.PRICE_MISSING, 1),
     (Reason.ENGINE_UNAVAILABLE, 1),
+    (Reason.START_FAILED, 2),
     (Reason.IMAGE_INVALID, 1),
     (Reason.BUDGET_EXCEEDED, 2),
     (Reason.SUPERVISOR_LOST, 2),
