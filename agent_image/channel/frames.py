@@ -34,7 +34,7 @@ class T(IntEnum):
     DATA = 6  # both, sid: bytes of that stream
     CLOSE = 7  # both, sid: that stream is over (either side; both directions)
     PUT = 8  # supervisor -> sandbox, sid (even), JSON {"dest", "read_only"}: a tar follows as DATA, ends with CLOSE
-    GET = 9  # supervisor -> sandbox, sid (even), JSON {"path", "max_bytes"}: send that folder as a tar (DATA, then DONE)
+    GET = 9  # supervisor -> sandbox, sid (even), JSON {"path", "max_bytes"}: that folder as a tar (DATA, then DONE)
     DONE = 10  # sandbox -> supervisor, sid (even), JSON {"ok": true, "bytes"} or {"ok": false, "error"}
     START = 11  # supervisor -> sandbox: start the engine (once; later STARTs are ignored)
     SIGNAL = 12  # supervisor -> sandbox, JSON {"signal": N}: deliver to the engine's process group
