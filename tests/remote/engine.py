@@ -653,6 +653,17 @@ def host_paths_mounted(container_id: str, env: dict[str, str] | None = None) -> 
     return sorted(set(found))
 
 
+def image_id(client: docker.DockerClient, tag: str) -> str | None:
+    """The id of image `tag` on the engine of `client`, None when it has no such image."""
+    import docker.errors
+
+    try:
+        info = client.api.inspect_image(tag)  # type: ignore[no-untyped-call]  # unannotated in types-docker
+    except docker.errors.ImageNotFound:
+        return None
+    return str(info["Id"])
+
+
 def push_image(tag: str, target: dict[str, str] | None = None, *, say: bool = True) -> float:
     """Copy image `tag` from the local engine to the remote one by a streamed save/load; returns seconds.
 
@@ -662,23 +673,19 @@ def push_image(tag: str, target: dict[str, str] | None = None, *, say: bool = Tr
     Raises:
         EngineError: the image is missing locally or the copy did not produce the same image id.
     """
-    import docker.errors
-
     source = docker.from_env(timeout=600, environment={k: v for k, v in os.environ.items() if k != "DOCKER_HOST"})
     remote = client_for(target or engine_env(), timeout=600)
     try:
-        try:
-            image_id = source.api.inspect_image(tag)["Id"]
-        except docker.errors.ImageNotFound as exc:
-            raise EngineError(f"image {tag} is not on the local engine (massgen-run image build)") from exc
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            if remote.api.inspect_image(tag)["Id"] == image_id:
-                return 0.0
+        local_id = image_id(source, tag)
+        if local_id is None:
+            raise EngineError(f"image {tag} is not on the local engine (massgen-run image build)")
+        if image_id(remote, tag) == local_id:
+            return 0.0
         started = time.monotonic()
-        for _line in remote.api.load_image(source.api.get_image(tag)):
+        for _line in remote.api.load_image(source.api.get_image(tag)):  # type: ignore[no-untyped-call]  # unannotated in types-docker
             pass
-        if remote.api.inspect_image(tag)["Id"] != image_id:
-            raise EngineError(f"pushed {tag} but the remote image id differs from {image_id}")
+        if image_id(remote, tag) != local_id:
+            raise EngineError(f"pushed {tag} but the remote image id differs from {local_id}")
         took = time.monotonic() - started
         if say:
             print(f"remote-engine: pushed {tag} in {took:.1f}s", file=sys.stderr)

@@ -46,7 +46,7 @@ def test_agent_image_present_after_push(remote_engine: dict[str, str], remote_ag
     local = docker.from_env(environment={})
     remote = engine.client_for(remote_engine)
     try:
-        assert remote.api.inspect_image(remote_agent_image)["Id"] == local.api.inspect_image(remote_agent_image)["Id"]
+        assert engine.image_id(remote, remote_agent_image) == engine.image_id(local, remote_agent_image) is not None
     finally:
         local.close()
         remote.close()
