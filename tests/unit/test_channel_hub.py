@@ -379,3 +379,19 @@ def test_deadline_backstop_kills_an_engine_that_ignores_sigterm(sandboxes: list[
     time.sleep(0.3)
     link.send_json(T.SIGNAL, {"signal": int(signal.SIGTERM)})
     assert link.expect(T.EXIT, timeout=5).json() == {"exit_code": 137, "signal": 9}
+
+
+def test_a_new_link_replaces_the_old_one_and_closes_its_api_streams(sandboxes: list[Sandbox]) -> None:
+    """A second valid HELLO takes over: the first link is closed, its API clients see EOF, new clients go to the new link."""
+    sb = _sandbox(sandboxes)
+    first = sb.link()
+    first.hello()
+    client = sb.client()
+    first.expect(T.OPEN)
+    second = sb.link()
+    second.hello()
+    assert first.closed()
+    assert client.recv(10) == b""
+    sb.client().sendall(b"ping")
+    sid = second.expect(T.OPEN).sid
+    assert second.expect(T.DATA, sid).payload == b"ping"
