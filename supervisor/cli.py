@@ -496,7 +496,17 @@ def cmd_image(argv: list[str]) -> int:
     sub = p.add_subparsers(dest="action", required=True)
     b = sub.add_parser("build", help="build the base and agent images (what is missing)")
     b.add_argument("--force", action="store_true", help="rebuild even when present")
+    push = sub.add_parser("push", help="copy images to another engine, offline (save/load)")
+    push.add_argument("--to", default=None, help="target engine, e.g. tcp://HOST:2376 (default: $DOCKER_HOST)")
+    push.add_argument("--from", dest="source", default="unix:///var/run/docker.sock", help="source engine")
+    push.add_argument("--tls-verify", action="store_true", help="TLS with verification (or DOCKER_TLS_VERIFY=1)")
+    push.add_argument("--cert-path", default=None, help="ca.pem, cert.pem, key.pem (or DOCKER_CERT_PATH)")
+    push.add_argument("images", nargs="*", help="images to copy (default: the agent image the supervisor uses)")
     args = p.parse_args(argv)
+    if args.action == "push":
+        from .imagepush import push_images
+
+        return push_images(args, _stderr, _say)
     from .errors import BuildError, ContainerRuntimeError
     from .images import ensure_images, preflight
     from .runtime.docker import DockerRuntime

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 import docker
 import docker.errors
 import docker.types
+import docker.utils
 import requests.exceptions
 
 from supervisor.errors import (
@@ -39,6 +40,8 @@ __all__ = ["DockerHandle", "DockerRuntime", "ImageBuildFailed", "RuntimeCallFail
 log = logging.getLogger(__name__)
 
 _OWNER_VALUE = "1"
+# The connection starts at the lowest API docker-py supports, then uses the engine's own.
+_MIN_API_VERSION = "1.24"
 # Reported when the engine can no longer tell an exit code (the container vanished).
 _UNKNOWN_EXIT = -1
 
@@ -109,11 +112,20 @@ class DockerRuntime:
         with self._lock:
             if self._client is None:
                 with self._engine("connect", self.endpoint):
-                    self._client = docker.from_env(
+                    env = self._environment if self._environment is not None else os.environ
+                    client = docker.DockerClient(
+                        **docker.utils.kwargs_from_env(environment=env),
+                        version=_MIN_API_VERSION,
                         timeout=math.ceil(self._timeout),
                         max_pool_size=self._max_pool_size,
-                        environment=self._environment,
                     )
+                    # requests lets REQUESTS_CA_BUNDLE / CURL_CA_BUNDLE replace the CA docker-py
+                    # configures from DOCKER_CERT_PATH, and a TLS engine then fails verification;
+                    # the engine connection follows docker's conventions only. The API version is
+                    # negotiated after that (docker-py's "auto" would ask before).
+                    client.api.trust_env = False
+                    client.api._version = client.api._retrieve_server_version()  # type: ignore[attr-defined]  # untyped private of docker-py
+                    self._client = client
             return self._client
 
     @property
@@ -470,6 +482,47 @@ class DockerRuntime:
             raise ImageBuildFailed(tag, f"import {tar_path}: {exc.detail}") from exc.__cause__
         if not self.image_exists(tag):
             raise ImageBuildFailed(tag, f"import of {tar_path} produced no image")
+
+    def image_id(self, tag: str) -> str | None:
+        """The id of image `tag` on this engine, None when it has no such image.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+        """
+        info = self._unless_gone(
+            "inspect-image",
+            tag,
+            lambda: self._api.inspect_image(tag),  # type: ignore[no-untyped-call]  # unannotated in types-docker
+        )
+        return None if info is None else str(info["Id"])
+
+    def image_size(self, tag: str) -> int:
+        """The size in bytes the engine reports for image `tag` (0 when unknown)."""
+        info = self._unless_gone("inspect-image", tag, lambda: self._api.inspect_image(tag))  # type: ignore[no-untyped-call]  # unannotated in types-docker
+        return int((info or {}).get("Size") or 0)
+
+    def copy_image_to(self, tag: str, target: DockerRuntime, on_bytes: Callable[[int], None] | None = None) -> None:
+        """Stream `docker save` of `tag` here into `docker load` on `target`, chunk by chunk.
+
+        Raises:
+            RuntimeUnavailable: either engine cannot be reached.
+            RuntimeCallFailed: either engine refused (the detail says which side).
+        """
+        with self._engine("save", tag):
+            chunks = self._api.get_image(tag)
+
+        def counted() -> Iterator[bytes]:
+            total = 0
+            for chunk in chunks:
+                total += len(chunk)
+                if on_bytes is not None:
+                    on_bytes(total)
+                yield chunk
+
+        with target._engine("load", f"{tag} at {target.endpoint}"):
+            for line in target._api.load_image(counted()):  # type: ignore[no-untyped-call]  # unannotated in types-docker
+                if isinstance(line, dict) and line.get("error"):
+                    raise RuntimeCallFailed("load", tag, str(line["error"]))
 
     def remove_image(self, tag: str, *, force: bool = False) -> None:
         """Remove image `tag`; a missing image is fine.
