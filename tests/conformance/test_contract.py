@@ -1,0 +1,85 @@
+"""The automation contract on every runtime: quickstart, four at once, timeout -> 3, SIGINT -> 4."""
+
+from __future__ import annotations
+
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
+from tests.conformance.conftest import Runtime
+
+pytestmark = pytest.mark.docker
+
+SLEEPER = """\
+agents:
+  - id: a
+    backend:
+      type: scripted
+      steps: [{shell: "sleep 60", timeout: 120}, {answer: never}]
+"""
+
+
+def _quick(rt: Runtime) -> list[str]:
+    return ["--automation", *rt.args, "--config", "@examples/quickstart", "What is 2+2?"]
+
+
+def test_quickstart_exits_0_with_the_answer(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """Quickstart: exit 0, the answer file holds "4", result.json and status.json agree."""
+    p = massgen_run(_quick(runtime_under_test), tmp_path, 180, **runtime_under_test.env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "sandbox none" not in p.stderr  # really in a sandbox of that runtime
+    f = parse_lines(p.stdout)
+    assert "4" in Path(f["ANSWER_FILE"]).read_text()
+    log_dir = Path(f["LOG_DIR"])
+    assert (load(log_dir / "result.json")["exit_code"], load(log_dir / "status.json")["run"]["state"]) == (
+        0,
+        "finished",
+    )
+
+
+def test_four_runs_at_once(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """Four quickstarts at once: four distinct log dirs, all exit 0."""
+    with ThreadPoolExecutor(4) as pool:
+        procs = list(
+            pool.map(
+                lambda _: massgen_run(_quick(runtime_under_test), tmp_path, 180, **runtime_under_test.env), range(4)
+            )
+        )
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], [p.stderr[-500:] for p in procs]
+    assert len({parse_lines(p.stdout)["LOG_DIR"] for p in procs}) == 4
+
+
+def test_whole_run_timeout_exits_3(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """A sleep past the whole-run timeout: exit 3 soon after, TIMEOUT line, result.json says timeout."""
+    cfg = write_config(tmp_path, SLEEPER + "timeout_settings: {orchestrator_timeout_seconds: 3}\n")
+    t0 = time.monotonic()
+    p = massgen_run(
+        ["--automation", *runtime_under_test.args, "--config", str(cfg), "q"], tmp_path, 180, **runtime_under_test.env
+    )
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert time.monotonic() - t0 < 40
+    assert p.stdout.splitlines()[-1].startswith("TIMEOUT: timeout")
+    assert load(Path(parse_lines(p.stdout)["LOG_DIR"]) / "result.json")["reason"] == "timeout"
+
+
+def test_sigint_exits_4(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """SIGINT to the CLI mid-run: exit 4, INTERRUPTED line, result.json says interrupted."""
+    cfg = write_config(tmp_path, SLEEPER)
+    proc, log_dir = start_cli(
+        ["--automation", *runtime_under_test.args, "--config", str(cfg), "q"], tmp_path, **runtime_under_test.env
+    )
+    try:
+        wait_for_event(log_dir, "turn_started", timeout=60)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, out + err
+    assert out.splitlines()[-1].startswith("INTERRUPTED: interrupted")
+    assert load(log_dir / "result.json")["exit_code"] == 4
