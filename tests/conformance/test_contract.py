@@ -1,4 +1,4 @@
-"""The automation contract on every runtime: quickstart, four at once, timeout -> 3, SIGINT -> 4."""
+"""The automation contract on every runtime: quickstart, four at once, timeout -> 3, SIGINT -> 4, OOM -> 2."""
 
 from __future__ import annotations
 
@@ -83,3 +83,29 @@ def test_sigint_exits_4(runtime_under_test: Runtime, tmp_path: Path) -> None:
     assert proc.returncode == 4, out + err
     assert out.splitlines()[-1].startswith("INTERRUPTED: interrupted")
     assert load(log_dir / "result.json")["exit_code"] == 4
+
+
+def test_allocating_past_the_memory_limit_exits_2_oom(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """A step that allocates past the memory limit: exit 2, FAILED: oom, status and result say oom."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend:
+              type: scripted
+              steps:
+                - shell: python3 -c "b = bytearray(400 * 1024 * 1024); print(len(b))"
+                - answer: survived
+                - vote: auto
+        sandbox: {memory: 96m}
+        """,
+    )
+    p = massgen_run(
+        ["--automation", *runtime_under_test.args, "--config", str(cfg), "q"], tmp_path, 180, **runtime_under_test.env
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-1].startswith("FAILED: oom")
+    f = parse_lines(p.stdout)
+    assert load(f["STATUS_FILE"])["container"]["oom_killed"] is True
+    assert load(Path(f["LOG_DIR"]) / "result.json")["reason"] == "oom"
