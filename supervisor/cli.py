@@ -45,6 +45,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(1, f"{self.prog}: error: {message}\n")
 
 
+from .runtime.select import RUNTIMES, runtime_name  # noqa: E402 - light (no SDK imports)
+
+
 def _run_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="massgen-run",
@@ -67,6 +70,13 @@ def _run_parser() -> argparse.ArgumentParser:
         "--logs-root", type=Path, default=None, help="where log dirs go (default ./.massgen/runs or $MASSGEN_LOGS_ROOT)"
     )
     p.add_argument("--image", default=None, help="agent image to use (default: built automatically)")
+    p.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default=None,
+        help="docker (default, or $MASSGEN_RUNTIME): this host's engine; remote-docker: the engine DOCKER_HOST names,"
+        " sharing no filesystem (docs/remote-docker.md)",
+    )
     p.add_argument(
         "--output-file", default=None, metavar="PATH", help="also write the final answer to PATH (OUTPUT_FILE: line)"
     )
@@ -186,15 +196,18 @@ def _stderr(msg: str) -> None:
     _say(msg, file=sys.stderr, flush=True)
 
 
-def _docker_runtime(image: str | None) -> tuple[Any, str]:
+def _docker_runtime(image: str | None, kind: str = "docker") -> tuple[Any, str]:
     """The Docker runtime and the agent image, building what is missing (progress on stderr).
 
     Raises:
-        SystemExit: preflight found a problem (exit 1 with the problems on stderr).
+        _PreflightFailed: preflight found a problem.
     """
     from .errors import BuildError, ContainerRuntimeError
     from .images import ensure_images, preflight
     from .runtime.docker import DockerRuntime
+
+    if kind != "docker":
+        return _remote_runtime(image, kind)
 
     try:
         runtime = DockerRuntime()
@@ -215,6 +228,38 @@ def _docker_runtime(image: str | None) -> tuple[Any, str]:
         return runtime, ensure_images(runtime, progress=_stderr)
     except (BuildError, ContainerRuntimeError) as exc:
         raise _PreflightFailed([f"image build failed: {exc}"]) from exc
+
+
+def _remote_runtime(image: str | None, kind: str) -> tuple[Any, str]:
+    """A runtime sharing no filesystem, and its image (never built there: pushed with `image push`).
+
+    Raises:
+        _PreflightFailed: no such engine, or the image is not on it.
+    """
+    from .errors import ContainerRuntimeError
+    from .images import agent_image_tag
+    from .runtime.select import make_runtime
+
+    try:
+        runtime = make_runtime(kind)
+        runtime.ping()
+    except ValueError as exc:
+        raise _PreflightFailed([str(exc)]) from exc
+    except ContainerRuntimeError as exc:
+        raise _PreflightFailed([f"no container engine answers at {runtime.endpoint} ({exc})"]) from exc
+    tag = image or agent_image_tag()
+    try:
+        present = runtime.image_labels(tag) is not None
+    except ContainerRuntimeError as exc:
+        raise _PreflightFailed([f"cannot inspect images at {runtime.endpoint}: {exc}"]) from exc
+    if not present:
+        raise _PreflightFailed(
+            [
+                f"image {tag} is not on the engine at {runtime.endpoint}; copy it there with"
+                f" `massgen-run image push --to {runtime.endpoint}`"
+            ]
+        )
+    return runtime, tag
 
 
 def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: Path, detail: str) -> int:
@@ -259,7 +304,14 @@ def cmd_run(argv: list[str]) -> int:
 
     printer = _Printer(args.automation, args.output_file)
     logs_root = (args.logs_root or default_logs_root()).absolute()
-    daemon = daemon_client() if args.sandbox == "docker" and not args.image else None
+    try:
+        kind = runtime_name(args.runtime)
+    except ValueError as exc:  # $MASSGEN_RUNTIME names no runtime
+        _stderr(f"massgen-run: {exc}")
+        return 1
+    # A running daemon takes the run, unless a runtime was asked for on the command line (the
+    # daemon runs its own).
+    daemon = daemon_client() if args.sandbox == "docker" and not args.image and not args.runtime else None
     if daemon is not None:
         from agent_image.client import ClientError, run_and_follow
 
@@ -283,7 +335,7 @@ def cmd_run(argv: list[str]) -> int:
         image = None
     else:
         try:
-            runtime, image = _docker_runtime(args.image)
+            runtime, image = _docker_runtime(args.image, kind)
         except _PreflightFailed as exc:
             _stderr("massgen-run: cannot start a sandbox:")
             for p in exc.problems:

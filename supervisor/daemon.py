@@ -73,6 +73,12 @@ def _parser() -> argparse.ArgumentParser:
         help="serve the web dashboard on HOST:PORT (default host 127.0.0.1); prints DASHBOARD: <url with token>",
     )
     p.add_argument("--image", default=None, help="agent image (default: built when missing)")
+    p.add_argument(
+        "--runtime",
+        choices=("docker", "remote-docker"),
+        default=None,
+        help="docker (default, or $MASSGEN_RUNTIME) or remote-docker (the engine DOCKER_HOST names; no shared files)",
+    )
     p.add_argument("--log-level", default=os.environ.get("MASSGEN_LOG_LEVEL", "INFO"))
     return p
 
@@ -294,8 +300,18 @@ async def serve(args: argparse.Namespace) -> int:
     from .sockets import ensure_private_dir
 
     ensure_private_dir(sock.parent)
-    runtime = DockerRuntime()
-    image = args.image or await asyncio.to_thread(ensure_images, runtime, progress=lambda m: log.info("image: %s", m))
+    from .runtime.select import make_runtime, runtime_name
+
+    kind = runtime_name(args.runtime)
+    runtime: Any = DockerRuntime() if kind == "docker" else make_runtime(kind)
+    if kind == "docker":
+        image = args.image or await asyncio.to_thread(
+            ensure_images, runtime, progress=lambda m: log.info("image: %s", m)
+        )
+    else:
+        from .images import agent_image_tag
+
+        image = args.image or agent_image_tag()  # pushed there with `massgen-run image push`
     sup = Supervisor(
         runtime,
         supervisor_id=supervisor_id_for(sock),

@@ -29,7 +29,7 @@ from .configs import check_context_paths, price_problems, resolve_loaded
 from .diskaccount import DiskAccount
 from .diskquota import WALK_INTERVAL_S, DiskUse, Mode, RunDisk
 from .diskquota import disabled as disk_quota_disabled
-from .errors import ContainerRuntimeError, DiskError, ImageMissing
+from .errors import ContainerRuntimeError, DiskError, ImageMissing, RuntimeUnavailable, SandboxStartFailed
 from .errors import PolicyError as PolicyError  # also importable from here
 from .logdir import RunPaths, atomic_write, create_run_dirs
 from .materializer import Materializer, OutboxTailer
@@ -42,10 +42,14 @@ from .runtime.base import (
     LABEL_RUN,
     LABEL_SUPERVISOR,
     LABEL_WORKSPACE,
+    ExitInfo,
     Mount,
     Runtime,
+    SandboxFacts,
     SandboxHandle,
     SandboxSpec,
+    Tmpfs,
+    shares_filesystem,
 )
 from .tools_policy import engine_image_problem, resolve_custom_tools
 from .verdict import ContainerExit, EngineClaim, Verdict, decide
@@ -54,6 +58,15 @@ log = logging.getLogger(__name__)
 
 OUTBOX_IN_SANDBOX = "/run/massgen/outbox"
 CHILDREN_IN_SANDBOX = "/run/massgen/children"
+API_DIR_IN_SANDBOX = "/run/massgen/api"
+HUB_DIR_IN_SANDBOX = "/run/massgen/hub"
+# Linked runtimes (no shared filesystem): the container's command is the channel's hub, and the
+# supervisor reaches it by exec'ing the link (docs/channel.md).
+LINK_ARGV = ("python3", "-m", "agent_image.channel.link", f"{HUB_DIR_IN_SANDBOX}/link.sock")
+LINK_UP_S = 30.0  # a linked sandbox whose channel is not up by then failed to start
+EXIT_EVENTS_S = 10.0  # after the engine exited: how long the outbox may take to reach us
+FETCH_S = 120.0  # bringing the workspace back over the channel
+UNREACHABLE_GIVE_UP_S = 20.0  # past a failed kill: an unreachable engine's sandbox is given up
 WORKSPACE_IN_SANDBOX = "/workspace"
 SANDBOX_UID = 10001
 POLL_S = 0.5
@@ -281,6 +294,10 @@ class RunExecution:
         self._disk_checked = 0.0
         self._disk_over: str | None = None
         self._spec_json: str | None = None
+        # Linked runtimes: the run's channel (docs/channel.md), opened once the sandbox runs.
+        self.linked = req.sandbox == "docker" and not shares_filesystem(runtime)
+        self.channel: Any = None  # supervisor.channel.ChannelSession
+        self._host_socket: Path | None = None
 
     def _resolve(self) -> tuple[LoadedConfig, str]:
         req = self.req
@@ -502,7 +519,9 @@ class RunExecution:
                 ),
             )
             workdir = WORKSPACE_IN_SANDBOX
-            if os.getuid() == 0:
+            if self.linked:
+                user = f"{SANDBOX_UID}:{SANDBOX_UID}"
+            elif os.getuid() == 0:
                 user = f"{SANDBOX_UID}:{SANDBOX_UID}"
                 for d in (paths.sandbox, paths.workspace):
                     os.chown(d, SANDBOX_UID, SANDBOX_UID)
@@ -512,6 +531,29 @@ class RunExecution:
         self._spec_json = spec.model_dump_json()
         if req.engine_command is not None:
             command = req.engine_command
+        tmpfs_mounts: tuple[Tmpfs, ...] = ()
+        if self.linked:
+            # No host path in the sandbox: its folders are tmpfs (the kernel enforces the disk
+            # budget), filled and emptied through the channel; the hub runs the engine.
+            tmpfs_mounts = self._linked_folders(config, mounts)
+            mounts = ()
+            command = (
+                "python3",
+                "-m",
+                "agent_image.channel.hub",
+                "--outbox",
+                OUTBOX_IN_SANDBOX,
+                "--api-socket",
+                f"{API_DIR_IN_SANDBOX}/api.sock",
+                "--link-socket",
+                f"{HUB_DIR_IN_SANDBOX}/link.sock",
+                "--deadline",
+                f"{deadline:.3f}",
+                "--grace",
+                f"{sb.stop_grace_seconds:g}",
+                "--",
+                *command,
+            )
         limits = Limits(sb.memory_bytes, int(sb.cpus * 1e9), sb.pids, sb.runtime)
         if req.limits_cap is not None:
             # A nested run's config is written by an agent: never more than its parent got.
@@ -537,7 +579,32 @@ class RunExecution:
             pids_limit=limits.pids,
             network=sb.network,
             runtime=limits.runtime,
+            tmpfs_mounts=tmpfs_mounts,
         )
+
+    def _linked_folders(self, config: RunConfig, mounts: tuple[Mount, ...]) -> tuple[Tmpfs, ...]:
+        """The tmpfs folders of a linked sandbox: one per folder a shared-filesystem run mounts."""
+        sb = config.sandbox
+        budget, inodes = sb.disk_bytes, sb.disk_inode_count
+        if self.disk is not None:
+            budget, inodes = self.disk.budget.bytes, self.disk.budget.inodes
+        folders = [
+            Tmpfs(OUTBOX_IN_SANDBOX, MAX_OUTBOX_BYTES + (16 << 20), 4096),
+            Tmpfs(WORKSPACE_IN_SANDBOX, budget, inodes),
+            Tmpfs(CHILDREN_IN_SANDBOX, budget, inodes),
+            Tmpfs(API_DIR_IN_SANDBOX, 1 << 20, 64),
+            Tmpfs(HUB_DIR_IN_SANDBOX, 1 << 20, 64),
+        ]
+        taken = {f.target for f in folders}
+        for m in mounts:
+            if m.target in taken:
+                continue
+            # A context folder: its copy, plus room for what the run may write into it.
+            size, count = _tree_size(m.source)
+            extra = budget if not m.read_only else 1 << 20
+            folders.append(Tmpfs(m.target, size + extra, count + 1024))
+            taken.add(m.target)
+        return tuple(folders)
 
     def image(self, config: RunConfig) -> str:
         """The run's image: the config's `sandbox.image` (tools baked in), else the supervisor's."""
@@ -572,6 +639,13 @@ class RunExecution:
                     disk_job = asyncio.ensure_future(asyncio.to_thread(self._create_disk))
                     try:
                         extra_mounts, extra_env = await self.hooks.start_services(self, config, deadline)
+                        if self.linked:
+                            # The channel reaches the run's socket on the host; the sandbox gets
+                            # the hub's socket at the same path instead of a mount.
+                            self._host_socket = next(
+                                (m.source / "api.sock" for m in extra_mounts if m.target == API_DIR_IN_SANDBOX), None
+                            )
+                            extra_mounts = []
                         spec = self._sandbox_spec(config, raw, contexts, deadline)
                         spec = replace(spec, mounts=(*spec.mounts, *extra_mounts), env={**spec.env, **extra_env})
                         mat.set_run(deadline=deadline)
@@ -586,8 +660,17 @@ class RunExecution:
                         handle = await asyncio.to_thread(runtime.start, spec)
                     except ImageMissing as exc:
                         return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
+                    except SandboxStartFailed as exc:
+                        failed = Reason.START_FAILED if self.linked else Reason.CONTAINER_CRASHED
+                        return self._end(Verdict(failed, str(exc)))
                     except ContainerRuntimeError as exc:
                         return self._end(Verdict(Reason.CONTAINER_CRASHED, str(exc)))
+                    if self.linked:
+                        problem = await self._link_up(handle, spec, new=True)
+                        if problem is not None:
+                            await asyncio.shield(self._remove(handle))
+                            await self._close_channel()
+                            return self._end(Verdict(Reason.START_FAILED, problem))
                     try:
                         await self.hooks.services_ready(self)
                     except Exception as exc:
@@ -663,6 +746,13 @@ class RunExecution:
     def _create_disk(self) -> None:
         acct, paths = self.disk, self.paths
         if acct is None or paths is None:
+            return
+        if self.linked:
+            # The sandbox's folders are tmpfs on the remote side (the kernel enforces the budget
+            # there); here only the log dir (and the folders once fetched) is charged, polled.
+            disk = RunDisk(paths.run_id, paths.log_dir, paths.workspace, paths.sandbox, acct.budget, Mode.POLL)
+            disk.detail = "the sandbox's folders are tmpfs of the budget's size on its engine; the log dir is polled"
+            acct.disk = disk
             return
         owner = (SANDBOX_UID, SANDBOX_UID) if os.getuid() == 0 else (os.getuid(), os.getgid())
         acct.disk = RunDisk.create(paths.run_id, paths.log_dir, paths.workspace, paths.sandbox, acct.budget, owner)
@@ -775,6 +865,7 @@ class RunExecution:
             if not detached:
                 # Whoever created (or adopted) the sandbox removes it, whatever happened above.
                 await asyncio.shield(asyncio.gather(self._remove(handle), self._teardown_disk()))
+            await asyncio.shield(self._close_channel())
 
     async def adopt(self, paths: RunPaths, handle: SandboxHandle, deadline: float) -> RunResult:
         """Take over a sandbox left running (or exited) by a previous supervisor process.
@@ -805,6 +896,10 @@ class RunExecution:
                 except Exception as exc:
                     log.exception("run_id=%s could not restart the run's socket", paths.run_id)
                     mat.log(f"the run's socket could not be restarted ({exc}); nested runs and models fail", "error")
+            if self.linked:
+                problem = await self._link_up(handle, None, new=False)
+                if problem is not None:
+                    mat.log(f"adopted sandbox: {problem}; following it by its engine only", "warning")
             return await self._follow_and_remove(handle, deadline, grace, mat.resume_offset)
         except (Detached, asyncio.CancelledError):
             raise
@@ -816,10 +911,21 @@ class RunExecution:
             mat.close()
 
     async def _remove(self, handle: SandboxHandle) -> None:
-        try:
-            await asyncio.wait_for(asyncio.to_thread(self.runtime.remove, handle), REMOVE_TIMEOUT_S)
-        except Exception as exc:  # noqa: BLE001 - log and move on; reconciliation reaps by label
-            log.warning("run_id=%s remove failed: %s", self.paths.run_id if self.paths else "?", exc)
+        end = time.monotonic() + REMOVE_TIMEOUT_S
+        while True:
+            try:
+                await asyncio.wait_for(asyncio.to_thread(self.runtime.remove, handle), REMOVE_TIMEOUT_S)
+                return
+            except RuntimeUnavailable as exc:
+                # A remote engine behind a cut link: keep trying for a while (then the sandbox's
+                # own backstop ends it, and reconciliation reaps it by label).
+                if not self.linked or time.monotonic() > end:
+                    log.warning("run_id=%s remove failed: %s", self.paths.run_id if self.paths else "?", exc)
+                    return
+                await asyncio.sleep(1.0)
+            except Exception as exc:  # noqa: BLE001 - log and move on; reconciliation reaps by label
+                log.warning("run_id=%s remove failed: %s", self.paths.run_id if self.paths else "?", exc)
+                return
 
     async def _follow(self, handle: SandboxHandle, deadline: float, grace: float, offset: int = 0) -> RunResult:
         paths, mat, runtime, ctl = self.paths, self.mat, self.runtime, self.control
@@ -836,9 +942,10 @@ class RunExecution:
         watch = OutboxWatch(paths.sandbox, wake)
         if not watch.start():
             mat.log(f"file watching unavailable; polling the outbox every {POLL_S:g}s", "warning")
-        exit_task = asyncio.create_task(self._wait_exit(handle))
+        exit_task = asyncio.create_task(self._wait_exit_linked(handle) if self.linked else self._wait_exit(handle))
         stop_task: asyncio.Task[None] | None = None
         stop_started = 0.0
+        killed_at = 0.0
         killed = False
         stopped_for: str | None = None
         flooded = False
@@ -886,7 +993,10 @@ class RunExecution:
                         stop_grace = 0.0 if flooded or self._disk_over is not None else grace
                         mat.log(f"stopping sandbox: {stopped_for} (grace {stop_grace:g}s)", "warning")
                         stop_started = time.monotonic()
-                        stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, stop_grace))
+                        if self.linked:
+                            stop_task = asyncio.create_task(self._stop_linked(handle, stop_grace))
+                        else:
+                            stop_task = asyncio.create_task(asyncio.to_thread(runtime.stop, handle, stop_grace))
                 elif not killed:
                     stop_failed = stop_task.done() and stop_task.exception() is not None
                     overdue = time.monotonic() - stop_started > grace + STOP_OVERDUE_S
@@ -895,9 +1005,16 @@ class RunExecution:
                         why = "second signal" if ctl.force.is_set() else why
                         mat.log(f"killing sandbox: {why}", "warning")
                         killed = True
+                        killed_at = time.monotonic()
                         with contextlib.suppress(Exception):
                             await asyncio.to_thread(runtime.kill, handle)
-            info = exit_task.result()
+                    elif self.linked and killed and time.monotonic() - killed_at > UNREACHABLE_GIVE_UP_S:
+                        # The engine cannot be reached (a cut link): the verdict is ours anyway;
+                        # the sandbox's own backstop ends it, and removal is retried below.
+                        mat.log("the sandbox's engine is unreachable; giving the sandbox up", "error")
+                        exit_task.cancel()
+                        break
+            info = exit_task.result() if not exit_task.cancelled() else ExitInfo(-1, error="engine unreachable")
         finally:
             watch.close()
             if not exit_task.done():
@@ -917,16 +1034,158 @@ class RunExecution:
         # The sandbox has exited: nothing writes its folders any more; give them back before
         # result.json says the run is over (the filesystem goes while the container is removed).
         await self._release_disk(teardown=False)
-        output = await asyncio.to_thread(runtime.logs, handle)
+        try:
+            output = await asyncio.to_thread(runtime.logs, handle)
+        except RuntimeUnavailable as exc:
+            output = b""
+            mat.log(f"the sandbox's output is not available: {exc}", "warning")
         if output.strip():
             text = output[-MAX_OUTPUT_BYTES:].decode("utf-8", "replace").rstrip()
             cut = f" (the last {MAX_OUTPUT_BYTES >> 10} KiB)" if len(output) > MAX_OUTPUT_BYTES else ""
             mat.log(f"---- sandbox output{cut} ----\n{text}\n---- end of sandbox output ----")
-        facts = await asyncio.to_thread(runtime.facts, handle)
+        try:
+            facts = await asyncio.to_thread(runtime.facts, handle)
+        except RuntimeUnavailable:
+            facts = SandboxFacts(id=handle.id, image="", runtime=runtime.name, state="unknown")
         mat.set_container(_container_section(facts))
         verdict = self._verdict(info, facts, stopped_for, disk_full_at_exit)
         await asyncio.to_thread(self._keep_results, verdict)
         return await mat.finalize_async(verdict, container_exit=info.exit_code)
+
+    # -- linked runtimes: the run channel (docs/channel.md) -----------------------------------
+
+    async def _link_up(self, handle: SandboxHandle, spec: SandboxSpec | None, *, new: bool) -> str | None:
+        """Open the run's channel; for a new sandbox put its files in and START the engine.
+
+        Returns why the sandbox cannot be used, or None.
+        """
+        from .channel import ChannelLost, ChannelSession, TransferError
+
+        paths, mat = self.paths, self.mat
+        assert paths is not None and mat is not None
+        if self._host_socket is None:
+            from .sockets import SOCKET_NAME, short_socket_dir
+
+            self._host_socket = short_socket_dir(paths.run_id) / SOCKET_NAME
+        link_runtime: Any = self.runtime
+
+        def note(msg: str, level: str) -> None:
+            mat.log(msg, level)
+
+        self.channel = channel = ChannelSession(
+            paths.run_id,
+            lambda: link_runtime.open_link(handle, LINK_ARGV),
+            paths.sandbox / "events.jsonl",
+            self._host_socket,
+            note=note,
+            max_mirror_bytes=MAX_OUTBOX_BYTES + (1 << 20),
+        )
+        channel.start()
+        started = time.monotonic()
+        try:
+            await channel.wait_connected(spec.start_timeout if spec is not None else LINK_UP_S)
+        except ChannelLost as exc:
+            return f"the run channel did not come up: {exc}"
+        if not new:
+            state = (channel.welcome or {}).get("state")
+            mat.log(f"run channel re-linked (engine {state}; the supervisor holds {channel.have} outbox bytes)")
+            if state != "waiting":
+                return None
+        try:
+            assert self._spec_json is not None or not new
+            spec_json = self._spec_json or (paths.sandbox / "spec.json").read_text(encoding="utf-8")
+            await channel.put_tree(OUTBOX_IN_SANDBOX, files={"spec.json": spec_json.encode()})
+            for host in dict.fromkeys(self.contexts):
+                wc = self.write_copies.get(host)
+                source = wc.copy if wc is not None else host
+                await channel.put_tree(str(host), source=source, read_only=wc is None)
+            channel.start_engine()
+        except (ChannelLost, TransferError, OSError) as exc:
+            return f"the sandbox's files could not be put in: {exc}"
+        mat.log(f"run channel up in {time.monotonic() - started:.2f}s; files in; engine started")
+        return None
+
+    async def _close_channel(self) -> None:
+        if self.channel is not None:
+            channel, self.channel = self.channel, None
+            await channel.close()
+
+    async def _wait_exit_linked(self, handle: SandboxHandle) -> ExitInfo:
+        """The sandbox's end, for a linked runtime: the engine's EXIT over the channel (then the
+        outbox's last bytes, the workspace and BYE), or the container's own end, whichever first."""
+        channel, mat = self.channel, self.mat
+        assert mat is not None
+
+        async def container() -> ExitInfo:
+            while True:
+                try:
+                    info = await asyncio.to_thread(self.runtime.wait, handle, 2.0)
+                except RuntimeUnavailable:
+                    await asyncio.sleep(1.0)  # a cut link: the engine answers again once it is back
+                    continue
+                if info is not None:
+                    return info
+
+        ended = asyncio.create_task(container())
+        if channel is None:
+            return await ended
+        engine = asyncio.ensure_future(channel.exited.wait())
+        try:
+            await asyncio.wait([ended, engine], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            engine.cancel()
+        if ended.done():
+            return ended.result()
+        code = (channel.exit or {}).get("exit_code")
+        want = channel.outbox_size_at_exit
+        if want is None:
+            want = (channel.welcome or {}).get("outbox_size") or channel.have
+        if not await channel.wait_events(int(want), EXIT_EVENTS_S):
+            mat.log(f"the outbox's last bytes did not arrive ({channel.have} of {want})", "warning")
+        await self._fetch_outputs()
+        channel.bye()
+        try:
+            return await asyncio.wait_for(ended, EXIT_EVENTS_S)
+        except TimeoutError:
+            mat.log("the sandbox did not end after BYE; its engine's exit code stands", "warning")
+            return ExitInfo(int(code) if isinstance(code, int) else -1)
+
+    async def _fetch_outputs(self) -> None:
+        """Bring the workspace (and writable context folders) back from a linked sandbox."""
+        from .channel import ChannelLost, TransferError
+
+        channel, paths, mat = self.channel, self.paths, self.mat
+        assert channel is not None and paths is not None and mat is not None
+        cap = self.disk.budget.bytes * 2 if self.disk is not None else 4 << 30
+        wanted: list[tuple[str, Path]] = [(WORKSPACE_IN_SANDBOX, paths.workspace)]
+        for host, wc in self.write_copies.items():
+            wanted.append((str(host), wc.copy))
+        for where, dest in wanted:
+            try:
+                if dest != paths.workspace:
+                    await asyncio.to_thread(_empty_dir, dest)  # the sandbox's copy replaces ours
+                got = await asyncio.wait_for(channel.get_tree(where, dest, cap), FETCH_S)
+                mat.log(f"fetched {where} from the sandbox ({got} bytes)")
+            except (ChannelLost, TransferError, OSError, TimeoutError) as exc:
+                mat.log(f"{where} not fetched from the sandbox: {exc}", "error")
+
+    async def _stop_linked(self, handle: SandboxHandle, grace: float) -> None:
+        """SIGTERM to the engine through the channel, SIGKILL after `grace` (the hub survives
+        both, so events and the workspace still come back); the engine's stop without a link."""
+        import signal as _signal
+
+        channel = self.channel
+        if channel is None or not channel.signal(_signal.SIGTERM):
+            await asyncio.to_thread(self.runtime.stop, handle, grace)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(channel.exited.wait(), grace)
+            return
+        if channel.signal(_signal.SIGKILL):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.exited.wait(), 2.0)
+                return
+        await asyncio.to_thread(self.runtime.kill, handle)
 
     async def _final_drain(self, tailer: OutboxTailer, budget_s: float) -> None:
         """What the sandbox wrote before it exited, in slices that yield, for at most `budget_s`."""
@@ -1013,3 +1272,26 @@ class RunExecution:
             container=ContainerExit(info.exit_code, bool(info.oom_killed or facts.oom_killed)),
             final_answer=mat.final_file is not None and mat.final_file.exists(),
         )
+
+
+def _tree_size(root: Path) -> tuple[int, int]:
+    """Bytes (rounded up to pages) and entries under `root`, not following symlinks."""
+    size, count = 0, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        count += 1 + len(filenames)
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                st = os.lstat(os.path.join(dirpath, name))
+                size += (st.st_size + 4095) & ~4095
+        del dirnames[:0]
+    return size, count
+
+
+def _empty_dir(path: Path) -> None:
+    import shutil
+
+    for child in path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import struct
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -35,7 +37,7 @@ from supervisor.runtime.base import (
     SandboxSpec,
 )
 
-__all__ = ["DockerHandle", "DockerRuntime", "ImageBuildFailed", "RuntimeCallFailed"]
+__all__ = ["DockerHandle", "DockerRuntime", "ImageBuildFailed", "RemoteDockerRuntime", "RuntimeCallFailed"]
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +194,11 @@ class DockerRuntime:
             for m in spec.mounts
         ]
         tmpfs_opts = f"rw,nosuid,nodev,size={spec.tmpfs_bytes},mode=1777"
+        tmpfs = {"/tmp": tmpfs_opts}  # noqa: S108 - the sandbox's own private tmpfs
+        uid, _, gid = spec.user.partition(":")
+        for t in spec.tmpfs_mounts:
+            inodes = f",nr_inodes={t.inodes}" if t.inodes else ""
+            tmpfs[t.target] = f"rw,nosuid,nodev,size={t.size_bytes}{inodes},uid={uid},gid={gid or uid},mode=0700"
         kwargs: dict[str, Any] = {
             "image": spec.image,
             "command": list(spec.command),
@@ -203,7 +210,7 @@ class DockerRuntime:
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges"],
             "read_only": True,
-            "tmpfs": {"/tmp": tmpfs_opts},  # noqa: S108 - the sandbox's own private tmpfs
+            "tmpfs": tmpfs,
             "init": True,
             "pids_limit": spec.pids_limit,
             "mem_limit": spec.memory_bytes,
@@ -600,3 +607,107 @@ def _memory_bytes(sample: Mapping[str, Any]) -> int | None:
     # (cgroup v1 reports it as total_inactive_file, v2 as inactive_file).
     cache = extra.get("total_inactive_file", extra.get("inactive_file", 0))
     return max(0, int(usage) - int(cache))
+
+
+class _ExecStream:
+    """An exec's attached stdin/stdout as a `ByteStream` (stdout demultiplexed, stderr kept).
+
+    Without a TTY the engine frames the output: an 8-byte header (stream: 1 stdout, 2 stderr;
+    3 bytes zero; u32 length) before each chunk.
+    """
+
+    _HEADER = struct.Struct(">BxxxI")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = bytearray()
+        self._want = 0  # payload bytes left of the current chunk
+        self._kind = 1
+        self.stderr = bytearray()  # its last 4 KiB
+        self._closed = False
+
+    def read(self, n: int) -> bytes:
+        out = bytearray()
+        while not out:
+            if self._want == 0:
+                while len(self._buf) < self._HEADER.size:
+                    if not self._fill():
+                        return b""
+                self._kind, self._want = self._HEADER.unpack_from(self._buf)
+                del self._buf[: self._HEADER.size]
+                continue
+            if not self._buf and not self._fill():
+                return b""
+            take = min(self._want, len(self._buf), n - len(out))
+            chunk = bytes(self._buf[:take])
+            del self._buf[:take]
+            self._want -= take
+            if self._kind == 2:
+                self.stderr = (self.stderr + chunk)[-4096:]
+            else:
+                out += chunk
+        return bytes(out)
+
+    def _fill(self) -> bool:
+        try:
+            data = self._sock.recv(256 << 10)
+        except OSError:
+            if self._closed:
+                return False
+            raise
+        if not data:
+            return False
+        self._buf += data
+        return True
+
+    def write(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with suppress(OSError, ValueError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        with suppress(OSError, ValueError):
+            self._sock.close()
+
+
+class RemoteDockerRuntime(DockerRuntime):
+    """Docker with no shared filesystem: the engine may be anywhere `DOCKER_HOST` says.
+
+    Sandboxes get no host bind mounts at all (a spec with `mounts` is refused): their folders
+    are tmpfs mounts, and everything else goes through the run channel (docs/channel.md) over
+    the engine's exec stream, so the sandbox needs no network. TLS follows docker's own
+    `DOCKER_TLS_VERIFY` / `DOCKER_CERT_PATH`.
+    """
+
+    name = "remote-docker"
+    linked = True
+
+    def start(self, spec: SandboxSpec) -> DockerHandle:
+        """Like `DockerRuntime.start`, with no host path in the sandbox.
+
+        Raises:
+            SandboxStartFailed: the spec asks for a bind mount.
+        """
+        if spec.mounts:
+            raise SandboxStartFailed(
+                spec.run_id, f"the remote runtime mounts no host path (asked: {spec.mounts[0].source})"
+            )
+        return super().start(spec)
+
+    def open_link(self, handle: SandboxHandle, argv: tuple[str, ...]) -> _ExecStream:
+        """Exec `argv` in the sandbox with stdin and stdout attached.
+
+        Raises:
+            RuntimeUnavailable: the engine cannot be reached.
+            RuntimeCallFailed: the engine refused (e.g. the sandbox is not running).
+        """
+        with self._engine("exec", handle.id):
+            exec_id = self._api.exec_create(handle.id, list(argv), stdin=True, stdout=True, stderr=True, tty=False)
+            raw = self._api.exec_start(exec_id["Id"], socket=True)
+        sock: Any = getattr(raw, "_sock", raw)
+        with suppress(OSError, AttributeError):
+            sock.settimeout(None)  # the client's call timeout must not end a quiet link
+        return _ExecStream(sock)

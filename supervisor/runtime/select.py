@@ -1,0 +1,54 @@
+"""Which container runtime runs the sandboxes: `--runtime` or `MASSGEN_RUNTIME`.
+
+- `docker` (default): the local engine (or `DOCKER_HOST`), sharing this host's filesystem
+  (bind mounts).
+- `remote-docker`: the engine `DOCKER_HOST` names (TLS by `DOCKER_TLS_VERIFY` and
+  `DOCKER_CERT_PATH`), sharing nothing: every sandbox is linked through the run channel
+  (docs/channel.md, docs/remote-docker.md).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+RUNTIMES = ("docker", "remote-docker")
+DEFAULT = "docker"
+
+
+def runtime_name(flag: str | None = None, env: Mapping[str, str] | None = None) -> str:
+    """The runtime asked for: the flag, else $MASSGEN_RUNTIME, else docker.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    env = os.environ if env is None else env
+    name = flag or env.get("MASSGEN_RUNTIME") or DEFAULT
+    if name not in RUNTIMES:
+        raise ValueError(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
+    return name
+
+
+def make_runtime(name: str, env: Mapping[str, str] | None = None) -> Any:
+    """A runtime object for `name` (nothing is contacted yet).
+
+    Raises:
+        ValueError: `remote-docker` without DOCKER_HOST, or an unknown name.
+    """
+    env = os.environ if env is None else env
+    if name == "docker":
+        from .docker import DockerRuntime
+
+        return DockerRuntime()
+    if name == "remote-docker":
+        host = env.get("DOCKER_HOST", "")
+        if not host.startswith(("tcp://", "ssh://")):
+            raise ValueError(
+                "--runtime remote-docker needs DOCKER_HOST=tcp://HOST:PORT (with DOCKER_TLS_VERIFY=1 and "
+                f"DOCKER_CERT_PATH for TLS); DOCKER_HOST is {host or 'not set'}"
+            )
+        from .docker import RemoteDockerRuntime
+
+        return RemoteDockerRuntime()
+    raise ValueError(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")
