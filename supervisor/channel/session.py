@@ -236,6 +236,7 @@ class ChannelSession:
         self._streams: dict[int, _ApiStream] = {}
         self._grew = asyncio.Event()
         self._truncated = False
+        self._bye = False  # BYE sent: the hub exits and closes the link; nothing to redial
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -295,7 +296,7 @@ class ChannelSession:
                 self._link = None
                 self._drop_streams()
                 self._fail_transfers(f"the link went down ({link.error})")
-            if self._closing:
+            if self._closing or self._bye:
                 return
             if self.welcome is not None:
                 self._note(f"channel: link lost ({link.error}); redialling", "warning")
@@ -489,6 +490,7 @@ class ChannelSession:
         link = self._link
         if link is None or not self.connected.is_set():
             return False
+        self._bye = True
         link.send(encode(T.BYE))
         return True
 

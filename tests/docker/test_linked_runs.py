@@ -1,0 +1,146 @@
+"""Runs on a runtime that shares no filesystem (remote-docker), here against the local engine.
+
+The same code path as a remote engine except the engine's address: no host path is mounted,
+the run channel carries spec, events, the API and the workspace (docs/channel.md). The second,
+TLS-only engine in its own network namespace is exercised by tests/remote/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor.lifecycle import RunExecution, RunRequest
+from supervisor.runtime.base import LABEL_RUN
+from supervisor.runtime.docker import DockerRuntime, RemoteDockerRuntime
+from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
+
+pytestmark = pytest.mark.docker
+
+QUICK = ["--automation", "--config", "@examples/quickstart", "What is 2+2?"]
+
+
+def _gone(runtime: DockerRuntime, run_id: str) -> bool:
+    return runtime.list_owned({LABEL_RUN: run_id}) == []
+
+
+def test_quickstart_through_the_channel_mounts_no_host_path(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """Exit 0 with the contract lines; the events came through the channel; no bind mount; removed."""
+    proc, log_dir = start_cli([*QUICK, "--image", agent_image], tmp_path, MASSGEN_RUNTIME="remote-docker")
+    wait_for_event(log_dir, "run_started")
+    st = load(log_dir / "status.json")
+    info = runtime._api.inspect_container(st["container"]["id"])  # still running: the hub waits for BYE
+    assert [m for m in info["Mounts"] if m["Type"] == "bind"] == []
+    assert "/workspace" in info["HostConfig"]["Tmpfs"]
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out + err
+    f = parse_lines(out)
+    assert "2 + 2 = 4" in Path(f["ANSWER_FILE"]).read_text()
+    seqs = [ev["seq"] for ev in map(json.loads, (log_dir / "events.jsonl").read_text().splitlines())]
+    assert seqs == list(range(len(seqs))) and len(seqs) > 5
+    # The winner's workspace came back over the channel before the sandbox was removed.
+    assert (log_dir / "final" / f["WINNER"] / "workspace").is_dir()
+    assert "run channel up" in (log_dir / "massgen.log").read_text()
+    assert _gone(runtime, log_dir.name)
+
+
+def test_deadline_through_the_channel_exits_3(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
+        timeout_settings: {orchestrator_timeout_seconds: 3}
+        sandbox: {stop_grace_seconds: 2}
+        """,
+    )
+    p = massgen_run(
+        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
+    )
+    assert p.returncode == 3, p.stdout + p.stderr
+    f = parse_lines(p.stdout)
+    assert load(Path(f["LOG_DIR"]) / "result.json")["reason"] == "timeout"
+    assert _gone(runtime, f["RUN_ID"])
+
+
+def test_engine_ignoring_sigterm_is_killed_after_grace(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """SIGTERM through the channel is ignored; SIGKILL after grace; the hub still reports: exit 3, 137."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted}
+        sandbox: {timeout_seconds: 2, stop_grace_seconds: 1}
+        """,
+    )
+    req = RunRequest(
+        question="q",
+        config_source=str(cfg),
+        logs_root=tmp_path / "runs",
+        sandbox="docker",
+        image=agent_image,
+        engine_command=(
+            "python3",
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+        ),
+    )
+    t0 = time.monotonic()
+    result = asyncio.run(RunExecution(req, RemoteDockerRuntime()).run())
+    assert (result.exit_code, result.reason) == (3, "timeout")
+    assert time.monotonic() - t0 < 2 + 1 + 2 + 5
+    assert result.container_exit_code == 137
+    assert _gone(runtime, result.run_id)
+
+
+def test_sigint_through_the_channel_exits_4(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
+        """,
+    )
+    proc, log_dir = start_cli(
+        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
+    )
+    wait_for_event(log_dir, "turn_started")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 4, out + err
+    assert load(log_dir / "result.json")["reason"] == "interrupted"
+    assert _gone(runtime, log_dir.name)
+
+
+def test_oom_through_the_channel_exits_2(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend:
+              type: scripted
+              steps:
+                - shell: python3 -c "b = bytearray(400 * 1024 * 1024); print(len(b))"
+                - answer: survived
+                - vote: auto
+        sandbox: {memory: 96m}
+        """,
+    )
+    p = massgen_run(
+        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-1].startswith("FAILED: oom")
