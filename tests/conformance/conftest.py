@@ -1,7 +1,7 @@
 """The runtime conformance suite's parameter: every case runs on each runtime listed in RUNTIMES.
 
-`docker` is the local engine; `remote-docker` (the engine of tests/remote/engine.py, reached
-only over TLS) joins once that runtime exists; `kubernetes-fake` later.
+`docker` is the local engine; `remote-docker` the engine of tests/remote/engine.py, reached
+only over TLS and linked through the run channel; `kubernetes-fake` later.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tests.remote.fixtures import remote_agent_image, remote_engine
 
 __all__ = ["Runtime", "remote_agent_image", "remote_engine", "runtime_under_test"]
 
-RUNTIMES = ["docker"]
+RUNTIMES = ["docker", "remote-docker"]
 
 
 @dataclass(frozen=True)
