@@ -190,6 +190,7 @@ class RunsApi:
         res = await self.sup.wait(rec, wait)
         if res is None:
             return web.json_response(self.sup.info(rec, self.caller).model_dump(), status=202)
+        await self.sup.deliver(self.caller, rec)
         data = res.model_dump()
         for key in ("answer_file", "status_file", "log_dir"):
             data[key] = self.sup.view_path(self.caller, data[key])

@@ -62,6 +62,7 @@ class RunRecord:
     result: RunResult | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
     children: list[RunRecord] = field(default_factory=list)
+    delivered: set[str] = field(default_factory=set)  # children copied into a linked sandbox
     socket_dir: Path | None = None
     server: Any = None  # the per-run socket server (supervisor.api.RunSocketServer)
     seq: int = 0  # submission order within this supervisor
@@ -287,6 +288,23 @@ class Supervisor:
         if host_path is None or caller is None:
             return host_path
         return caller.view_of(Path(host_path))
+
+    async def deliver(self, caller: RunRecord | None, rec: RunRecord) -> None:
+        """Make a finished child's log dir readable in a linked caller's sandbox (no shared files).
+
+        A sandbox that shares this host's filesystem sees its children's log dirs through its
+        read-only `children/` mount; a linked one gets a copy, put in through its run channel at
+        the same path, once, before its result is answered.
+        """
+        channel = getattr(caller.execution, "channel", None) if caller is not None else None
+        if caller is None or channel is None or rec.execution.paths is None or rec.run_id in caller.delivered:
+            return
+        log_dir = rec.execution.paths.log_dir
+        try:
+            await channel.put_tree(caller.view_of(log_dir), source=log_dir, read_only=True)
+            caller.delivered.add(rec.run_id)
+        except (OSError, ConnectionError, RuntimeError) as exc:
+            log.warning("run_id=%s child %s not delivered to its sandbox: %s", caller.run_id, rec.run_id, exc)
 
     async def stop(self, rec: RunRecord, reason: str = "interrupted") -> None:
         rec.control.interrupt_reason = reason

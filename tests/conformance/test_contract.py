@@ -1,4 +1,4 @@
-"""The automation contract on every runtime: quickstart, four at once, timeout -> 3, SIGINT -> 4, OOM -> 2."""
+"""The automation contract on every runtime: quickstart, four at once, nested, timeout -> 3, SIGINT -> 4, OOM -> 2."""
 
 from __future__ import annotations
 
@@ -109,3 +109,18 @@ def test_allocating_past_the_memory_limit_exits_2_oom(runtime_under_test: Runtim
     f = parse_lines(p.stdout)
     assert load(f["STATUS_FILE"])["container"]["oom_killed"] is True
     assert load(Path(f["LOG_DIR"]) / "result.json")["reason"] == "oom"
+
+
+def test_nested_quickstart_child_on_the_same_runtime(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """@examples/meta/nested_quickstart: the child runs on the same runtime, and the parent reads its
+    answer through its own view of the child's log dir (a mount locally, a copy through the channel)."""
+    args = ["--automation", *runtime_under_test.args, "--config", "@examples/meta/nested_quickstart", "What is 2+2?"]
+    p = massgen_run(args, tmp_path, 180, **runtime_under_test.env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    f = parse_lines(p.stdout)
+    [child] = load(Path(f["STATUS_FILE"]))["children"]
+    assert (child["state"], child["exit_code"]) == ("finished", 0)
+    child_dir = Path(f["LOG_DIR"]) / "children" / child["run_id"]
+    child_result = load(child_dir / "result.json")
+    child_answer = (child_dir / "final" / child_result["winner"] / "answer.txt").read_text().strip()
+    assert "2 + 2 = 4" in child_answer and child_answer in Path(f["ANSWER_FILE"]).read_text()
