@@ -197,8 +197,10 @@ def test_six_runs_live_in_the_browser_then_stop_one_from_its_page(web_daemon: We
             print(f"shown after its log dir appeared (s): {sorted(delays.values())}")
             late = {r: d for r, d in delays.items() if d > APPEAR_S}
             assert not late, f"runs shown later than {APPEAR_S}s after their log dir appeared: {late}"
-            # States changed live, on the open page: first seen unfinished, then finished.
-            for name in ("quick", "failing", "timeout", "xss"):
+            # States changed live, on the open page: first seen unfinished, then finished (the
+            # quickstart takes about as long as one render, so it may be finished when first shown).
+            assert states[dirs["quick"].name][-1].startswith("finished"), states[dirs["quick"].name]
+            for name in ("failing", "timeout", "xss"):
                 seq = states[dirs[name].name]
                 assert not seq[0].startswith("finished") and seq[-1].startswith("finished"), (name, seq)
             exits = {name: int(procs[name].returncode) for name in ("quick", "nested", "failing", "timeout", "xss")}
