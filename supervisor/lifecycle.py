@@ -1277,13 +1277,12 @@ class RunExecution:
 def _tree_size(root: Path) -> tuple[int, int]:
     """Bytes (rounded up to pages) and entries under `root`, not following symlinks."""
     size, count = 0, 0
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, _dirnames, filenames in os.walk(root):
         count += 1 + len(filenames)
         for name in filenames:
             with contextlib.suppress(OSError):
                 st = os.lstat(os.path.join(dirpath, name))
                 size += (st.st_size + 4095) & ~4095
-        del dirnames[:0]
     return size, count
 
 

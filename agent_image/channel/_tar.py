@@ -235,6 +235,15 @@ def _extract(reader: _Reader, dest: str, read_only: bool) -> dict[str, Any]:
     return {"ok": True, "bytes": reader.count, "skipped": skipped, "refused": refused}
 
 
+def extract_stream(reader: Any, dest: str, *, read_only: bool = False) -> dict[str, Any]:
+    """Extract a tar read from `reader` (`read(n)` and a `count` of bytes read) into `dest`
+    under the `data` filter's rules, on any Python 3.11 (the supervisor's side uses it too).
+
+    Returns DONE's document: ok, bytes, refused and the first skipped members.
+    """
+    return _extract(reader, dest, read_only)
+
+
 def _archive(writer: _Writer, path: str) -> None:
     def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
         # Devices and fifos are left out (sockets tarfile skips itself); symlinks are stored as

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent_image.channel._tar import extract_stream
 from agent_image.channel.frames import (
     DATA_CHUNK,
     VERSION,
@@ -44,6 +45,12 @@ REDIAL_MIN_S = 0.2
 REDIAL_MAX_S = 2.0
 WRITE_BUDGET = 4 << 20  # bytes of DATA queued by producer threads before they wait
 READ_CHUNK = 256 << 10
+# What the sandbox may make us hold (its frames are untrusted): frames read but not yet handled
+# on the event loop (the reader thread waits past it), bytes queued for one API stream whose
+# host side does not read (the stream is cut past it), and API streams at once.
+PENDING_BYTES = 8 << 20
+STREAM_QUEUE_BYTES = 4 << 20
+MAX_STREAMS = 256
 
 
 class ChannelLost(ConnectionError):
@@ -68,6 +75,8 @@ class _Link:
         self._budget = threading.Condition()
         self._queued = 0
         self._dead = False
+        self._pending = 0  # bytes of frames handed to the loop and not yet handled
+        self._pending_cv = threading.Condition()
 
     def start(self) -> None:
         threading.Thread(target=self._read, name="channel-read", daemon=True).start()
@@ -99,6 +108,8 @@ class _Link:
         self._q.put(None)
         with self._budget:
             self._budget.notify_all()
+        with self._pending_cv:
+            self._pending_cv.notify_all()
         self.stream.close()
         self.loop.call_soon_threadsafe(self.closed.set)
 
@@ -111,13 +122,26 @@ class _Link:
                     break
                 self.last_rx = time.monotonic()
                 for frame in dec.feed(data):
-                    self.loop.call_soon_threadsafe(self.on_frame, frame)
+                    with self._pending_cv:
+                        # Backpressure: a sandbox sending faster than the loop handles its
+                        # frames is read no faster (memory stays bounded).
+                        while self._pending > PENDING_BYTES and not self._dead:
+                            self._pending_cv.wait(0.5)
+                        self._pending += len(frame.payload) + 9
+                    self.loop.call_soon_threadsafe(self._handle, frame)
         except FrameError as exc:
             self.error = f"protocol error: {exc}"
         except (OSError, ValueError) as exc:
             self.error = f"read failed: {exc}"
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(self.close, self.error or "the sandbox closed the link")
+
+    def _handle(self, frame: Frame) -> None:
+        with self._pending_cv:
+            self._pending -= len(frame.payload) + 9
+            self._pending_cv.notify_all()
+        if not self._dead:
+            self.on_frame(frame)
 
     def _write(self) -> None:
         while True:
@@ -146,28 +170,27 @@ class _Transfer:
     max_bytes: int = 0
 
 
-class _QueueReader(io.RawIOBase):
-    """A file the extracting thread reads, fed from the event loop's DATA frames."""
+class _QueueReader:
+    """What the extracting thread reads (`read`, `count`), fed from the event loop's DATA frames."""
 
     def __init__(self, q: queue.SimpleQueue[bytes | None]) -> None:
         self._q = q
         self._buf = b""
         self._eof = False
+        self.count = 0
 
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
+    def read(self, n: int = -1) -> bytes:
         while not self._buf and not self._eof:
             chunk = self._q.get()
             if chunk is None:
                 self._eof = True
             else:
                 self._buf = chunk
-        n = min(len(b), len(self._buf))
-        b[:n] = self._buf[:n]
-        self._buf = self._buf[n:]
-        return n
+        if n < 0:
+            n = len(self._buf)
+        out, self._buf = self._buf[:n], self._buf[n:]
+        self.count += len(out)
+        return out
 
 
 class _DataWriter(io.RawIOBase):
@@ -194,6 +217,7 @@ class _ApiStream:
     sid: int
     inbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     task: asyncio.Task[None] | None = None
+    queued: int = 0  # bytes in `inbox`
 
 
 class ChannelSession:
@@ -401,6 +425,9 @@ class ChannelSession:
     def _open_stream(self, link: _Link, sid: int) -> None:
         if sid % 2 == 0 or sid in self._streams:
             raise FrameError(f"OPEN of stream {sid}")
+        if len(self._streams) >= MAX_STREAMS:
+            link.send(encode(T.CLOSE, sid))  # the hub caps them too; past it, refused here
+            return
         st = _ApiStream(sid)
         self._streams[sid] = st
         st.task = asyncio.create_task(self._bridge(link, st))
@@ -414,6 +441,7 @@ class ChannelSession:
 
             async def up() -> None:
                 while (chunk := await st.inbox.get()) is not None:
+                    st.queued -= len(chunk)
                     writer.write(chunk)
                     await writer.drain()
                 with contextlib.suppress(OSError):
@@ -436,6 +464,15 @@ class ChannelSession:
     def _data(self, frame: Frame) -> None:
         st = self._streams.get(frame.sid)
         if st is not None:
+            st.queued += len(frame.payload)
+            if st.queued > STREAM_QUEUE_BYTES:
+                # The host side does not take it (a stalled request): cut the stream, not memory.
+                self._streams.pop(frame.sid, None)
+                if st.task is not None:
+                    st.task.cancel()
+                if self._link is not None:
+                    self._link.send(encode(T.CLOSE, frame.sid))
+                return
             st.inbox.put_nowait(frame.payload)
             return
         tr = self._transfers.get(frame.sid)
@@ -559,8 +596,11 @@ class ChannelSession:
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
 
         def extract() -> None:
-            with tarfile.open(fileobj=io.BufferedReader(_QueueReader(sink)), mode="r|") as tar:
-                tar.extractall(dest, filter="data")
+            # The data filter's rules on any Python 3.11 (3.11.2 has no tarfile filter): the
+            # hub's own extraction, so both ends refuse the same members.
+            doc = extract_stream(_QueueReader(sink), str(dest))
+            if doc["refused"]:
+                self._note(f"refused {doc['refused']} member(s) from the sandbox: {doc['skipped'][:3]}", "warning")
 
         extracting = asyncio.ensure_future(asyncio.to_thread(extract))
         link.send(encode_json(T.GET, {"path": path, "max_bytes": max_bytes}, sid))

@@ -2,14 +2,14 @@
 
 The same code path as a remote engine except the engine's address: no host path is mounted,
 the run channel carries spec, events, the API and the workspace (docs/channel.md). The second,
-TLS-only engine in its own network namespace is exercised by tests/remote/.
+TLS-only engine in its own network namespace is exercised by tests/remote/, and the shared
+contract cases (timeout, SIGINT, OOM, nested, ...) on both runtimes by tests/conformance/.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import pytest
 from supervisor.lifecycle import RunExecution, RunRequest
 from supervisor.runtime.base import LABEL_RUN
 from supervisor.runtime.docker import DockerRuntime, RemoteDockerRuntime
-from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
+from tests.cli_helpers import load, parse_lines, start_cli, wait_for_event, write_config
 
 pytestmark = pytest.mark.docker
 
@@ -49,26 +49,6 @@ def test_quickstart_through_the_channel_mounts_no_host_path(
     assert (log_dir / "final" / f["WINNER"] / "workspace").is_dir()
     assert "run channel up" in (log_dir / "massgen.log").read_text()
     assert _gone(runtime, log_dir.name)
-
-
-def test_deadline_through_the_channel_exits_3(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
-    cfg = write_config(
-        tmp_path,
-        """\
-        agents:
-          - id: a
-            backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
-        timeout_settings: {orchestrator_timeout_seconds: 3}
-        sandbox: {stop_grace_seconds: 2}
-        """,
-    )
-    p = massgen_run(
-        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
-    )
-    assert p.returncode == 3, p.stdout + p.stderr
-    f = parse_lines(p.stdout)
-    assert load(Path(f["LOG_DIR"]) / "result.json")["reason"] == "timeout"
-    assert _gone(runtime, f["RUN_ID"])
 
 
 def test_engine_ignoring_sigterm_is_killed_after_grace(
@@ -102,45 +82,3 @@ def test_engine_ignoring_sigterm_is_killed_after_grace(
     assert time.monotonic() - t0 < 2 + 1 + 2 + 5
     assert result.container_exit_code == 137
     assert _gone(runtime, result.run_id)
-
-
-def test_sigint_through_the_channel_exits_4(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
-    cfg = write_config(
-        tmp_path,
-        """\
-        agents:
-          - id: a
-            backend: {type: scripted, steps: [{shell: "sleep 300", timeout: 600}, {answer: never}]}
-        """,
-    )
-    proc, log_dir = start_cli(
-        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
-    )
-    wait_for_event(log_dir, "turn_started")
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 4, out + err
-    assert load(log_dir / "result.json")["reason"] == "interrupted"
-    assert _gone(runtime, log_dir.name)
-
-
-def test_oom_through_the_channel_exits_2(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> None:
-    cfg = write_config(
-        tmp_path,
-        """\
-        agents:
-          - id: a
-            backend:
-              type: scripted
-              steps:
-                - shell: python3 -c "b = bytearray(400 * 1024 * 1024); print(len(b))"
-                - answer: survived
-                - vote: auto
-        sandbox: {memory: 96m}
-        """,
-    )
-    p = massgen_run(
-        ["--automation", "--image", agent_image, "--config", str(cfg), "q"], tmp_path, MASSGEN_RUNTIME="remote-docker"
-    )
-    assert p.returncode == 2, p.stdout + p.stderr
-    assert p.stdout.splitlines()[-1].startswith("FAILED: oom")
