@@ -7,6 +7,7 @@ data filter's rules on any Python 3.11, and API streams are capped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import socket
 import tarfile
@@ -38,10 +39,8 @@ class _Sock:
         self.sock.sendall(data)
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
         self.sock.close()
 
 
