@@ -9,6 +9,8 @@ need=()
 command -v docker-compose >/dev/null || need+=(docker-compose)
 command -v tmux >/dev/null || need+=(tmux)
 command -v debootstrap >/dev/null || need+=(debootstrap)
+# The remote-docker test engine runs in its own network namespace, joined by a veth pair.
+command -v ip >/dev/null || need+=(iproute2)
 # The dashboard's browser tests drive Debian's chromium headless (Playwright, executable_path).
 command -v chromium >/dev/null || need+=(chromium)
 if ! docker info >/dev/null 2>&1; then
