@@ -1,7 +1,9 @@
-"""The automation contract on every runtime: quickstart, four at once, nested, timeout -> 3, SIGINT -> 4, OOM -> 2."""
+"""The automation contract on every runtime: quickstart, four at once, nested, timeout -> 3, SIGINT -> 4, OOM -> 2,
+an engine ignoring SIGTERM killed after grace."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from supervisor.images import agent_image_tag
+from supervisor.lifecycle import RunExecution, RunRequest
 from tests.cli_helpers import load, massgen_run, parse_lines, start_cli, wait_for_event, write_config
 from tests.conformance.conftest import Runtime
+from tests.conformance.engines import engine_of, no_container_for
 
 pytestmark = pytest.mark.docker
 
@@ -124,3 +129,37 @@ def test_nested_quickstart_child_on_the_same_runtime(runtime_under_test: Runtime
     child_result = load(child_dir / "result.json")
     child_answer = (child_dir / "final" / child_result["winner"] / "answer.txt").read_text().strip()
     assert "2 + 2 = 4" in child_answer and child_answer in Path(f["ANSWER_FILE"]).read_text()
+
+
+def test_engine_ignoring_sigterm_is_killed_after_grace(runtime_under_test: Runtime, tmp_path: Path) -> None:
+    """An engine that ignores SIGTERM past its deadline: SIGKILL after stop_grace_seconds, exit 3
+    timeout with the engine's 137 (on remote-docker the hub survives both and still reports)."""
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted}
+        sandbox: {timeout_seconds: 2, stop_grace_seconds: 1}
+        """,
+    )
+    req = RunRequest(
+        question="q",
+        config_source=str(cfg),
+        logs_root=tmp_path / "runs",
+        sandbox="docker",
+        image=agent_image_tag(),
+        engine_command=(
+            "python3",
+            "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+        ),
+    )
+    t0 = time.monotonic()
+    result = asyncio.run(RunExecution(req, engine_of(runtime_under_test)).run())
+    assert (result.exit_code, result.reason) == (3, "timeout")
+    assert time.monotonic() - t0 < 2 + 1 + 2 + 10
+    assert result.container_exit_code == 137
+    log = (tmp_path / "runs" / result.run_id / "massgen.log").read_text()
+    assert "stopping sandbox: timeout (grace 1s)" in log
+    assert no_container_for(runtime_under_test, result.run_id)
