@@ -28,6 +28,7 @@ import pytest
 from agent_image.protocol.api import ErrorBody
 from supervisor.daemon import supervisor_id_for
 from supervisor.diskquota import mount_points
+from supervisor.reaper import reap_disks
 from supervisor.runtime.base import LABEL_RUN, LABEL_SUPERVISOR, SandboxFacts
 from supervisor.runtime.docker import DockerHandle, DockerRuntime
 from tests.cli_helpers import REPO, cli_env, load, parse_lines, write_config
@@ -178,10 +179,19 @@ class Daemon:
     def containers(self) -> list[SandboxFacts]:
         return self.runtime.list_owned({LABEL_SUPERVISOR: self.sid})
 
+    def mounts(self) -> list[str]:
+        """Mount points below this daemon's logs root's parent (run disks, sandbox folders)."""
+        below = str(self.logs_root.parent) + "/"
+        return sorted(m for m in mount_points() if m.startswith(below))
+
     # -- teardown ---------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        """SIGTERM (graceful: sandboxes survive it), then remove every container with our supervisor id."""
+        """SIGTERM (graceful: sandboxes survive it), then remove every container with our supervisor id.
+
+        A graceful stop keeps the disks of runs still in flight mounted for their re-adoption; with
+        their containers gone, the product's own sweep releases them (else tmp_path stays busy).
+        """
         if self.alive:
             try:
                 self.terminate(timeout=30)
@@ -193,6 +203,7 @@ class Daemon:
             handle = DockerHandle(facts.id)
             self.runtime.kill(handle)
             self.runtime.remove(handle)
+        reap_disks(self.runtime, self.logs_root.parent / "workspaces")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -206,6 +217,7 @@ def daemon(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> Iterator
     finally:
         d.cleanup()
     assert d.containers() == []
+    assert d.mounts() == []
 
 
 def _until(condition: Callable[[], Any], timeout: float, what: str) -> Any:

@@ -110,6 +110,7 @@ def web_daemon(runtime: DockerRuntime, agent_image: str, tmp_path: Path) -> Iter
     finally:
         d.cleanup()
     assert d.containers() == []
+    assert d.mounts() == []
 
 
 class Births(threading.Thread):

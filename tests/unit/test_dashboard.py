@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from agent_image.protocol.status import RunState
 from supervisor.dashboard import CSP, Dashboard, StopRefused, render_report
 from supervisor.dashboard._data import JsonLines, Redactor, RunIndex, load_detail, read_row
 from supervisor.dashboard._live import MAX_SUBSCRIBERS, QUEUE_MAX, Subscriber
@@ -419,7 +420,7 @@ def test_standalone_stop_never_signals_a_daemon_or_itself(tmp_path: Path) -> Non
         with pytest.raises(StopRefused, match=detail):
             await control.stop(read_row(run.log_dir))
 
-    run.mat.set_run(state="running", supervisor_id="daemon-0123456789", supervisor_pid=1234)
+    run.mat.set_run(state=RunState.RUNNING, supervisor_id="daemon-0123456789", supervisor_pid=1234)
     run.write()
     asyncio.run(refused("belongs to daemon"))
     import os
