@@ -194,11 +194,14 @@ def test_events_replay_from_have_is_exact_across_a_reconnect(sandboxes: list[San
     first = sb.link()
     first.hello()
     first.send(T.START)
-    end = time.monotonic() + 5
-    while (sb.events.stat().st_size if sb.events.exists() else 0) < 300_000:
+    # Wait for the engine's last line: under load it may still be writing past any fixed size.
+    final = sum(len(b'{"seq": %d, "pad": "%s"}\n' % (i, b"x" * (i % 300))) for i in range(2000))
+    end = time.monotonic() + 30
+    while (sb.events.stat().st_size if sb.events.exists() else 0) < final:
         assert time.monotonic() < end
         time.sleep(0.02)
     total = sb.events.stat().st_size
+    assert total == final
     got = _events(first, total)
     assert got[0][0] == 0
     for (off, data), (nxt, _) in itertools.pairwise(got):
