@@ -2,16 +2,19 @@
 gateway), admission to the supervisor's concurrency limit, and budget meters.
 
 Nothing here imports aiohttp at module level: the socket server comes up in a task that overlaps
-the sandbox's start (importing and binding it takes about as long as creating the container).
+the sandbox's start (importing and binding it takes about as long as creating the container),
+importing in a worker thread so the event loop goes on to start the container meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import shutil
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -167,6 +170,10 @@ class SocketServices(RunHooks):
         return [], {"MASSGEN_SUPERVISOR_SOCKET": str(path)}
 
     async def _serve(self, execution: RunExecution, config: RunConfig, path: Path, docker: bool) -> None:
+        # The first run of a process imports aiohttp and the gateway (50-100 ms of CPU): on the
+        # event loop that would hold up the container's create and start, which this overlaps.
+        if f"{__package__}.api" not in sys.modules or (docker and f"{__package__}.gateway" not in sys.modules):
+            await asyncio.to_thread(_import_server, docker)
         from .api import RunsApi, UnixServer, make_app
 
         routes = RunsApi(self.sup, self.record).routes()
@@ -203,6 +210,13 @@ class SocketServices(RunHooks):
             # On detach the running sandbox keeps this directory mounted: a restarted supervisor
             # re-binds the socket inside the same directory, so it must not be replaced.
             shutil.rmtree(self.socket_dir, ignore_errors=True)
+
+
+def _import_server(gateway: bool) -> None:
+    importlib.import_module(".api", __package__)
+    if gateway:
+        importlib.import_module(".gateway", __package__)
+        importlib.import_module(".pricing", __package__)
 
 
 @contextlib.asynccontextmanager

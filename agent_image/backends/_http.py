@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from typing import Any
 from urllib.parse import urlsplit
 
 log = logging.getLogger(__name__)
@@ -51,3 +52,14 @@ def upstream_label(base_url: str, socket_path: str | None) -> str:
     if socket_path:
         return f"model gateway (socket {socket_path})"
     return urlsplit(base_url).netloc or base_url
+
+
+def gateway_transport(socket_path: str) -> Any:
+    """An ``httpx2.AsyncHTTPTransport`` to the model gateway's unix socket.
+
+    The gateway speaks plain HTTP on a socket only this sandbox can reach, so no TLS context
+    is built: the default one loads the CA bundle, 20-50 ms of CPU per agent in every sandbox.
+    """
+    import httpx2
+
+    return httpx2.AsyncHTTPTransport(uds=socket_path, verify=False)

@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 from ..protocol.config import BackendConfig
-from ._http import AGENT_HEADER, env_number, redact, upstream_label
+from ._http import AGENT_HEADER, env_number, gateway_transport, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 PROVIDER = "claude"
@@ -123,7 +123,7 @@ class ClaudeBackend:
             url = GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
             if http_client is None:
-                http_client = httpx2.AsyncClient(transport=httpx2.AsyncHTTPTransport(uds=self._socket))
+                http_client = httpx2.AsyncClient(transport=gateway_transport(self._socket))
         else:
             url = cfg.base_url or base_url or os.environ.get("ANTHROPIC_BASE_URL") or DEFAULT_BASE_URL
             key = api_key or os.environ.get("ANTHROPIC_API_KEY") or None

@@ -36,7 +36,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..protocol.config import BackendConfig
-from ._http import AGENT_HEADER, env_number, redact, upstream_label
+from ._http import AGENT_HEADER, env_number, gateway_transport, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class GeminiBackend:
             headers = {AGENT_HEADER: agent_id} if agent_id else None
             url = GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
-            transport = httpx2.AsyncHTTPTransport(uds=self._socket)
+            transport = gateway_transport(self._socket)
         else:
             url = cfg.base_url or base_url or os.environ.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL
             key = api_key or env_keys[0] or env_keys[1]

@@ -25,7 +25,7 @@ import uuid
 from typing import Any
 
 from ..protocol.config import BackendConfig
-from ._http import AGENT_HEADER, env_number, redact, upstream_label
+from ._http import AGENT_HEADER, env_number, gateway_transport, redact, upstream_label
 from .base import BackendError, Completion, Message, ToolCall, ToolSpec, Usage
 
 PROVIDER = "openai"
@@ -163,7 +163,7 @@ class OpenAIBackend:
             url: str | None = f"{GATEWAY_ROOT}/agents/{agent_id}/v1" if agent_id else GATEWAY_BASE_URL
             key: str | None = api_key or GATEWAY_KEY
             if http_client is None:
-                transport = httpx2.AsyncHTTPTransport(uds=self._socket)
+                transport = gateway_transport(self._socket)
                 http_client = httpx2.AsyncClient(transport=transport)
         else:
             url = cfg.base_url or base_url or os.environ.get("OPENAI_BASE_URL") or None

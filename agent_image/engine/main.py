@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -50,6 +51,17 @@ def snapshot_workspace(src: Path, dest: Path) -> None:
     if dest.exists():
         shutil.rmtree(dest)
     os.replace(tmp, dest)
+
+
+def startup_done() -> None:
+    """The imports are done (the backends import their SDKs): what start-up made is kept for good.
+
+    `python -m agent_image run-spec` starts with the collector off (agent_image/__main__.py);
+    freezing moves start-up's objects out of every later collection's way.
+    """
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
@@ -111,6 +123,7 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
                 return orch.view(aid)
 
             backends[agent.id] = make_backend(agent, view=view, sleep=clock.sleep, workspace=str(ws))
+        startup_done()
         timeout = None
         if spec.deadline is not None:
             # Finish (exit 3 from inside) just before the supervisor's own deadline fires.

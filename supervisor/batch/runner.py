@@ -385,6 +385,7 @@ class BatchRunner:
         elapsed = now - self.progress.started_at
         left = c["pending"] + c["running"] + c["error"] + c["interrupted"] + c["skipped"]
         eta = elapsed / done * left if done and not final else None
+        live_cost, live_tokens, live_calls = self._live_spend()
         doc = {
             "schema_version": BATCH_SCHEMA_VERSION,
             "batch": self.batch.name,
@@ -403,9 +404,9 @@ class BatchRunner:
             "items": len(self.plan),
             "counts": c,
             "spend": {
-                "cost_usd": round(self.progress.spent_cost + self._live_spend()[0], 8),
-                "tokens": self.progress.spent_tokens + self._live_spend()[1],
-                "calls": self.progress.spent_calls + self._live_spend()[2],
+                "cost_usd": round(self.progress.spent_cost + live_cost, 8),
+                "tokens": self.progress.spent_tokens + live_tokens,
+                "calls": self.progress.spent_calls + live_calls,
             },
             "budget": self.batch.spec.budget.model_dump(),
             "deadline": self.deadline,
@@ -543,6 +544,8 @@ class BatchRunner:
 
     def _budget_exceeded(self) -> str | None:
         b = self.batch.spec.budget
+        if b.max_cost_usd is None and b.max_tokens is None and b.max_calls is None:
+            return None  # (reading every in-flight status.json for nothing costs CPU per second)
         cost, tokens, calls = self._live_spend()
         cost += self.progress.spent_cost
         tokens += self.progress.spent_tokens
