@@ -219,11 +219,7 @@ def _docker_runtime(image: str | None, kind: str = "docker") -> tuple[Any, str]:
     problems = preflight(runtime)
     if problems:
         raise _PreflightFailed(problems)
-    from .reaper import reap_orphans
-
-    n = reap_orphans(runtime)
-    if n:
-        _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
+    _reap(runtime)
     try:
         return runtime, ensure_images(runtime, progress=_stderr)
     except (BuildError, ContainerRuntimeError) as exc:
@@ -259,7 +255,21 @@ def _remote_runtime(image: str | None, kind: str) -> tuple[Any, str]:
                 f" `massgen-run image push --to {runtime.endpoint}`"
             ]
         )
+    _reap(runtime)
     return runtime, tag
+
+
+def _reap(runtime: Any) -> None:
+    """Finish and remove the sandboxes of massgen-run processes of this host that died.
+
+    On a remote engine too: a sandbox is this host's when its log dir (a label) is here and says
+    which pid supervised it; others' (another host's log dirs) are left alone.
+    """
+    from .reaper import reap_orphans
+
+    n = reap_orphans(runtime)
+    if n:
+        _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
 
 
 def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: Path, detail: str) -> int:

@@ -422,7 +422,14 @@ async def serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from .runtime.select import runtime_name
+
+    try:
+        args.runtime = runtime_name(args.runtime)
+    except ValueError as exc:  # $MASSGEN_RUNTIME names no runtime: a usage error, as a bad --runtime is
+        parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"
     )
