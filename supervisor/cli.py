@@ -244,6 +244,9 @@ def _remote_runtime(image: str | None, kind: str) -> tuple[Any, str]:
     except ContainerRuntimeError as exc:
         raise _PreflightFailed([f"no container engine answers at {runtime.endpoint} ({exc})"]) from exc
     tag = image or agent_image_tag()
+    if not hasattr(runtime, "image_labels"):
+        # A cluster pulls images itself: one it cannot pull is start_failed with the pod's events.
+        return runtime, tag
     try:
         present = runtime.image_labels(tag) is not None
     except ContainerRuntimeError as exc:

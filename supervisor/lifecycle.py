@@ -1265,6 +1265,9 @@ class RunExecution:
             # The sandbox hit its disk budget and ended before the supervisor stopped it (the
             # engine itself may have died of ENOSPC): the budget is the cause.
             own = Verdict(Reason.DISK_QUOTA_EXCEEDED, disk_over)
+        elif getattr(info, "reason", None):
+            # The runtime established it (a Job past its deadline, an evicted pod): a fact.
+            own = Verdict(Reason(info.reason), info.error or info.reason)
         fin = mat.finished_event
         return decide(
             own=own,

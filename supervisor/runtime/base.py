@@ -77,6 +77,10 @@ class ExitInfo:
     exit_code: int
     oom_killed: bool = False
     error: str | None = None
+    # A reason (agent_image.protocol.result.Reason value) the runtime itself established, e.g.
+    # "timeout" for a Kubernetes Job past its activeDeadlineSeconds or "container_crashed" for
+    # an evicted pod; `error` then says why. The supervisor's own stop reason still wins.
+    reason: str | None = None
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,10 @@
 - `remote-docker`: the engine `DOCKER_HOST` names (TLS by `DOCKER_TLS_VERIFY` and
   `DOCKER_CERT_PATH`), sharing nothing: every sandbox is linked through the run channel
   (docs/channel.md, docs/remote-docker.md).
+- `kubernetes`: each run a batch/v1 Job in one namespace, linked through the run channel over
+  pods/exec (docs/kubernetes.md). The cluster: MASSGEN_K8S_KUBECONFIG, else KUBECONFIG, else
+  ~/.kube/config, else the in-cluster service account; the namespace: MASSGEN_K8S_NAMESPACE,
+  else the kubeconfig context's (the pod's own in-cluster), else `massgen`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-RUNTIMES = ("docker", "remote-docker")
+RUNTIMES = ("docker", "remote-docker", "kubernetes")
 DEFAULT = "docker"
 
 
@@ -47,4 +51,8 @@ def make_runtime(name: str, env: Mapping[str, str] | None = None) -> Any:
         from .docker import RemoteDockerRuntime
 
         return RemoteDockerRuntime()
+    if name == "kubernetes":
+        from .kubernetes.runtime import KubernetesRuntime
+
+        return KubernetesRuntime(env=env)
     raise ValueError(f"unknown runtime {name!r}: use one of {', '.join(RUNTIMES)}")

@@ -1,7 +1,8 @@
 """The runtime conformance suite's parameter: every case runs on each runtime listed in RUNTIMES.
 
 `docker` is the local engine; `remote-docker` the engine of tests/remote/engine.py, reached
-only over TLS and linked through the run channel; `kubernetes-fake` later.
+only over TLS and linked through the run channel; `kubernetes` the fake API server of
+tests/fakes/kube_api.py (pods backed by containers on the local engine, linked over pods/exec).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.fakes.kube_fixtures import fake_kube, fake_kubeconfig
 from tests.remote.fixtures import remote_agent_image, remote_engine
 
-__all__ = ["Runtime", "remote_agent_image", "remote_engine", "runtime_under_test"]
+__all__ = ["Runtime", "fake_kube", "fake_kubeconfig", "remote_agent_image", "remote_engine", "runtime_under_test"]
 
-RUNTIMES = ["docker", "remote-docker"]
+RUNTIMES = ["docker", "remote-docker", "kubernetes"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,9 @@ def runtime_under_test(request: pytest.FixtureRequest) -> Runtime:
     name = str(request.param)
     if name == "docker":
         return Runtime(name)
+    if name == "kubernetes":
+        config = request.getfixturevalue("fake_kubeconfig")
+        return Runtime(name, ("--sandbox", "docker", "--runtime", name), {"MASSGEN_K8S_KUBECONFIG": str(config)})
     env = dict(request.getfixturevalue("remote_engine"))
     request.getfixturevalue("remote_agent_image")
     return Runtime(name, ("--sandbox", "docker", "--runtime", name), env)

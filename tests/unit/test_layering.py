@@ -17,6 +17,7 @@ PACKAGES = ("agent_image", "supervisor")
 # The one module allowed to import each third-party library that we keep behind an adapter.
 SOLE_IMPORTERS = {
     "docker": "supervisor.runtime.docker",
+    "kubernetes": "supervisor.runtime.kubernetes.runtime",
     "yaml": "agent_image.protocol.loader",
 }
 
@@ -159,7 +160,7 @@ def test_agent_image_never_imports_supervisor() -> None:
 
 
 def test_docker_and_yaml_each_have_one_importer() -> None:
-    """Only supervisor/runtime/docker.py imports docker and only agent_image/protocol/loader.py imports yaml."""
+    """docker, kubernetes and yaml each have one importer (runtime/docker.py, runtime/kubernetes/runtime.py, protocol/loader.py)."""
     modules, imports = _graph()
     bad = [
         f"{modules[name].relative_to(REPO)}:{imp.line} imports {imp.target} (only {SOLE_IMPORTERS[_top(imp.target)]} may)"

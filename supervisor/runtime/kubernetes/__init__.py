@@ -1,5 +1,6 @@
-"""The Kubernetes runtime: each run a batch/v1 Job (docs/kubernetes.md).
+"""The Kubernetes runtime: each run a batch/v1 Job, linked through the run channel (docs/kubernetes.md).
 
-Only `manifests` (pure: the Job bodies and the checks the schemas do not make) has landed so
-far; the `LinkRuntime` over the official `kubernetes` client is to come.
+- `manifests`: the Job bodies (pure) and the checks the schemas do not make;
+- `states`: pod and Job states -> the run's end (pure, table-tested);
+- `runtime`: `KubernetesRuntime` over the official `kubernetes` client (the one importer).
 """
