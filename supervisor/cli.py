@@ -246,6 +246,7 @@ def _remote_runtime(image: str | None, kind: str) -> tuple[Any, str]:
     tag = image or agent_image_tag()
     if not hasattr(runtime, "image_labels"):
         # A cluster pulls images itself: one it cannot pull is start_failed with the pod's events.
+        _reap(runtime)
         return runtime, tag
     try:
         present = runtime.image_labels(tag) is not None
