@@ -167,7 +167,7 @@ class FakeCluster:
         self.rv = 100
         self.watchers: list[_Watcher] = []
         self.containers: dict[tuple[str, str], str] = {}  # pod key -> container id
-        self.calls: list[tuple[str, str]] = []  # (method, path) of every request, for tests
+        self.calls: list[tuple[str, str, dict[str, str]]] = []  # (method, path, query) of every request
         self.cluster_id = uuid.uuid4().hex[:8]
         self.loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -662,6 +662,23 @@ class FakeCluster:
                 self._bump("Pod", "MODIFIED", p)
         return job
 
+    async def evict(self, ns: str, name: str) -> None:
+        """What the Eviction API does to a pod (a test's hook: the runtime never evicts): the
+        `DisruptionTarget` condition (reason EvictionByEvictionAPI), then a graceful deletion
+        (https://kubernetes.io/docs/concepts/scheduling-eviction/api-eviction/)."""
+        pod = self.pods[(ns, name)]
+        pod["status"].setdefault("conditions", []).append(
+            {
+                "type": "DisruptionTarget",
+                "status": "True",
+                "reason": "EvictionByEvictionAPI",
+                "message": "Eviction API: evicting",
+                "lastTransitionTime": now_iso(),
+            }
+        )
+        self._bump("Pod", "MODIFIED", pod)
+        await self.delete_pod(ns, name, None)
+
     def cleanup(self) -> None:
         """Remove every container the fake created (tests call it at the end)."""
         for c in self.docker.api.containers(all=True, filters={"label": f"{OWNER_LABEL}={self.cluster_id}"}):
@@ -703,7 +720,7 @@ def make_app(cluster: FakeCluster) -> web.Application:
 
     @web.middleware
     async def record(request: web.Request, handler: Any) -> web.StreamResponse:
-        cluster.calls.append((request.method, request.path))
+        cluster.calls.append((request.method, request.path, dict(request.query)))
         try:
             response: web.StreamResponse = await handler(request)
             return response

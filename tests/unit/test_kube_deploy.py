@@ -97,7 +97,7 @@ def test_the_role_grants_exactly_what_the_runtime_calls() -> None:
                 granted.setdefault((group, resource), set()).update(rule["verbs"])
     assert granted == {
         ("batch", "jobs"): {"create", "get", "list", "watch", "delete"},
-        ("", "pods"): {"get", "list", "watch"},
+        ("", "pods"): {"get", "list", "watch", "delete"},
         ("", "pods/exec"): {"create", "get"},
         ("", "pods/log"): {"get"},
         ("", "events"): {"get", "list", "watch"},

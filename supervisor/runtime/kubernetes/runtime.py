@@ -385,14 +385,7 @@ class KubernetesRuntime:
         """
         end = time.monotonic() + max(0.0, timeout)
         while True:
-            job, pod, rv = self._observe(handle.id)
-            seen = self._seen_for(handle.id)
-            if job is None and pod is None and (seen.job is not None or seen.pod is not None):
-                # Deleted: report its last state (the watch's DELETED event carried the pod's).
-                job, pod = seen.job, seen.pod if states.is_terminal(seen.pod) else None
-                result = states.outcome(job, pod) or states.outcome(None, None)
-            else:
-                result = states.outcome(job, pod)
+            result, rv = self._outcome(handle.id)
             if result is not None:
                 return ExitInfo(
                     result.exit_code, oom_killed=result.oom_killed, error=result.detail, reason=result.reason
@@ -401,11 +394,18 @@ class KubernetesRuntime:
             if left <= 0:
                 return None
             self._watch_pods(handle.id, rv, left)
-            if time.monotonic() >= end:
-                job, pod, _rv = self._observe(handle.id)
-                result = states.outcome(job, pod)
-                if result is None:
-                    return None
+
+    def _outcome(self, name: str) -> tuple[states.Outcome | None, str]:
+        """The run's end now (None while it runs), from the API or, for what is deleted, from the
+        last state seen (a pod's DELETED watch event carries its terminated state)."""
+        job, pod, rv = self._observe(name)
+        seen = self._seen_for(name)
+        last_pod = seen.pod if states.is_terminal(seen.pod) else None
+        if job is None and pod is None:
+            if seen.job is None and seen.pod is None:
+                return states.outcome(None, None), rv
+            return states.outcome(seen.job, last_pod) or states.outcome(None, None), rv
+        return states.outcome(job, pod if pod is not None else last_pod), rv
 
     def stop(self, handle: SandboxHandle, grace: float) -> None:
         """SIGTERM to the sandbox's PID 1 (the kubelet's, on deletion), SIGKILL after `grace`.
@@ -490,6 +490,9 @@ class KubernetesRuntime:
                 state="removed",
                 labels=_labels(seen.job),
             )
+        if pod is None:
+            seen = self._seen_for(handle.id)
+            pod = seen.pod if states.is_terminal(seen.pod) else None
         return _facts(handle.id, job, pod)
 
     def list_owned(self, labels: Mapping[str, str]) -> list[SandboxFacts]:
