@@ -42,6 +42,7 @@ from .runtime.base import (
     LABEL_RUN,
     LABEL_SUPERVISOR,
     LABEL_WORKSPACE,
+    START_TIMEOUT_S,
     ExitInfo,
     Mount,
     Runtime,
@@ -931,6 +932,10 @@ class RunExecution:
         paths, mat, runtime, ctl = self.paths, self.mat, self.runtime, self.control
         assert paths is not None and mat is not None
         facts = await asyncio.to_thread(runtime.facts, handle)
+        # A sandbox created but never started (its supervisor died in between) is not started by
+        # anyone: past the start timeout it is a start failure, not a run to follow to its deadline.
+        start_by = time.monotonic() + START_TIMEOUT_S if facts.state == "created" else None
+        not_started: str | None = None
         mat.set_container(_container_section(facts))
         mat.set_run(state=RunState.RUNNING)
         verb = "following" if offset else "started"
@@ -982,6 +987,14 @@ class RunExecution:
                 await mat.write_status_async()
                 if ctl.detach.is_set() and stop_task is None:
                     raise Detached()
+                if start_by is not None and stop_task is None and time.monotonic() >= start_by:
+                    start_by = None
+                    if (await asyncio.to_thread(runtime.facts, handle)).state == "created":
+                        not_started = f"the sandbox was created but not started within {START_TIMEOUT_S:g}s"
+                        mat.log(not_started, "error")
+                        ctl.verdict = Verdict(Reason.START_FAILED, not_started)
+                        stopped_for = Reason.START_FAILED.value
+                        break
                 if stop_task is None:
                     if ctl.interrupt.is_set():
                         stopped_for = ctl.interrupt_reason
@@ -1014,7 +1027,10 @@ class RunExecution:
                         mat.log("the sandbox's engine is unreachable; giving the sandbox up", "error")
                         exit_task.cancel()
                         break
-            info = exit_task.result() if not exit_task.cancelled() else ExitInfo(-1, error="engine unreachable")
+            if exit_task.done() and not exit_task.cancelled():
+                info = exit_task.result()
+            else:
+                info = ExitInfo(-1, error=not_started or "engine unreachable")
         finally:
             watch.close()
             if not exit_task.done():

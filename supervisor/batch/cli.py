@@ -237,6 +237,7 @@ def cmd_run(argv: list[str]) -> int:
     from .reports import Ending
 
     if not todo and not orphans:
+        _sweep_disks(batch_dir)
         if prev is None or prev.get("fingerprint") != batch.fingerprint:
             runner.write_batch_json(prev, None, "none")
         done = len(runner.plan)
@@ -288,6 +289,21 @@ def cmd_run(argv: list[str]) -> int:
 
 class _Refused(Exception):
     pass
+
+
+def _sweep_disks(batch_dir: Path) -> None:
+    """Nothing is left to run, but a killed batch may have left run disks mounted: release them."""
+    if not (batch_dir / "runs" / "workspaces").is_dir():
+        return
+    from ..errors import ContainerRuntimeError
+    from ..runtime.docker import DockerRuntime
+    from .runner import sweep_disks
+
+    try:
+        sweep_disks(DockerRuntime(), batch_dir)
+    except ContainerRuntimeError as exc:
+        # (the reports come from items.jsonl and need no engine; the next run sweeps)
+        _err(f"massgen-run batch: run disks not swept, the container engine is unavailable: {exc}")
 
 
 def _dry_run(runner: Any, batch: Any, cost_bound: Any) -> int:

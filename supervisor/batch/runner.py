@@ -498,6 +498,16 @@ class BatchRunner:
             await asyncio.to_thread(reap_graders, runtime, self.grade_ctx.grader_label)
         self.image = image
 
+    async def sweep_disks(self) -> None:
+        """Release the run disks a killed batch process left mounted under this batch dir.
+
+        Whatever the backend: a disk whose owner process is alive (the daemon's, or this
+        process's adopted runs) or whose sandbox still exists is left alone.
+        """
+        runtime = self.grade_ctx.runtime if self.grade_ctx is not None else None
+        if runtime is not None:
+            await asyncio.to_thread(sweep_disks, runtime, self.dir)
+
     def _budget_root(self) -> Any:
         """The batch as an ancestor in the gateway's budget tree (embedded runs): calls are refused
         at the gateway once the batch is spent, seeded with what finished items spent."""
@@ -759,6 +769,7 @@ class BatchRunner:
         self.adoptable = (
             await self.backend.adopt(self.runs_root, [self.runs_root / i for i in orphans]) if orphans else set()
         )
+        await self.sweep_disks()
         queue = deque(it for it in self.todo() if it.id not in orphans)
         adopted = [(self.by_id[i], dirs) for i, dirs in orphans.items()]
         if self.batch.deadline_s is not None:
@@ -794,6 +805,13 @@ class BatchRunner:
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
         return Ending(self.stopping if self.stopping in ("interrupted", "deadline", "budget") else None)
+
+
+def sweep_disks(runtime: Any, batch_dir: Path) -> int:
+    """`reaper.reap_disks` over the batch's item runs (their workspaces are `runs/workspaces/`)."""
+    from ..reaper import reap_disks
+
+    return reap_disks(runtime, batch_dir / "runs" / "workspaces")
 
 
 def _replace(path: Path, text: str) -> None:

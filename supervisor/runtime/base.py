@@ -22,6 +22,9 @@ LABEL_DEADLINE = "io.massgen.deadline"  # unix time, seconds, as a decimal strin
 LABEL_LOG_DIR = "io.massgen.log-dir"
 LABEL_WORKSPACE = "io.massgen.workspace"
 
+# How long a sandbox may take to get running (image pull, scheduling) before it is a start failure.
+START_TIMEOUT_S = 120.0
+
 
 @dataclass(frozen=True)
 class Mount:
@@ -67,7 +70,7 @@ class SandboxSpec:
     tmpfs_mounts: tuple[Tmpfs, ...] = ()
     # Seconds the runtime may take to get the sandbox running (image pull, scheduling) before
     # start() fails with SandboxStartFailed; runtimes that start synchronously ignore it.
-    start_timeout: float = 120.0
+    start_timeout: float = START_TIMEOUT_S
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ class DockerRuntime:
             RuntimeCallFailed: the engine refused.
         """
         error: str | None = None
+        until = time.monotonic() + timeout
         if timeout > 0:
             try:
                 with self._engine("wait", handle.id):
@@ -277,6 +279,10 @@ class DockerRuntime:
         if state is None:
             return ExitInfo(_UNKNOWN_EXIT, error="sandbox vanished before it exited")
         if state.get("Running") or state.get("Status") in ("created", "restarting"):
+            if not state.get("Running"):
+                # The engine's wait returns at once for a container that is not running: hold
+                # the caller to its timeout, or its polling loop spins on the engine.
+                time.sleep(max(0.0, until - time.monotonic()))
             return None
         return ExitInfo(
             exit_code=int(state.get("ExitCode", _UNKNOWN_EXIT)),

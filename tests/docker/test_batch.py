@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import xmlschema
 
+from supervisor.diskquota import mount_points
 from supervisor.runtime.base import LABEL_SUPERVISOR
 from tests.cli_helpers import REPO, cli_env, load, massgen_run, parse_lines
 
@@ -187,6 +188,44 @@ def test_kill_9_then_resume_gives_identical_reports(reference: tuple[Path, Any],
     root = ET.parse(d / "junit.xml").getroot()
     assert (root.get("tests"), root.get("failures"), root.get("errors")) == ("60", "15", "0")
     assert runtime.list_owned({LABEL_SUPERVISOR: _supervisor_id(d)}) == []
+    assert _mounts_below(d) == []  # the killed batch's run disks were released, none left mounted
+
+
+def _mounts_below(d: Path) -> list[str]:
+    below = f"{d}/"
+    return sorted(m for m in mount_points() if m.startswith(below))
+
+
+def test_a_complete_batch_releases_run_disks_a_killed_batch_left(tmp_path: Path, agent_image: str) -> None:
+    """A run disk whose process died with it (the state a kill -9 leaves) in a batch dir with nothing
+    left to run: "already complete" still releases it (workspace copied back, unmounted, image gone)."""
+    spec = tmp_path / "batch.yaml"
+    spec.write_text(
+        "configs:\n  quick: '@examples/quickstart'\nquestions:\n  - {id: q1, question: 'What is 2+2?'}\n"
+        "assert:\n  - type: contains\n    value: '4'\n"
+    )
+    d = tmp_path / "batch"
+    args = [str(spec), "--batch-dir", str(d), "--automation", "--image", agent_image]
+    res = _batch(args, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = "log_20260101_000000_000000_dead01"
+    ws = d / "runs" / "workspaces" / run_id
+    log_dir = d / "runs" / "x" / run_id
+    made = (
+        "import sys; from pathlib import Path; from supervisor.diskquota import DiskUse, Mode, RunDisk\n"
+        "ws, log = Path(sys.argv[1]), Path(sys.argv[2]); (log / 'sandbox').mkdir(parents=True); ws.mkdir()\n"
+        "disk = RunDisk.create(ws.name, log, ws, log / 'sandbox', DiskUse(64 << 20, 4096), (10001, 10001))\n"
+        "assert disk.mode == Mode.MOUNT, disk.detail\n"
+        "(ws / 'kept.txt').write_text('kept')\n"  # the process exits without releasing it
+    )
+    subprocess.run([sys.executable, "-c", made, str(ws), str(log_dir)], cwd=REPO, env=cli_env(), check=True)
+    assert str(ws) in _mounts_below(d)
+    res = _batch(args, tmp_path)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "already complete" in res.stderr
+    assert _mounts_below(d) == []
+    assert (ws / "kept.txt").read_text() == "kept"  # given back as a plain folder
+    assert not (d / "runs" / "workspaces" / ".disks" / f"{run_id}.json").exists()
 
 
 @pytest.mark.timeout(300)

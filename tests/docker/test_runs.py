@@ -298,3 +298,45 @@ def test_sandbox_of_a_killed_cli_is_reaped_by_the_next_run(
     res = load(log_dir / "result.json")
     assert (res["exit_code"], res["reason"]) == (2, "supervisor_lost")
     assert load(log_dir / "status.json")["run"]["state"] == "finished"
+
+
+def test_a_sandbox_left_created_is_a_start_failure_after_the_start_timeout(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A container that is created but never started (as one whose supervisor died between the two):
+    the run ends start_failed once the start timeout passes, not at its deadline; the follower does
+    not spin on the engine meanwhile, and the container is removed."""
+    import docker.models.containers
+
+    import supervisor.lifecycle
+
+    cfg = write_config(
+        tmp_path,
+        """\
+        agents:
+          - id: a
+            backend: {type: scripted}
+        sandbox: {timeout_seconds: 120}
+        """,
+    )
+    monkeypatch.setattr(supervisor.lifecycle, "START_TIMEOUT_S", 3.0)
+    monkeypatch.setattr(docker.models.containers.Container, "start", lambda self, **kw: None)
+    waits: list[float] = []
+    real_wait = runtime.wait
+
+    def counted_wait(handle: object, timeout: float) -> object:
+        waits.append(timeout)
+        return real_wait(handle, timeout)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runtime, "wait", counted_wait)
+    req = RunRequest(
+        question="q", config_source=str(cfg), logs_root=tmp_path / "runs", sandbox="docker", image=agent_image
+    )
+    t0 = time.monotonic()
+    result = asyncio.run(RunExecution(req, runtime).run())
+    elapsed = time.monotonic() - t0
+    assert (result.exit_code, result.reason) == (2, "start_failed"), result
+    assert "created but not started within 3s" in (result.detail or "")
+    assert 3.0 <= elapsed < 60, elapsed  # the start timeout, far from the 120 s deadline
+    assert len(waits) <= elapsed / 2 + 3, f"{len(waits)} engine waits in {elapsed:.1f}s: the follower spun"
+    assert _no_container_for(runtime, result.run_id)
