@@ -38,8 +38,9 @@ def resolve_custom_tools(
     out = copy.deepcopy(raw)
     raw_agents = _raw_agents(out)
     for i, agent in enumerate(config.agents):
+        offered = {j for j, _ in agent.backend.custom_tool_specs()}  # exclude_custom_tools may leave some out
         for j, entry in enumerate(agent.backend.custom_tools):
-            if not entry.is_file or entry.path is None:
+            if not entry.is_file or entry.path is None or j not in offered:
                 continue
             key = f"agents.{i}.backend.custom_tools.{j}.path"
             p = Path(entry.path).expanduser()

@@ -5,20 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import json
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from ..backends import make_backend
-from ..backends.base import Backend
-from ..protocol.config import RunConfig
-from ..protocol.events import RunFinished
-from ..protocol.result import Reason, exit_code_for
-from ..protocol.spec import RunSpec
-from .clock import Clock, SystemClock
-from .orchestrator import Orchestrator, Outcome, TurnView
-from .outbox import EVENTS_FILE, EventWriter
+# Only the standard library at import time: `run_spec_file` starts the agents' MCP servers
+# before the engine's own imports (config models, backends, orchestrator), so they overlap.
+from ..launch import ServerKey, ServerProcess, minimal_env, prestart, stop_all
+
+if TYPE_CHECKING:
+    from ..backends.base import Backend
+    from ..protocol.spec import RunSpec
+    from .clock import Clock
+    from .orchestrator import Outcome
+    from .outbox import EventWriter
 
 ENGINE_DEADLINE_MARGIN_S = 0.5
 PEERS_DIR = ".peers"
@@ -64,13 +67,25 @@ def startup_done() -> None:
         gc.enable()
 
 
-async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = None) -> Outcome:
+async def run_engine(
+    spec: RunSpec,
+    writer: EventWriter,
+    clock: Clock | None = None,
+    *,
+    prestarted: dict[ServerKey, ServerProcess] | None = None,
+) -> Outcome:
+    """Run one spec to its outcome. `prestarted`: MCP servers `launch.prestart` started from it."""
+    from ..backends import make_backend
+    from ..protocol.config import RunConfig
+    from ..protocol.result import Reason, exit_code_for
     from ..tools import ToolBox  # imported here: keeps `massgen-run --help` light
-    from ..tools.shell import minimal_env
+    from .clock import SystemClock
+    from .orchestrator import Orchestrator, Outcome, TurnView
     from .tooling import AgentTools, ToolSetupError
 
     clock = clock or SystemClock()
-    config = RunConfig.model_validate(spec.config)
+    config = RunConfig.model_validate(spec.config)  # on failure the caller stops `prestarted`
+    extra = AgentTools(prestarted)
     workspace = Path(spec.workspace)
     contexts = [(Path(p), False) for p in spec.context_paths]
     orch: Orchestrator | None = None
@@ -89,7 +104,6 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
     def snapshot_for_peers(agent_id: str, anon: str) -> None:
         snapshot_workspace(workspaces[agent_id], peers_dir / anon)
 
-    extra = AgentTools()
     try:
         if any(a.backend.custom_tools or a.backend.mcp_servers for a in config.agents):
             # The shell's timeout and output cap apply to every tool.
@@ -106,7 +120,11 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
             except ToolSetupError as exc:
                 writer.log(f"tool setup failed: {exc}", "error")
                 return Outcome(exit_code_for(Reason.TOOL_UNAVAILABLE), Reason.TOOL_UNAVAILABLE, str(exc)[:2000])
-            writer.log(f"custom tools and MCP servers ready in {extra.startup_s:.2f}s")
+            early = ""
+            if extra.servers:
+                early = f" ({extra.servers_prestarted} of {extra.servers} MCP servers started early)"
+            writer.log(f"custom tools and MCP servers ready in {extra.startup_s:.2f}s{early}")
+        extra.stop_unadopted()
         for agent in config.agents:
             ws = workspaces[agent.id]
             tools[agent.id] = ToolBox(  # default env: an allowlist, never secrets
@@ -143,20 +161,40 @@ async def run_engine(spec: RunSpec, writer: EventWriter, clock: Clock | None = N
         )
         return await orch.run()
     finally:
-        # Servers and spare workers stop with the run; closing must not mask its outcome.
-        await extra.aclose()
-        for b in backends.values():
+        # Servers and spare workers stop with the run, all at once (a server's own exit after
+        # its stdin closes is most of the cost); closing must not mask the run's outcome.
+        async def close_backend(b: Backend) -> None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(b.aclose(), 5)
 
+        await asyncio.gather(extra.aclose(), *(close_backend(b) for b in backends.values()))
+
 
 def run_spec_file(spec_path: Path) -> int:
-    """Run the spec at `spec_path`; returns the process exit code (0-4)."""
-    spec = RunSpec.model_validate_json(spec_path.read_bytes())
-    writer = EventWriter(Path(spec.outbox) / EVENTS_FILE)
-    outcome: Outcome
+    """Run the spec at `spec_path`; returns the process exit code (0-4).
+
+    Raises:
+        ValueError: the spec is not valid JSON or not a valid RunSpec (no outbox to report to).
+    """
+    raw: Any = json.loads(spec_path.read_bytes())
+    opened: list[EventWriter] = []
 
     async def main() -> Outcome:
+        # First the agents' MCP servers (they boot on another core meanwhile), then the imports.
+        early = await prestart(raw, minimal_env()) if isinstance(raw, dict) else {}
+        try:
+            from ..protocol.spec import RunSpec
+            from .outbox import EVENTS_FILE, EventWriter
+
+            spec = RunSpec.model_validate(raw)
+            writer = EventWriter(Path(spec.outbox) / EVENTS_FILE)
+        except BaseException:
+            stop_all(early)
+            raise
+        opened.append(writer)
+        from ..protocol.result import Reason, exit_code_for
+        from .orchestrator import Outcome
+
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
@@ -171,18 +209,28 @@ def run_spec_file(spec_path: Path) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
         try:
-            return await run_engine(spec, writer)
+            return await run_engine(spec, writer, prestarted=early)
         except asyncio.CancelledError:
             signame = interrupted[0] if interrupted else "cancel"
             writer.log(f"interrupted by {signame}", "warning")
             return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {signame}")
+        finally:
+            stop_all(early)  # if run_engine never took them
 
     try:
         outcome = asyncio.run(main())
-    except Exception as exc:  # noqa: BLE001 - the engine must always end with a run_finished event
+    except Exception as exc:  # the engine must always end with a run_finished event
+        if not opened:
+            raise
+        from ..protocol.result import Reason, exit_code_for
+        from .orchestrator import Outcome
+
         outcome = Outcome(
             exit_code_for(Reason.AGENT_FAILED), Reason.AGENT_FAILED, f"engine error: {type(exc).__name__}: {exc}"
         )
+    from ..protocol.events import RunFinished
+
+    writer = opened[0]
     writer.emit(RunFinished, exit_code=outcome.exit_code, reason=str(outcome.reason), detail=outcome.detail[:2000])
     writer.close()
     return outcome.exit_code

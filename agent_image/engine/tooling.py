@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+from ..launch import ServerKey, ServerProcess, stop_all
 from ..protocol.config import AgentConfig
 from ..protocol.tools_config import CustomToolSpec
 from ..tools.custom import CustomTools, ToolSetupError, describe_tools
@@ -38,31 +39,33 @@ def check_custom_paths(agent: AgentConfig, contexts: Sequence[Path]) -> list[Cus
         ToolSetupError: a file outside every context path (or missing).
     """
     specs: list[CustomToolSpec] = []
-    for entry in agent.backend.custom_tools:
-        for spec in entry.specs():
-            if spec.path is not None:
-                p = Path(spec.path)
-                where = f"custom tool {spec.tool} of agent {agent.id}"
-                if not p.is_absolute() or not _inside(Path(p), contexts):
-                    listed = ", ".join(map(str, contexts)) or "none"
-                    raise ToolSetupError(
-                        where,
-                        f"path {spec.path} is outside every orchestrator.context_paths entry ({listed}); "
-                        "add its folder as a context path",
-                    )
-                if not p.is_file():
-                    raise ToolSetupError(where, f"path {spec.path} is not a file in the sandbox")
-            specs.append(spec)
+    for _, spec in agent.backend.custom_tool_specs():  # without those exclude_custom_tools names
+        if spec.path is not None:
+            p = Path(spec.path)
+            where = f"custom tool {spec.tool} of agent {agent.id}"
+            if not p.is_absolute() or not _inside(Path(p), contexts):
+                listed = ", ".join(map(str, contexts)) or "none"
+                raise ToolSetupError(
+                    where,
+                    f"path {spec.path} is outside every orchestrator.context_paths entry ({listed}); "
+                    "add its folder as a context path",
+                )
+            if not p.is_file():
+                raise ToolSetupError(where, f"path {spec.path} is not a file in the sandbox")
+        specs.append(spec)
     return specs
 
 
 class AgentTools:
     """Everything one run opened for its agents' tools; `aclose` stops it all (bounded)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prestarted: dict[ServerKey, ServerProcess] | None = None) -> None:
         self.by_agent: dict[str, list[ExtraTools]] = {}
         self._open: list[_Closable] = []
         self.startup_s = 0.0
+        self.servers = 0
+        self.servers_prestarted = 0
+        self._prestarted = prestarted if prestarted is not None else {}  # servers started from the raw spec
 
     async def open(
         self,
@@ -115,10 +118,12 @@ class AgentTools:
                     call_timeout=timeout,
                     max_output_bytes=max_output_bytes,
                     exclude_tools=cfg.exclude_tools,
+                    prestarted=self._prestarted.pop((agent.id, s.name), None),
                 )
                 for s in cfg.mcp_servers
             ]
             mcp = McpTools(servers)
+            self.servers += len(servers)
             self._open.append(mcp)
             start = asyncio.ensure_future(mcp.start(max(SETUP_TIMEOUT_S, timeout)))
         else:
@@ -140,12 +145,22 @@ class AgentTools:
         if start is not None:
             start.result()  # raises the server's ToolSetupError
             extras.append(mcp)
+            self.servers_prestarted += sum(s.prestarted for s in mcp.servers)
+
+    def stop_unadopted(self) -> None:
+        """Kill the prestarted servers no agent took (the config named them otherwise)."""
+        stop_all(self._prestarted)
 
     async def aclose(self) -> None:
+        """Stop every source at once (bounded), and any prestarted server that was never adopted."""
+        stop_all(self._prestarted)
         opened, self._open = self._open, []
-        for source in opened:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(source.aclose(), 10)
+        await asyncio.gather(*(_close(source) for source in opened))
+
+
+async def _close(source: _Closable) -> None:
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(source.aclose(), 10)
 
 
 __all__ = ["AgentTools", "ToolSetupError", "check_custom_paths"]

@@ -18,7 +18,14 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from .tools_config import CustomToolEntry, McpServerConfig, check_tool_keys, normalize_mcp_servers
+from .tools_config import (
+    CustomToolEntry,
+    CustomToolSpec,
+    McpServerConfig,
+    check_tool_keys,
+    excluded_custom_tool,
+    normalize_mcp_servers,
+)
 
 # Dots are allowed after the first letter (MassGen ids such as `gemini2.5flash`); the leading
 # letter keeps `.` and `..` out, since ids are path components (final/<id>/, agents/<id>/).
@@ -150,6 +157,7 @@ class BackendConfig(_Strict):
     mcp_servers: list[McpServerConfig] = Field(default_factory=list)
     exclude_tools: list[str] = Field(default_factory=list)  # merged with each server's own
     auto_discover_custom_tools: bool = False
+    # MassGen's names of tool files/folders to leave out (`excluded_custom_tool`).
     exclude_custom_tools: list[str] = Field(default_factory=list)
 
     @field_validator("mcp_servers", mode="before")
@@ -162,10 +170,22 @@ class BackendConfig(_Strict):
     def _no_discovery(cls, v: bool) -> bool:
         if v:
             raise ValueError(
-                "auto_discover_custom_tools loads MassGen's own tool directory and registry MCP servers, "
-                "which are not in the sandbox (and need the network); list your tools under custom_tools"
+                "auto_discover_custom_tools loads tools from the host's MassGen installation (its massgen/tool/ "
+                "folder) and adds MassGen's registry MCP servers (context7; brave_search and exa_search when "
+                "their host API keys are set), downloaded or reached over the network; none of that is in the sandbox. "
+                "List the tools you want under custom_tools (their files in a context path), and run MCP "
+                "servers from sandbox.image as stdio servers"
             )
         return v
+
+    def custom_tool_specs(self) -> list[tuple[int, CustomToolSpec]]:
+        """Every configured custom tool `exclude_custom_tools` leaves, with its `custom_tools` index."""
+        return [
+            (j, spec)
+            for j, entry in enumerate(self.custom_tools)
+            for spec in entry.specs()
+            if not excluded_custom_tool(spec, self.exclude_custom_tools)
+        ]
 
     @field_validator("command_line_allowed_commands", "command_line_blocked_commands")
     @classmethod

@@ -10,6 +10,8 @@ MassGen too: `custom_tool__<name>` and `mcp__<server>__<tool>`.
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
+from pathlib import PurePosixPath
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -131,6 +133,21 @@ class CustomToolEntry(_Strict):
             )
             for i, f in enumerate(functions)
         ]
+
+
+def excluded_custom_tool(spec: CustomToolSpec, names: Collection[str]) -> bool:
+    """Whether MassGen's `exclude_custom_tools` leaves this tool out.
+
+    MassGen skips every file or folder so named when it copies a custom-tools directory for its
+    code-based tools (`_computer_use`, `_browser_automation`, at any depth). Here the configured
+    `custom_tools` are the one source, so the same names apply to each tool's path: a tool whose
+    file (or module) lies under an excluded name is not offered, nor imported. A tool's own name
+    (with or without `custom_tool__`) or function name excludes just that function.
+    """
+    if not names:
+        return False
+    where = PurePosixPath(spec.path).parts if spec.path is not None else tuple((spec.module or "").split("."))
+    return bool(set(names) & {*where, spec.tool, spec.tool.removeprefix(CUSTOM_PREFIX), spec.function})
 
 
 def is_file_path(path: str) -> bool:

@@ -15,59 +15,70 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import logging
 import os
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 from urllib.parse import urlsplit
 
 from agent_image.backends.base import ToolSpec
-from agent_image.protocol.tools_config import ENV_REF_RE, TOOL_NAME_RE, McpServerConfig, mcp_tool_name
+from agent_image.launch import Launch, ServerProcess, TailSink, expand, signal_group, spawn
+from agent_image.protocol.tools_config import TOOL_NAME_RE, McpServerConfig, mcp_tool_name
 from agent_image.tools.custom import CallOutcome, ToolSetupError
 
 logger = logging.getLogger(__name__)
 
-STDERR_TAIL_BYTES = 4000
 STOP_TIMEOUT_S = 5.0  # for the session to end
 STOP_GRACE_S = 2.0  # per step of closing stdin, SIGTERM, SIGKILL
-MAX_MESSAGE_BYTES = 32 << 20  # one JSON-RPC line from a server
 IMAGE_HINT = (
     "install it in an image built FROM the agent image and set sandbox.image "
     "(see docs/tools.md, 'Adding tools to the image')"
 )
 
 
-class _TailSink(asyncio.Protocol):
-    """Keeps the last bytes of the server's stderr; EOF means the server (and its children) are gone."""
+def client_sdk() -> SimpleNamespace:
+    """The `mcp` SDK's client side: `ClientSession`, `types`, `SessionMessage`.
 
-    def __init__(self, closed: asyncio.Event) -> None:
-        self.buf = bytearray()
-        self.closed = closed
+    `mcp/__init__.py` imports the server side too (FastMCP, uvicorn, starlette, jsonschema:
+    about two thirds of the SDK's import time, none of it used by a client). So the package
+    module is registered without running its `__init__` and the client's submodules are
+    imported under it; the first lookup of a name only `__init__` defines (`mcp.FastMCP`,
+    `from mcp import ClientSession`) runs it then, so the package stays complete for anyone
+    else. If any of that fails, the plain import is used.
+    """
+    if "mcp" not in sys.modules:
+        spec = importlib.util.find_spec("mcp")
+        if spec is not None and spec.loader is not None and spec.submodule_search_locations is not None:
+            pkg = importlib.util.module_from_spec(spec)
+            loader = spec.loader
 
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if len(self.buf) > 2 * STDERR_TAIL_BYTES:
-            del self.buf[: len(self.buf) - STDERR_TAIL_BYTES]
+            def finish(name: str) -> Any:
+                del pkg.__dict__["__getattr__"]
+                loader.exec_module(pkg)  # the real __init__, over the submodules already loaded
+                return getattr(pkg, name)
 
-    def eof_received(self) -> bool:
-        return False
+            pkg.__dict__["__getattr__"] = finish
+            sys.modules["mcp"] = pkg
+            try:
+                importlib.import_module("mcp.types")
+                importlib.import_module("mcp.shared.message")
+                importlib.import_module("mcp.client.session")
+            except Exception:  # noqa: BLE001 - an SDK laid out otherwise: import it whole
+                for name in [n for n in sys.modules if n == "mcp" or n.startswith("mcp.")]:
+                    del sys.modules[name]
+    import mcp.types
+    from mcp.client.session import ClientSession
+    from mcp.shared.message import SessionMessage
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed.set()
-
-    def tail(self) -> str:
-        text = self.buf[-STDERR_TAIL_BYTES:].decode("utf-8", "replace").strip()
-        return " | ".join(line for line in text.splitlines() if line.strip())[-1500:]
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)
+    return SimpleNamespace(ClientSession=ClientSession, types=mcp.types, SessionMessage=SessionMessage)
 
 
 @contextlib.asynccontextmanager
@@ -78,8 +89,9 @@ async def _stdio_streams(proc: asyncio.subprocess.Process) -> AsyncIterator[tupl
     SDK is imported, and so the engine knows its pid and exit (and kills its whole group).
     """
     import anyio
-    from mcp import types
-    from mcp.shared.message import SessionMessage
+
+    sdk = client_sdk()
+    types, SessionMessage = sdk.types, sdk.SessionMessage
 
     assert proc.stdout is not None and proc.stdin is not None
     stdout, stdin = proc.stdout, proc.stdin
@@ -123,10 +135,6 @@ async def _stdio_streams(proc: asyncio.subprocess.Process) -> AsyncIterator[tupl
             tg.cancel_scope.cancel()
 
 
-def _expand(value: str, workspace: Path) -> str:
-    return ENV_REF_RE.sub(lambda m: str(workspace) if m.group(1) == "cwd" else m.group(0), value)
-
-
 def _render(result: Any) -> tuple[str, bool]:
     """The model's text for a CallToolResult, and whether the server flagged an error."""
     parts: list[str] = []
@@ -166,6 +174,7 @@ class McpServer:
         call_timeout: float,
         max_output_bytes: int,
         exclude_tools: Sequence[str] = (),
+        prestarted: ServerProcess | None = None,
     ) -> None:
         self.config = config
         self.agent = agent
@@ -180,9 +189,10 @@ class McpServer:
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
         self._stop = asyncio.Event()
-        self._stderr_closed = asyncio.Event()
-        self._stderr: _TailSink | None = None
-        self._stderr_transport: asyncio.ReadTransport | None = None
+        self._prestarted = prestarted  # started from the raw spec; adopted if it is this very launch
+        self._server: ServerProcess | None = None
+        self.prestarted = False  # whether start() adopted the prestarted process
+        self._stderr: TailSink | None = None
         self._error: BaseException | None = None
         self._dead_reason: str | None = None
         self._proc: asyncio.subprocess.Process | None = None
@@ -216,43 +226,40 @@ class McpServer:
                 within `timeout`; the message names the server and the command.
         """
         cfg = self.config
-        command = _expand(cfg.command or "", self.workspace)
+        command = expand(cfg.command or "", self.workspace)
         path = self.env.get("PATH", os.defpath)
-        if shutil.which(command, path=path) is None:
-            raise ToolSetupError(
-                f"MCP server {self.name!r} of agent {self.agent}",
-                f"command {command!r} not found in the sandbox image (PATH={path}); {IMAGE_HINT}",
-            )
-        cwd = Path(_expand(cfg.cwd, self.workspace)) if cfg.cwd else self.workspace
-        if not cwd.is_dir():
-            raise ToolSetupError(f"MCP server {self.name!r} of agent {self.agent}", f"cwd {cwd} is not a directory")
-        env = {**self.env, **{k: _expand(v, self.workspace) for k, v in cfg.env.items()}}
-        args = [_expand(a, self.workspace) for a in cfg.args]
-        loop = asyncio.get_running_loop()
-        read_fd, write_fd = os.pipe()
-        sink = self._stderr = _TailSink(self._stderr_closed)
-        pipe = open(read_fd, "rb", buffering=0)  # noqa: SIM115, ASYNC230 - wraps a pipe fd (no I/O); the transport closes it
-        self._stderr_transport, _ = await loop.connect_read_pipe(lambda: sink, pipe)
-        stdio = cfg.type == "stdio"
+        early, self._prestarted = self._prestarted, None
         try:
-            # The server starts before the SDK is imported (~0.5 s of CPU): its own start-up,
-            # usually the SDK's server side, runs on another core meanwhile.
-            self._proc = await asyncio.create_subprocess_exec(
-                command,
-                *args,
-                stdin=asyncio.subprocess.PIPE if stdio else asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE if stdio else write_fd,
-                stderr=write_fd,
-                cwd=cwd,
-                env=env,
-                start_new_session=True,
-                limit=MAX_MESSAGE_BYTES,
-            )
-        except OSError as exc:
-            await self.aclose()
-            raise self._setup_error(f"could not start {self.command_line!r}: {exc}") from None
-        finally:
-            os.close(write_fd)  # the server holds its own copy; EOF on ours means it is gone
+            if shutil.which(command, path=path) is None:
+                raise ToolSetupError(
+                    f"MCP server {self.name!r} of agent {self.agent}",
+                    f"command {command!r} not found in the sandbox image (PATH={path}); {IMAGE_HINT}",
+                )
+            cwd = Path(expand(cfg.cwd, self.workspace)) if cfg.cwd else self.workspace
+            if not cwd.is_dir():
+                raise ToolSetupError(f"MCP server {self.name!r} of agent {self.agent}", f"cwd {cwd} is not a directory")
+        except ToolSetupError:
+            if early is not None:
+                early.kill()
+            raise
+        launch = Launch(
+            argv=(command, *(expand(a, self.workspace) for a in cfg.args)),
+            cwd=str(cwd),
+            env={**self.env, **{k: expand(v, self.workspace) for k, v in cfg.env.items()}},
+            stdio=cfg.type == "stdio",
+        )
+        if early is not None and early.launch == launch:
+            server = early  # started before the engine's imports, so it has been booting meanwhile
+            self.prestarted = True
+        else:
+            if early is not None:
+                early.kill()
+            try:
+                # Started before the SDK is imported: the server's own start-up runs meanwhile.
+                server = await spawn(launch)
+            except OSError as exc:
+                raise self._setup_error(f"could not start {self.command_line!r}: {exc}") from None
+        self._server, self._proc, self._stderr = server, server.proc, server.sink
         self._waiter = asyncio.create_task(self._proc.wait(), name=f"mcp-wait-{self.agent}-{self.name}")
         self._task = asyncio.create_task(self._own(), name=f"mcp-{self.agent}-{self.name}")
         try:
@@ -273,7 +280,7 @@ class McpServer:
             raise self._setup_error(f"failed to start ({detail}; command: {self.command_line})")
 
     async def _own(self) -> None:
-        from mcp import ClientSession  # imported here: only runs with MCP servers pay for it
+        ClientSession = client_sdk().ClientSession  # imported here: only runs with servers pay for it
 
         assert self._proc is not None
         try:
@@ -437,17 +444,20 @@ class McpServer:
                 proc.stdin.close()  # MCP's stdio shutdown: close its input, let it leave
             for sig, wait_s in ((None, STOP_GRACE_S), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, STOP_GRACE_S)):
                 if sig is not None:
-                    _signal_group(proc.pid, sig)  # the whole group: servers that spawned helpers
+                    signal_group(proc.pid, sig)  # the whole group: servers that spawned helpers
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait_s):
                         await proc.wait()
                 if proc.returncode is not None:
                     break
-            _signal_group(proc.pid, signal.SIGKILL)  # helpers the server left behind
+            signal_group(proc.pid, signal.SIGKILL)  # helpers the server left behind
         if self._waiter is not None and not self._waiter.done():
             self._waiter.cancel()
-        if self._stderr_transport is not None:
-            self._stderr_transport.close()
+        if self._server is not None:
+            self._server.close_stderr()
+        if self._prestarted is not None:  # closed before start() (another server failed first)
+            self._prestarted.kill()
+            self._prestarted = None
 
 
 def _explain(exc: BaseException) -> str:

@@ -12,25 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-# Variables a shell needs to behave normally. Everything else in the agent's environment
-# (API tokens, gateway settings, the engine's own knobs) stays out of model-driven commands.
-_ENV_KEEP = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "TERM", "LANG", "LANGUAGE", "TZ", "TMPDIR"})
-# LC_* for locale; MASSGEN_* so `massgen-run` inside the sandbox finds its supervisor socket.
-_ENV_KEEP_PREFIXES = ("LC_", "MASSGEN_")
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The allow-listed environment commands run with; defined in `launch` (standard library only),
+# which starts MCP servers with it before the engine's own imports.
+from agent_image.launch import minimal_env as minimal_env
 
 LINGERING_NOTE = (
     "[toolbox] background processes still hold stdout/stderr after the command exited; "
     "their later output is not captured (redirect it to a file)"
 )
-
-
-def minimal_env(source: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The allow-listed subset of `source` (default `os.environ`) that commands run with."""
-    source = os.environ if source is None else source
-    env = {k: v for k, v in source.items() if k in _ENV_KEEP or k.startswith(_ENV_KEEP_PREFIXES)}
-    env.setdefault("PATH", _DEFAULT_PATH)
-    return env
 
 
 @dataclass(frozen=True)

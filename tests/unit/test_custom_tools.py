@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from agent_image.engine.tooling import check_custom_paths
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.events import ToolCalled
 from agent_image.protocol.reducer import reduce_events
@@ -141,8 +142,42 @@ def test_module_path_is_a_module_and_auto_discovery_is_refused() -> None:
     e = CustomToolEntry(path="mytools.math", function="add")
     assert e.specs()[0].module == "mytools.math" and e.specs()[0].path is None
     raw = {"agents": [{"id": "a", "backend": {"type": "scripted", "auto_discover_custom_tools": True}}]}
-    with pytest.raises(ValidationError, match="not in the sandbox"):
+    with pytest.raises(
+        ValidationError, match=r"host.s MassGen installation.*registry MCP servers.*none of that is in the sandbox"
+    ):
         RunConfig.model_validate(raw)
+
+
+def test_exclude_custom_tools_leaves_out_files_under_a_name_and_named_tools(tmp_path: Path) -> None:
+    """MassGen's exclude_custom_tools: a folder or file name anywhere in a tool's path, or a tool/function name.
+
+    Excluded tools are neither checked nor imported: one outside every context path is no error.
+    """
+    ctx = tmp_path / "ctx"
+    (ctx / "_computer_use").mkdir(parents=True)
+    (ctx / "_computer_use" / "cu.py").write_text("def click() -> str:\n    return 'x'\n")
+    (ctx / "keep.py").write_text("def a() -> str:\n    return 'a'\n\ndef b() -> str:\n    return 'b'\n")
+    backend = {
+        "type": "scripted",
+        "custom_tools": [
+            {"path": str(ctx / "_computer_use" / "cu.py"), "function": "click"},
+            {"path": str(ctx / "keep.py"), "function": ["a", "b"], "name": ["alpha", "beta"]},
+            {"path": "/outside/nowhere.py", "function": "far"},
+            {"path": "pkg._browser_automation.tools", "function": "browse"},
+        ],
+        "exclude_custom_tools": ["_computer_use", "custom_tool__beta", "nowhere.py", "_browser_automation"],
+    }
+    agent = RunConfig.model_validate({"agents": [{"id": "a", "backend": backend}]}).agents[0]
+    assert [(j, s.tool) for j, s in agent.backend.custom_tool_specs()] == [(1, "custom_tool__alpha")]
+    assert [s.tool for s in check_custom_paths(agent, [ctx])] == ["custom_tool__alpha"]
+    by_function = {**backend, "exclude_custom_tools": ["b", "far", "browse", "click"]}
+    agent = RunConfig.model_validate({"agents": [{"id": "a", "backend": by_function}]}).agents[0]
+    assert [s.tool for s in check_custom_paths(agent, [ctx])] == ["custom_tool__alpha"]
+    # Without the exclusions the outside file is the usual error, naming it.
+    plain = {**backend, "exclude_custom_tools": []}
+    agent = RunConfig.model_validate({"agents": [{"id": "a", "backend": plain}]}).agents[0]
+    with pytest.raises(ToolSetupError, match=r"/outside/nowhere\.py is outside every"):
+        check_custom_paths(agent, [ctx])
 
 
 def test_duplicate_tool_names_are_refused() -> None:

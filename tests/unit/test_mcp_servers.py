@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from agent_image import launch
 from agent_image.protocol.config import RunConfig
 from agent_image.protocol.tools_config import McpServerConfig
 from agent_image.tools.custom import ToolSetupError
@@ -240,3 +243,122 @@ def test_mapping_form_of_mcp_servers_is_accepted() -> None:
     }
     cfg = RunConfig.model_validate(raw)
     assert cfg.agents[0].backend.mcp_servers[0].name == "pw"
+
+
+def _raw_spec(ws: Path, backend: dict[str, Any], agent: str = "a") -> dict[str, Any]:
+    return {"config": {"agents": [{"id": agent, "backend": backend}]}, "workspace": str(ws)}
+
+
+def test_plan_reads_servers_from_the_raw_spec_as_the_engine_starts_them(tmp_path: Path) -> None:
+    """launch.plan: list and mapping forms, ${cwd} -> the agent's workspace; odd or missing commands are left out."""
+    env = minimal_env()
+    backend = {
+        "type": "scripted",
+        "mcp_servers": [
+            {"name": "one", "command": sys.executable, "args": ["-c", "pass", "${cwd}/x"], "env": {"W": "${cwd}"}},
+            {"name": "gone", "command": "no-such-command-here"},
+            {"name": "odd", "command": sys.executable, "args": [1, 2]},
+            {"name": "web", "type": "streamable-http", "command": sys.executable, "url": "http://127.0.0.1:1/mcp"},
+        ],
+    }
+    plan = launch.plan(_raw_spec(tmp_path, backend), env)
+    assert sorted(plan) == [("a", "one"), ("a", "web")]
+    one = plan[("a", "one")]
+    assert one.argv == (sys.executable, "-c", "pass", f"{tmp_path}/a/x")
+    assert one.cwd == str(tmp_path / "a") and one.env["W"] == str(tmp_path / "a") and one.stdio
+    assert not plan[("a", "web")].stdio
+    mapping = {"type": "scripted", "mcp_servers": {"m": {"command": sys.executable}}}
+    assert list(launch.plan({"config": {"agent": {"id": "b", "backend": mapping}}, "workspace": "/w"}, env)) == [
+        ("b", "m")
+    ]
+    assert launch.plan({"config": "nonsense"}, env) == {}
+
+
+def test_a_prestarted_server_is_adopted_and_another_launch_is_stopped(server_file: Path, tmp_path: Path) -> None:
+    """The engine takes a prestarted process only when it is exactly the launch it would make; else it kills it."""
+    ws = tmp_path / "a"
+
+    async def go() -> tuple[bool, int, int, str, bool, int]:
+        backend = {
+            "type": "scripted",
+            "mcp_servers": [{"name": "probe", "command": sys.executable, "args": [str(server_file)]}],
+        }
+        early = await launch.prestart(_raw_spec(tmp_path, backend), minimal_env())
+        same = early.pop(("a", "probe"))
+        s = _server(server_file, ws)
+        s._prestarted = same  # as AgentTools hands it over
+        await s.start(30)
+        info = await s.call("mcp__probe__info", {})
+        await s.aclose()
+        # A different launch (other args): the prestarted process is killed and the engine starts its own.
+        moved = {"name": "probe", "command": sys.executable, "args": [str(server_file), "--x"]}
+        other = await launch.prestart(_raw_spec(tmp_path, {**backend, "mcp_servers": [moved]}), minimal_env())
+        stale = other.pop(("a", "probe"))
+        t = _server(server_file, ws)
+        t._prestarted = stale
+        await t.start(30)
+        info2 = await t.call("mcp__probe__info", {})
+        await t.aclose()
+        code = await asyncio.wait_for(stale.proc.wait(), 5)
+        return (
+            s.prestarted,
+            same.proc.pid,
+            int(info.content.split()[0].split("=")[1]),
+            info2.content,
+            t.prestarted,
+            code,
+        )
+
+    adopted, early_pid, served_pid, info2, adopted2, code = asyncio.run(go())
+    assert adopted and served_pid == early_pid
+    assert not adopted2 and f"pid={early_pid}" not in info2 and code == -9
+
+
+def test_the_client_sdk_loads_without_the_server_side(tmp_path: Path) -> None:
+    """client_sdk() imports the client without FastMCP/uvicorn/starlette; `mcp`'s own names still resolve later."""
+    code = textwrap.dedent("""
+        import sys
+        from agent_image.tools.mcp_servers import client_sdk
+        sdk = client_sdk()
+        heavy = sorted(m for m in ("uvicorn", "starlette", "mcp.server", "mcp.server.fastmcp") if m in sys.modules)
+        print("heavy", heavy)
+        import mcp
+        from mcp import ClientSession, stdio_client
+        assert ClientSession is sdk.ClientSession and mcp.types is sdk.types and callable(stdio_client)
+        print("complete", "mcp.server.fastmcp" in sys.modules)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["heavy []", "complete True"]
+
+
+def test_the_engine_process_starts_servers_before_its_imports(server_file: Path, tmp_path: Path) -> None:
+    """`python -m agent_image run-spec` (host process): the server is started early, adopted, used; the run exits 0."""
+    outbox, ws = tmp_path / "outbox", tmp_path / "ws"
+    outbox.mkdir()
+    backend = {
+        "type": "scripted",
+        "steps": [
+            {"raw_tool_calls": [{"name": "mcp__probe__add", "arguments": {"x": 1, "y": 2}}]},
+            {"answer": "3"},
+            {"vote": "auto"},
+        ],
+        "mcp_servers": [{"name": "probe", "command": sys.executable, "args": [str(server_file)]}],
+    }
+    spec = {**_raw_spec(ws, backend), "run_id": "r", "question": "Q", "outbox": str(outbox)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    repo = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    p = subprocess.run(
+        [sys.executable, "-m", "agent_image", "run-spec", str(tmp_path / "spec.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    events = [json.loads(line) for line in (outbox / "events.jsonl").read_text().splitlines()]
+    assert p.returncode == 0, (p.stdout, p.stderr, events[-1])
+    logs = [e["message"] for e in events if e["type"] == "log"]
+    assert any("(1 of 1 MCP servers started early)" in m for m in logs), logs
+    calls = [e for e in events if e["type"] == "tool_called" and e["tool"] == "mcp__probe__add"]
+    assert len(calls) == 1 and calls[0]["ok"] and calls[0]["kind"] == "mcp", calls
