@@ -311,6 +311,38 @@ def test_custom_tool_outside_every_context_path_is_refused(agent_image: str, ctx
     assert load(f["STATUS_FILE"])["container"] is None
 
 
+def test_the_human_live_view_shows_custom_and_mcp_calls(agent_image: str, ctx: Path, tmp_path: Path) -> None:
+    """Without --automation each custom and MCP call is a live line; exclude_custom_tools removes `boom` for real."""
+    config = textwrap.dedent(f"""\
+        agents:
+          - id: sc
+            backend:
+              type: scripted
+              steps:
+                - raw_tool_calls:
+                    - {{name: custom_tool__probe, arguments: {{label: live}}}}
+                    - {{name: mcp__probe__where, arguments: {{label: live}}}}
+                    - {{name: custom_tool__boom, arguments: {{}}}}
+                - answer: "done"
+                - vote: auto
+              custom_tools:
+                - {{path: {ctx}/tools.py, function: [probe, boom]}}
+              exclude_custom_tools: [boom]
+              mcp_servers:
+                - {{name: probe, type: stdio, command: python3, args: ["{ctx}/server.py"]}}
+        orchestrator:
+          context_paths:
+            - path: {ctx}
+        """)
+    cfg = write_config(tmp_path, config)
+    p = massgen_run(["--image", agent_image, "--config", str(cfg), QUESTION], tmp_path, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    live = [line for line in p.stdout.splitlines() if line.startswith("[") and "s] sc " in line]
+    assert any("custom_tool__probe ok:" in line and '"label": "live"' in line for line in live), p.stdout
+    assert any("mcp__probe__where ok:" in line and '"from": "mcp"' in line for line in live), p.stdout
+    assert any("custom_tool__boom error: unknown tool" in line for line in live), p.stdout
+
+
 # -- an image to extend ------------------------------------------------------------------------
 
 EXTRA_SERVER = """

@@ -47,6 +47,22 @@ def test_tool_file_outside_every_context_path_is_named(tmp_path: Path) -> None:
     assert "does not exist" in str(problems[0])
 
 
+def test_tools_left_out_by_exclude_custom_tools_are_not_checked(tmp_path: Path) -> None:
+    """An entry exclude_custom_tools leaves out (a folder name in its path) needs no file in a context path."""
+    (tmp_path / "ctx").mkdir()
+    backend: dict[str, Any] = {
+        "type": "scripted",
+        "custom_tools": [{"path": str(tmp_path / "_computer_use" / "cu.py"), "function": "f"}],
+        "exclude_custom_tools": ["_computer_use"],
+    }
+    raw: dict[str, Any] = {"agents": [{"id": "a", "backend": backend}]}
+    _, problems = resolve_custom_tools(RunConfig.model_validate(raw), raw, [tmp_path / "ctx"], "run.yaml")
+    assert problems == []
+    backend["exclude_custom_tools"] = []
+    _, problems = resolve_custom_tools(RunConfig.model_validate(raw), raw, [tmp_path / "ctx"], "run.yaml")
+    assert len(problems) == 1 and "does not exist" in str(problems[0])
+
+
 def test_nested_clients_send_custom_tool_files_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The in-sandbox client makes custom tool file paths absolute like context paths; module names stay."""
     monkeypatch.chdir(tmp_path)
