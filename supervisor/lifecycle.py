@@ -1098,10 +1098,20 @@ class RunExecution:
         )
         channel.start()
         started = time.monotonic()
+        # A sandbox that is gone already (its hub failed, or found its deadline passed) is not
+        # dialled until the start timeout: its exit ends the wait.
+        ended = asyncio.create_task(self._exited_before_link(handle))
         try:
-            await channel.wait_connected(spec.start_timeout if spec is not None else LINK_UP_S)
+            link = asyncio.ensure_future(channel.wait_connected(spec.start_timeout if spec is not None else LINK_UP_S))
+            await asyncio.wait([link, ended], return_when=asyncio.FIRST_COMPLETED)
+            if not link.done():
+                link.cancel()
+                return f"the sandbox exited ({ended.result()}) before its run channel came up"
+            link.result()
         except ChannelLost as exc:
             return f"the run channel did not come up: {exc}"
+        finally:
+            ended.cancel()
         if not new:
             state = (channel.welcome or {}).get("state")
             mat.log(f"run channel re-linked (engine {state}; the supervisor holds {channel.have} outbox bytes)")
@@ -1120,6 +1130,17 @@ class RunExecution:
             return f"the sandbox's files could not be put in: {exc}"
         mat.log(f"run channel up in {time.monotonic() - started:.2f}s; files in; engine started")
         return None
+
+    async def _exited_before_link(self, handle: SandboxHandle) -> int:
+        """The sandbox's exit code once it has ended (never returns while it runs)."""
+        while True:
+            try:
+                info = await asyncio.to_thread(self.runtime.wait, handle, 1.0)
+            except RuntimeUnavailable:
+                info = None
+            if info is not None:
+                return int(info.exit_code)
+            await asyncio.sleep(0.5)
 
     async def _close_channel(self) -> None:
         if self.channel is not None:

@@ -8,14 +8,17 @@ contract cases (timeout, SIGINT, OOM, nested, SIGTERM ignored, ...) on both runt
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 
 import pytest
 
+from supervisor.lifecycle import RunExecution, RunRequest
 from supervisor.runtime.base import LABEL_RUN
-from supervisor.runtime.docker import DockerRuntime
-from tests.cli_helpers import load, parse_lines, start_cli, wait_for_event
+from supervisor.runtime.docker import DockerRuntime, RemoteDockerRuntime
+from tests.cli_helpers import load, parse_lines, start_cli, wait_for_event, write_config
 
 pytestmark = pytest.mark.docker
 
@@ -46,3 +49,26 @@ def test_quickstart_through_the_channel_mounts_no_host_path(
     assert (log_dir / "final" / f["WINNER"] / "workspace").is_dir()
     assert "run channel up" in (log_dir / "massgen.log").read_text()
     assert _gone(runtime, log_dir.name)
+
+
+def test_sandbox_that_exits_before_its_channel_is_up_fails_the_start_at_once(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """A sandbox whose hub is gone before the supervisor links to it (here: the run's deadline had
+    passed when the hub started, so its backstop ended it at once): exit 2 start_failed within
+    seconds, not after the start timeout spent dialling a container that is not running."""
+    cfg = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: scripted}\n")
+    req = RunRequest(
+        question="q",
+        config_source=str(cfg),
+        logs_root=tmp_path / "runs",
+        sandbox="docker",
+        image=agent_image,
+        deadline_cap=time.time() - 60,
+    )
+    t0 = time.monotonic()
+    result = asyncio.run(RunExecution(req, RemoteDockerRuntime()).run())
+    assert (result.exit_code, result.reason) == (2, "start_failed"), result
+    assert time.monotonic() - t0 < 30
+    assert "exited (137) before its run channel came up" in (result.detail or "")
+    assert _gone(runtime, result.run_id)
