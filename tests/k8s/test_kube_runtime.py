@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
+from supervisor.errors import RuntimeCallFailed, RuntimeUnavailable, SandboxStartFailed
 from supervisor.images import agent_image_tag
 from supervisor.runtime.base import LABEL_DEADLINE, LABEL_RUN, LABEL_SUPERVISOR, SandboxSpec, Tmpfs
 from supervisor.runtime.kubernetes.manifests import KubeSettings
@@ -223,3 +224,33 @@ def test_every_call_the_runtime_made_is_granted_by_the_role(fake_kube: FakeKubeA
         ("", "pods", "get"),
     }
     assert granted - used <= spare, (granted - used) - spare
+
+
+def test_errors_name_the_problem(fake_kube: FakeKubeAPI, kube: KubernetesRuntime, tmp_path: Path) -> None:
+    """A second Job of the same run is refused (409: start fails saying so); an exec on a pod that
+    no longer runs is refused by the API server (RuntimeCallFailed); an API server nobody answers
+    is RuntimeUnavailable naming the kubeconfig, and the CLI says so (exit 2, no traceback)."""
+    handle = kube.start(_spec("k8s-err-1", "true"))
+    with pytest.raises(SandboxStartFailed, match="already exists"):
+        kube.start(_spec("k8s-err-1", "true"))
+    assert kube.wait(handle, 30.0) is not None
+    with pytest.raises(RuntimeCallFailed, match="not running"):
+        kube.open_link(handle, ("true",))
+    kube.remove(handle)
+    dead = FakeKubeAPI.__new__(FakeKubeAPI)
+    dead.url = "http://127.0.0.1:9"  # discard: nothing listens
+    config = dead.kubeconfig(tmp_path / "dead")
+    with pytest.raises(RuntimeUnavailable, match=str(config)):
+        KubernetesRuntime(env={"MASSGEN_K8S_KUBECONFIG": str(config)}).ping()
+    p = massgen_run(
+        ["--automation", "--sandbox", "docker", "--runtime", "kubernetes", "--config", "@examples/quickstart", "q"],
+        tmp_path,
+        60,
+        MASSGEN_K8S_KUBECONFIG=str(config),
+    )
+    assert "Traceback" not in p.stderr, p.stderr
+    assert p.returncode == 1, p.stdout + p.stderr
+    assert p.stdout.splitlines()[-1].startswith("FAILED: engine_unavailable")
+    assert f"http://127.0.0.1:9 (from {config})" in p.stderr, p.stderr
+    with pytest.raises(RuntimeUnavailable, match="no usable Kubernetes configuration"):
+        KubernetesRuntime(env={"MASSGEN_K8S_KUBECONFIG": str(tmp_path / "missing")}).ping()

@@ -17,6 +17,7 @@ field is lost to a model class of another version. Quirks of the client handled 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -26,7 +27,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import kubernetes.client
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 2000
+SEEN_MAX = 1024  # Jobs whose last state is kept (runs in flight are far fewer: --max-concurrent)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on a Job's pods since 1.27 (and "job-name" before)
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -66,7 +68,6 @@ class _Seen:
     pod: dict[str, Any] | None = None
     logs: bytes = b""
     gone: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def settings_from_env(env: Mapping[str, str], namespace: str | None = None) -> KubeSettings:
@@ -109,14 +110,17 @@ class KubernetesRuntime:
         self._start_timeout = start_timeout if start_timeout is not None else (float(raw) if raw else None)
         self._lock = threading.Lock()
         self._client: kubernetes.client.ApiClient | None = None
-        self._seen: dict[str, _Seen] = {}
+        # The last state of recent Jobs (the oldest dropped past SEEN_MAX: a daemon runs for long).
+        self._seen: collections.OrderedDict[str, _Seen] = collections.OrderedDict()
 
     # -- plumbing ---------------------------------------------------------------------------
 
     @property
     def endpoint(self) -> str:
-        """The kubeconfig (or in-cluster) the runtime uses, for messages."""
-        return self._kubeconfig() or "in-cluster service account"
+        """The API server and where its configuration came from, for messages."""
+        where = self._kubeconfig() or "the in-cluster service account"
+        host = getattr(self._configuration, "host", None)
+        return f"{host} (from {where})" if host else where
 
     def _kubeconfig(self) -> str | None:
         path = self._env.get("MASSGEN_K8S_KUBECONFIG") or self._env.get("KUBECONFIG")
@@ -202,7 +206,14 @@ class KubernetesRuntime:
 
     def _seen_for(self, name: str) -> _Seen:
         with self._lock:
-            return self._seen.setdefault(name, _Seen())
+            seen = self._seen.get(name)
+            if seen is None:
+                seen = self._seen[name] = _Seen()
+                while len(self._seen) > SEEN_MAX:
+                    self._seen.popitem(last=False)
+            else:
+                self._seen.move_to_end(name)
+            return seen
 
     def ping(self) -> None:
         """Check that the API server answers and the runs' namespace can be listed.
