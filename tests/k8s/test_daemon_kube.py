@@ -114,3 +114,31 @@ def test_a_deadline_passing_while_the_daemon_is_down_is_a_timeout(kube_daemon: K
     assert load(log_dir / "result.json")["reason"] == "timeout"
     assert "run channel re-linked" in (log_dir / "massgen.log").read_text()
     _until(lambda: d.containers() == [], 60, "the Job deleted")
+
+
+def test_a_batch_through_the_daemon_runs_on_the_cluster(kube_daemon: KubeDaemon, tmp_path: Path) -> None:
+    """`massgen-run batch` with nothing changed: the daemon's runtime setting puts every item on
+    the cluster (one Job each), the gate passes, and no Job is left."""
+    import json
+    import subprocess
+    import sys
+
+    d = kube_daemon
+    (tmp_path / "good.yaml").write_text(
+        (Path(__file__).resolve().parents[1] / "data" / "batch" / "good.yaml").read_text()
+    )
+    qs = "".join(json.dumps({"id": f"q{i}", "question": f"{i}*7", "expected": i * 7}) + "\n" for i in range(4))
+    (tmp_path / "qs.jsonl").write_text(qs)
+    spec = tmp_path / "batch.yaml"
+    spec.write_text("configs:\n  g: good.yaml\nquestions: qs.jsonl\nassert:\n  - type: number_close\nmax_parallel: 2\n")
+    out_dir = tmp_path / "batch"
+    cmd = [sys.executable, "-m", "supervisor.cli", "batch", str(spec), "--batch-dir", str(out_dir), "--automation"]
+    res = subprocess.run(cmd, cwd=tmp_path, env=d.env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout + res.stderr + d.stderr_tail()
+    assert "SUPERVISOR: daemon" in res.stdout
+    items = [json.loads(line) for line in (out_dir / "items.jsonl").read_text().splitlines()]
+    assert len(items) == 4
+    for item in items:
+        log = next((out_dir / "runs").glob(f"*/{item['run_id']}/massgen.log")).read_text()
+        assert "sandbox started: id=mg-" in log  # a Job's name, not a container id
+    _until(lambda: d.containers() == [], 60, "the Jobs deleted")
