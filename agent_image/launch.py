@@ -178,7 +178,7 @@ def plan(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[ServerKey, Laun
             full_env = {**env, **{str(k): expand(v, ws) for k, v in senv.items()}}
             out[(agent["id"], s["name"])] = Launch(
                 argv=(command, *(expand(a, ws) for a in args)),
-                cwd=expand(cwd, ws) if cwd else str(ws),
+                cwd=str(Path(expand(cwd, ws))) if cwd else str(ws),  # as the engine spells it
                 env=full_env,
                 stdio=s.get("type", "stdio") == "stdio",
             )

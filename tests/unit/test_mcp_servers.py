@@ -256,13 +256,15 @@ def test_plan_reads_servers_from_the_raw_spec_as_the_engine_starts_them(tmp_path
         "type": "scripted",
         "mcp_servers": [
             {"name": "one", "command": sys.executable, "args": ["-c", "pass", "${cwd}/x"], "env": {"W": "${cwd}"}},
+            {"name": "sub", "command": sys.executable, "cwd": "${cwd}/sub/"},
             {"name": "gone", "command": "no-such-command-here"},
             {"name": "odd", "command": sys.executable, "args": [1, 2]},
             {"name": "web", "type": "streamable-http", "command": sys.executable, "url": "http://127.0.0.1:1/mcp"},
         ],
     }
     plan = launch.plan(_raw_spec(tmp_path, backend), env)
-    assert sorted(plan) == [("a", "one"), ("a", "web")]
+    assert sorted(plan) == [("a", "one"), ("a", "sub"), ("a", "web")]
+    assert plan[("a", "sub")].cwd == str(tmp_path / "a" / "sub")  # spelled as the engine's Path spells it
     one = plan[("a", "one")]
     assert one.argv == (sys.executable, "-c", "pass", f"{tmp_path}/a/x")
     assert one.cwd == str(tmp_path / "a") and one.env["W"] == str(tmp_path / "a") and one.stdio
