@@ -313,9 +313,6 @@ def cmd_run(argv: list[str]) -> int:
     import asyncio
     import signal
 
-    from .lifecycle import Listener, RunControl, RunRequest
-    from .runtime.local import LocalRuntime
-
     printer = _Printer(args.automation, args.output_file)
     logs_root = (args.logs_root or default_logs_root()).absolute()
     try:
@@ -343,6 +340,11 @@ def cmd_run(argv: list[str]) -> int:
             return exc.exit_code
         finally:
             daemon.close()
+    # Only now: a run the daemon takes needs none of this (the run config's models, pydantic
+    # among them, cost ~200 ms to import).
+    from .lifecycle import Listener, RunControl, RunRequest
+    from .runtime.local import LocalRuntime
+
     if args.sandbox == "none":
         _stderr("warning: --sandbox none runs the agents' commands directly on this host, without isolation")
         runtime: Any = LocalRuntime()
