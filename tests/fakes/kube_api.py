@@ -844,7 +844,7 @@ def make_app(cluster: FakeCluster) -> web.Application:
         )
 
     @routes.get("/api/v1/namespaces/{ns}/pods/{name}/log")
-    async def pod_log(request: web.Request) -> web.Response:
+    async def pod_log(request: web.Request) -> web.StreamResponse:
         key = (request.match_info["ns"], request.match_info["name"])
         pod = cluster.pods.get(key)
         if pod is None:
@@ -858,6 +858,9 @@ def make_app(cluster: FakeCluster) -> web.Application:
                 f'container "{c}" in pod "{key[1]}" is waiting to start: trying and failing to pull image',
             )
         tail = request.query.get("tailLines")
+        if request.query.get("follow") in ("true", "1"):
+            # follow: the output so far, then as it comes, until the container exits.
+            return await _follow_log(cluster, request, cid, tail)
         out = await cluster.blocking(
             lambda: cluster.docker.api.logs(cid, stdout=True, stderr=True, tail=int(tail) if tail else "all")
         )
@@ -885,6 +888,29 @@ def make_app(cluster: FakeCluster) -> web.Application:
     app = web.Application(middlewares=[record])
     app.add_routes(routes)
     return app
+
+
+async def _follow_log(cluster: FakeCluster, request: web.Request, cid: str, tail: str | None) -> web.StreamResponse:
+    loop = asyncio.get_running_loop()
+    chunks: asyncio.Queue[bytes | None] = asyncio.Queue()
+
+    def pump() -> None:
+        try:
+            for chunk in cluster.docker.api.logs(
+                cid, stdout=True, stderr=True, stream=True, follow=True, tail=int(tail) if tail else "all"
+            ):
+                loop.call_soon_threadsafe(chunks.put_nowait, bytes(chunk))
+        except (docker.errors.APIError, OSError):
+            pass
+        loop.call_soon_threadsafe(chunks.put_nowait, None)
+
+    threading.Thread(target=pump, daemon=True, name="fake-kube-log").start()
+    resp = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await resp.prepare(request)
+    with contextlib.suppress(ConnectionResetError):
+        while (chunk := await chunks.get()) is not None:
+            await resp.write(chunk)
+    return resp
 
 
 async def _delete_options(request: web.Request) -> dict[str, Any]:

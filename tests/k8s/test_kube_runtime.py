@@ -110,8 +110,9 @@ def test_a_job_past_its_active_deadline_is_a_timeout(fake_kube: FakeKubeAPI, fak
 def test_an_evicted_pod_is_an_execution_error_with_the_reason(fake_kube: FakeKubeAPI, kube: KubernetesRuntime) -> None:
     """The Eviction API's DisruptionTarget: reason container_crashed, the detail says evicted; the
     pod failure policy fails the Job instead of re-running it (no second pod)."""
-    handle = kube.start(_spec("k8s-evict-1", "sleep", "600"))
+    handle = kube.start(_spec("k8s-evict-1", "sh", "-c", "echo before-eviction; exec sleep 600"))
     [pod] = kube._pods(handle.id)[0]
+    time.sleep(1.0)  # the output is written (and followed) before the eviction
     fake_kube.call(lambda: fake_kube.cluster.evict("massgen", pod["metadata"]["name"]))
     info = kube.wait(handle, 60.0)
     assert info is not None and info.reason == "container_crashed"
@@ -121,6 +122,12 @@ def test_an_evicted_pod_is_an_execution_error_with_the_reason(fake_kube: FakeKub
     failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"]
     assert [c["reason"] for c in failed] == ["PodFailurePolicy"]
     assert len(kube._pods(handle.id)[0]) <= 1
+    # The pod is gone (evicted, then deleted): its output was streamed while it ran.
+    end = time.monotonic() + 30
+    while kube._pods(handle.id)[0] and time.monotonic() < end:
+        time.sleep(0.2)
+    assert kube._pods(handle.id)[0] == []
+    assert b"before-eviction" in kube.logs(handle)
     kube.remove(handle)
 
 
@@ -254,3 +261,19 @@ def test_errors_name_the_problem(fake_kube: FakeKubeAPI, kube: KubernetesRuntime
     assert f"http://127.0.0.1:9 (from {config})" in p.stderr, p.stderr
     with pytest.raises(RuntimeUnavailable, match="no usable Kubernetes configuration"):
         KubernetesRuntime(env={"MASSGEN_K8S_KUBECONFIG": str(tmp_path / "missing")}).ping()
+
+
+def test_the_pods_output_is_streamed_to_the_log_dir(fake_kubeconfig: Path, tmp_path: Path) -> None:
+    """While the pod runs its output goes to <log dir>/sandbox/pod.log (the hub's lines here), and
+    the end of it to massgen.log as for every runtime."""
+    p = massgen_run(
+        ["--automation", "--sandbox", "docker", "--runtime", "kubernetes", "--config", "@examples/quickstart", "q"],
+        tmp_path,
+        180,
+        MASSGEN_K8S_KUBECONFIG=str(fake_kubeconfig),
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    log_dir = Path(parse_lines(p.stdout)["LOG_DIR"])
+    pod_log = (log_dir / "sandbox" / "pod.log").read_text()
+    assert "massgen-hub: listening" in pod_log and "massgen-hub: engine exited code=0" in pod_log
+    assert "---- sandbox output ----" in (log_dir / "massgen.log").read_text()

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 import kubernetes.client
@@ -38,7 +39,7 @@ from kubernetes.client.exceptions import ApiException
 from websocket import ABNF, WebSocketConnectionClosedException, WebSocketException
 
 from supervisor.errors import ContainerRuntimeError, RuntimeCallFailed, RuntimeUnavailable, SandboxStartFailed
-from supervisor.runtime.base import ExitInfo, SandboxFacts, SandboxHandle, SandboxSpec
+from supervisor.runtime.base import LABEL_LOG_DIR, ExitInfo, SandboxFacts, SandboxHandle, SandboxSpec
 from supervisor.runtime.kubernetes import manifests, states
 from supervisor.runtime.kubernetes.manifests import CONTAINER, KubeSettings
 
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LOG_TAIL_LINES = 2000
+LOG_KEEP_BYTES = 1 << 20  # of a followed pod's output, in memory (massgen.log keeps less)
+POD_LOG_MAX_BYTES = 10 << 20  # <log dir>/sandbox/pod.log, as Docker's json-file cap
+FOLLOW_READ_S = 25 * 3600.0  # a followed pod may be quiet this long (a run's longest default is 24 h)
 SEEN_MAX = 1024  # Jobs whose last state is kept (runs in flight are far fewer: --max-concurrent)
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on a Job's pods since 1.27 (and "job-name" before)
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
@@ -68,6 +72,7 @@ class _Seen:
     pod: dict[str, Any] | None = None
     logs: bytes = b""
     gone: bool = False
+    following: bool = False  # a pods/log follower was started (one per pod: it streams from its start)
 
 
 def settings_from_env(env: Mapping[str, str], namespace: str | None = None) -> KubeSettings:
@@ -343,6 +348,7 @@ class KubernetesRuntime:
                 job, pod, rv = self._observe(name)
                 if states.is_running(pod) or states.is_terminal(pod):
                     log.info("sandbox started run_id=%s job=%s pod=%s", spec.run_id, name, _name(pod))
+                    self._follow_logs(name, pod)
                     return handle
                 if job is None:
                     problem = "the Job was deleted before its pod ran"
@@ -395,6 +401,7 @@ class KubernetesRuntime:
             RuntimeUnavailable: the API server cannot be reached.
         """
         end = time.monotonic() + max(0.0, timeout)
+        self._follow_logs(handle.id, self._seen_for(handle.id).pod)  # an adopted pod's too
         while True:
             result, rv = self._outcome(handle.id)
             if result is not None:
@@ -465,6 +472,60 @@ class KubernetesRuntime:
         with self._lock:
             seen.logs = out
         return out
+
+    def _follow_logs(self, name: str, pod: Mapping[str, Any] | None) -> None:
+        """Stream the running pod's output (pods/log, follow) while it runs, on a thread of its
+        own: kept in memory (its last LOG_KEEP_BYTES, what `logs` answers once the pod is
+        deleted, by us or an eviction) and appended to `<log dir>/sandbox/pod.log` (at most
+        POD_LOG_MAX_BYTES) when the run's log dir is on this host."""
+        pod_name = _name(pod)
+        if not pod_name or not states.is_running(pod):
+            return
+        seen = self._seen_for(name)
+        with self._lock:
+            if seen.following:
+                return
+            seen.following = True
+        log_dir = _labels(seen.job).get(LABEL_LOG_DIR)
+        target = Path(log_dir) / "sandbox" / "pod.log" if log_dir else None
+        if target is not None and not target.parent.is_dir():
+            target = None
+        cfg, settings = self._connect()
+
+        def follow() -> None:
+            core = kubernetes.client.CoreV1Api(kubernetes.client.ApiClient(cfg))
+            written = 0
+            out = None
+            try:
+                resp: Any = core.read_namespaced_pod_log(
+                    pod_name,
+                    settings.namespace,
+                    container=CONTAINER,
+                    follow=True,
+                    _preload_content=False,
+                    # A quiet pod is fine: the read may wait as long as a run may last.
+                    _request_timeout=(self._timeout, FOLLOW_READ_S),
+                )
+                if target is not None:
+                    # The stream starts at the pod's first byte, so the file does too (an
+                    # adopting supervisor rewrites what the previous one wrote).
+                    out = open(target, "wb")  # noqa: SIM115 - closed in finally
+                for chunk in resp.stream(64 << 10, decode_content=False):
+                    with self._lock:
+                        seen.logs = (seen.logs + chunk)[-LOG_KEEP_BYTES:]
+                    if out is not None and written < POD_LOG_MAX_BYTES:
+                        piece = chunk[: POD_LOG_MAX_BYTES - written]
+                        out.write(piece)
+                        out.flush()
+                        written += len(piece)
+            except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+                log.info("job=%s pod log follower ended: %s", name, exc)
+            finally:
+                if out is not None:
+                    with contextlib.suppress(OSError):
+                        out.close()
+
+        threading.Thread(target=follow, name=f"pod-log-{name}", daemon=True).start()
 
     def _pod_logs(self, pod: Mapping[str, Any] | None) -> bytes | None:
         name = _name(pod)
