@@ -186,18 +186,23 @@ def plan(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[ServerKey, Laun
 
 
 async def prestart(raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[ServerKey, ServerProcess]:
-    """Start the servers of `plan(raw, env)` now; never raises (a failure is the engine's to report)."""
+    """Start the servers of `plan(raw, env)` now; never raises but CancelledError (failures are the
+    engine's to report: it starts or refuses such a server itself)."""
     started: dict[ServerKey, ServerProcess] = {}
     try:
         launches = plan(raw, env)
     except Exception:  # noqa: BLE001 - best effort: the engine validates the spec itself
         return started
-    for (agent, name), launch in launches.items():
-        try:
-            if _folder_ready(Path(raw["workspace"]) / agent, launch.cwd):
-                started[(agent, name)] = await spawn(launch)
-        except (OSError, ValueError):
-            continue
+    try:
+        for (agent, name), launch in launches.items():
+            try:
+                if _folder_ready(Path(raw["workspace"]) / agent, launch.cwd):
+                    started[(agent, name)] = await spawn(launch)
+            except (OSError, ValueError):
+                continue
+    except BaseException:  # cancelled (a signal): none of them may outlive the engine
+        stop_all(started)
+        raise
     return started
 
 

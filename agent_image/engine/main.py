@@ -184,25 +184,10 @@ def run_spec_file(spec_path: Path) -> int:
     opened: list[EventWriter] = []
 
     async def main() -> Outcome:
-        # First the agents' MCP servers (they boot on another core meanwhile), then the imports.
-        early = await prestart(raw, minimal_env()) if isinstance(raw, dict) else {}
-        try:
-            from ..protocol.spec import RunSpec
-            from .outbox import EVENTS_FILE, EventWriter
-
-            spec = RunSpec.model_validate(raw)
-            writer = EventWriter(Path(spec.outbox) / EVENTS_FILE)
-        except BaseException:
-            stop_all(early)
-            raise
-        opened.append(writer)
-        from ..protocol.result import Reason, exit_code_for
-        from .orchestrator import Outcome
-
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        interrupted = []
+        interrupted: list[str] = []
 
         def on_signal(signame: str) -> None:
             # First signal: cancel the run (tools kill their process groups); the finally below
@@ -210,19 +195,40 @@ def run_spec_file(spec_path: Path) -> int:
             interrupted.append(signame)
             task.cancel()
 
+        # Before any server starts: they have sessions of their own, so a signal during start-up
+        # must still reach the code that stops them.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal, sig.name)
+        early: dict[ServerKey, ServerProcess] = {}
         try:
-            return await run_engine(spec, writer, prestarted=early)
-        except asyncio.CancelledError:
-            signame = interrupted[0] if interrupted else "cancel"
-            writer.log(f"interrupted by {signame}", "warning")
-            return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {signame}")
+            # First the agents' MCP servers (they boot on another core meanwhile), then the imports.
+            if isinstance(raw, dict):
+                early = await prestart(raw, minimal_env())
+            from ..protocol.result import Reason, exit_code_for
+            from ..protocol.spec import RunSpec
+            from .orchestrator import Outcome
+            from .outbox import EVENTS_FILE, EventWriter
+
+            spec = RunSpec.model_validate(raw)
+            writer = EventWriter(Path(spec.outbox) / EVENTS_FILE)
+            opened.append(writer)
+            try:
+                return await run_engine(spec, writer, prestarted=early)
+            except asyncio.CancelledError:
+                signame = interrupted[0] if interrupted else "cancel"
+                writer.log(f"interrupted by {signame}", "warning")
+                return Outcome(exit_code_for(Reason.INTERRUPTED), Reason.INTERRUPTED, f"received {signame}")
         finally:
-            stop_all(early)  # if run_engine never took them
+            stop_all(early)  # those run_engine never took
 
     try:
         outcome = asyncio.run(main())
+    except asyncio.CancelledError:
+        if opened:
+            raise
+        from ..protocol.result import Reason, exit_code_for
+
+        return exit_code_for(Reason.INTERRUPTED)  # a signal before there was an outbox to report to
     except Exception as exc:  # the engine must always end with a run_finished event
         if not opened:
             raise

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -364,3 +366,40 @@ def test_the_engine_process_starts_servers_before_its_imports(server_file: Path,
     assert any("(1 of 1 MCP servers started early)" in m for m in logs), logs
     calls = [e for e in events if e["type"] == "tool_called" and e["tool"] == "mcp__probe__add"]
     assert len(calls) == 1 and calls[0]["ok"] and calls[0]["kind"] == "mcp", calls
+
+
+def test_a_signal_during_start_up_stops_a_prestarted_server(tmp_path: Path) -> None:
+    """SIGTERM while the engine waits for a (slow) prestarted server: the run ends interrupted, the server is gone."""
+    outbox, ws, pid_file = tmp_path / "outbox", tmp_path / "ws", tmp_path / "server.pid"
+    outbox.mkdir()
+    slow = tmp_path / "slow_server.py"
+    slow.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    backend = {
+        "type": "scripted",
+        "steps": [{"answer": "x"}, {"vote": "auto"}],
+        "mcp_servers": [{"name": "slow", "command": sys.executable, "args": [str(slow)]}],
+    }
+    spec = {**_raw_spec(ws, backend), "run_id": "r", "question": "Q", "outbox": str(outbox)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    engine = subprocess.Popen(
+        [sys.executable, "-m", "agent_image", "run-spec", str(tmp_path / "spec.json")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        server_pid = int(pid_file.read_text())
+        engine.send_signal(signal.SIGTERM)
+        code = engine.wait(timeout=30)
+    finally:
+        engine.kill()
+    assert code == 4, engine.stderr.read() if engine.stderr else ""
+    deadline = time.monotonic() + 10
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(server_pid)
