@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -65,6 +66,9 @@ HUB_DIR_IN_SANDBOX = "/run/massgen/hub"
 # supervisor reaches it by exec'ing the link (docs/channel.md).
 LINK_ARGV = ("python3", "-m", "agent_image.channel.link", f"{HUB_DIR_IN_SANDBOX}/link.sock")
 LINK_UP_S = 30.0  # a linked sandbox whose channel is not up by then failed to start
+# A spec up to this size goes to a linked sandbox's hub with its command (an argument may hold
+# 128 KiB; base64 makes 4 bytes of 3); larger ones, or runs with context folders, are PUT.
+SPEC_ON_COMMAND_LINE_BYTES = 64 << 10
 EXIT_EVENTS_S = 10.0  # after the engine exited: how long the outbox may take to reach us
 FETCH_S = 120.0  # bringing the workspace back over the channel
 UNREACHABLE_GIVE_UP_S = 20.0  # past a failed kill: an unreachable engine's sandbox is given up
@@ -295,6 +299,7 @@ class RunExecution:
         self._disk_checked = 0.0
         self._disk_over: str | None = None
         self._spec_json: str | None = None
+        self._spec_given = False  # linked: the hub got the spec with its command and started the engine
         # Linked runtimes: the run's channel (docs/channel.md), opened once the sandbox runs.
         self.linked = req.sandbox == "docker" and not shares_filesystem(runtime)
         self.channel: Any = None  # supervisor.channel.ChannelSession
@@ -538,7 +543,7 @@ class RunExecution:
             # budget), filled and emptied through the channel; the hub runs the engine.
             tmpfs_mounts = self._linked_folders(config, mounts)
             mounts = ()
-            command = (
+            hub: tuple[str, ...] = (
                 "python3",
                 "-m",
                 "agent_image.channel.hub",
@@ -552,9 +557,14 @@ class RunExecution:
                 f"{deadline:.3f}",
                 "--grace",
                 f"{sb.stop_grace_seconds:g}",
-                "--",
-                *command,
             )
+            if not contexts and len(self._spec_json) <= SPEC_ON_COMMAND_LINE_BYTES:
+                # Nothing to put in but the spec: the hub gets it with its command and starts the
+                # engine at once, so the engine's start-up overlaps the link's (~0.2 s a run).
+                command = (*hub, "--spec-b64", base64.b64encode(self._spec_json.encode()).decode(), "--", *command)
+                self._spec_given = True
+            else:
+                command = (*hub, "--", *command)
         limits = Limits(sb.memory_bytes, int(sb.cpus * 1e9), sb.pids, sb.runtime)
         if req.limits_cap is not None:
             # A nested run's config is written by an agent: never more than its parent got.
@@ -1117,6 +1127,9 @@ class RunExecution:
             mat.log(f"run channel re-linked (engine {state}; the supervisor holds {channel.have} outbox bytes)")
             if state != "waiting":
                 return None
+        if self._spec_given:
+            mat.log(f"run channel up in {time.monotonic() - started:.2f}s; the hub started the engine with its spec")
+            return None
         try:
             assert self._spec_json is not None or not new
             spec_json = self._spec_json or (paths.sandbox / "spec.json").read_text(encoding="utf-8")

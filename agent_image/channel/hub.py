@@ -9,6 +9,8 @@ fast and never import the engine. Behaviour and limits: docs/channel.md.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
 import contextlib
 import os
@@ -124,6 +126,9 @@ class Hub:
         self.orphan_after: float = ns.orphan_after
         self.argv = engine_argv
         self.run_id = run_id
+        self.spec: tuple[str, bytes] | None = None
+        if getattr(ns, "spec_b64", None):
+            self.spec = (os.path.join(ns.outbox, "spec.json"), base64.b64decode(ns.spec_b64, validate=True))
         self.engine: subprocess.Popen[bytes] | None = None
         self.exit: dict[str, Any] | None = None
         self.link: Link | None = None
@@ -151,6 +156,11 @@ class Hub:
             loop.add_signal_handler(signum, self.on_signal, signum)
         _spawn(self.tasks, self.backstop())
         self.log(f"listening api={self.api_socket} link={self.link_socket} pid={os.getpid()}")
+        if self.spec is not None:
+            # Given on the command line: the engine starts now, its start-up overlapping the
+            # supervisor's link (no PUT, no START to wait for).
+            _write_atomically(*self.spec)  # a few KiB on a tmpfs, before anything else happens
+            self.start_engine()
         try:
             return await self.done
         finally:
@@ -562,6 +572,13 @@ class Hub:
                 await link.send(frames.encode(T.CLOSE, stream.sid))
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
 def _parse(argv: list[str]) -> tuple[Any, list[str]]:
     import argparse
 
@@ -575,8 +592,18 @@ def _parse(argv: list[str]) -> tuple[Any, list[str]]:
     parser.add_argument("--deadline", type=float, required=True, help="the run's deadline, UNIX seconds")
     parser.add_argument("--grace", type=float, required=True, help="seconds past the deadline the engine gets")
     parser.add_argument("--orphan-after", type=float, default=ORPHAN_S)
+    parser.add_argument(
+        "--spec-b64",
+        default=None,
+        help="the run's spec.json, base64: written to the outbox and the engine started at once (no START)",
+    )
     parser.add_argument("--run-id", default=os.environ.get("MASSGEN_RUN_ID"))
     ns = parser.parse_args(argv[:cut])
+    if ns.spec_b64 is not None:
+        try:
+            base64.b64decode(ns.spec_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            parser.error(f"--spec-b64 is not base64: {exc}")
     if not ns.run_id:
         parser.error("--run-id or MASSGEN_RUN_ID is required (HELLO is checked against it)")
     return ns, argv[cut + 1 :]

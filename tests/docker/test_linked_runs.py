@@ -47,7 +47,9 @@ def test_quickstart_through_the_channel_mounts_no_host_path(
     assert seqs == list(range(len(seqs))) and len(seqs) > 5
     # The winner's workspace came back over the channel before the sandbox was removed.
     assert (log_dir / "final" / f["WINNER"] / "workspace").is_dir()
-    assert "run channel up" in (log_dir / "massgen.log").read_text()
+    log = (log_dir / "massgen.log").read_text()
+    # No context folder: the spec went with the hub's command, no PUT and no START.
+    assert "run channel up" in log and "the hub started the engine with its spec" in log
     assert _gone(runtime, log_dir.name)
 
 
@@ -55,9 +57,21 @@ def test_sandbox_that_exits_before_its_channel_is_up_fails_the_start_at_once(
     runtime: DockerRuntime, agent_image: str, tmp_path: Path
 ) -> None:
     """A sandbox whose hub is gone before the supervisor links to it (here: the run's deadline had
-    passed when the hub started, so its backstop ended it at once): exit 2 start_failed within
-    seconds, not after the start timeout spent dialling a container that is not running."""
-    cfg = write_config(tmp_path, "agents:\n  - id: a\n    backend: {type: scripted}\n")
+    passed when the hub started, and with a context folder to put in first the engine was not
+    started yet, so its backstop ended it at once): exit 2 start_failed within seconds, not after
+    the start timeout spent dialling a container that is not running."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    cfg = write_config(
+        tmp_path,
+        f"""\
+        agents:
+          - id: a
+            backend: {{type: scripted}}
+        orchestrator:
+          context_paths: [{{path: "{ctx}", permission: read}}]
+        """,
+    )
     req = RunRequest(
         question="q",
         config_source=str(cfg),

@@ -95,7 +95,9 @@ class Link:
 
 
 class Sandbox:
-    def __init__(self, engine: str, *, kill_in: float = 60.0, orphan_after: float = 600.0) -> None:
+    def __init__(
+        self, engine: str, *, kill_in: float = 60.0, orphan_after: float = 600.0, extra: tuple[str, ...] = ()
+    ) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="hub", dir="/tmp"))
         self.outbox = self.root / "outbox"
         self.outbox.mkdir()
@@ -107,7 +109,7 @@ class Sandbox:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent_image.channel.hub", "--outbox", str(self.outbox), "--api-socket", self.api]
             + ["--link-socket", self.link_path, "--deadline", str(deadline), "--grace", "0"]
-            + ["--orphan-after", str(orphan_after), "--", sys.executable, "-c", engine],
+            + ["--orphan-after", str(orphan_after), *extra, "--", sys.executable, "-c", engine],
             env=env,
         )
         self.links: list[Link] = []
@@ -143,8 +145,8 @@ def sandboxes() -> Iterator[list[Sandbox]]:
         sb.close()
 
 
-def _sandbox(made: list[Sandbox], engine: str = SLEEPER, **kw: float) -> Sandbox:
-    sb = Sandbox(engine, **kw)
+def _sandbox(made: list[Sandbox], engine: str = SLEEPER, extra: tuple[str, ...] = (), **kw: float) -> Sandbox:
+    sb = Sandbox(engine, extra=extra, **kw)
     made.append(sb)
     return sb
 
@@ -398,3 +400,34 @@ def test_a_new_link_replaces_the_old_one_and_closes_its_api_streams(sandboxes: l
     sb.client().sendall(b"ping")
     sid = second.expect(T.OPEN).sid
     assert second.expect(T.DATA, sid).payload == b"ping"
+
+
+def test_spec_on_the_command_line_is_written_and_the_engine_starts_without_start(sandboxes: list[Sandbox]) -> None:
+    """--spec-b64: spec.json is in the outbox before the engine runs, and the engine starts with no
+    START (the first link finds it running or done); a value that is not base64 is a usage error."""
+    import base64
+
+    spec = b'{"run_id": "run-hub-1", "question": "q"}'
+    engine = (
+        "import os; d = os.path.dirname(os.environ['OUTBOX']); data = open(os.path.join(d, 'spec.json')).read();"
+        " open(os.environ['OUTBOX'], 'a').write(data + '\\n')"
+    )
+    sb = _sandbox(sandboxes, engine, extra=("--spec-b64", base64.b64encode(spec).decode()))
+    link = sb.link()
+    welcome = link.hello()
+    assert welcome["state"] in ("running", "exited"), welcome
+    # (an engine that was quicker than the link is reported by the WELCOME itself)
+    exit_doc = welcome["exit"] if welcome["state"] == "exited" else link.expect(T.EXIT).json()
+    assert isinstance(exit_doc, dict)
+    assert exit_doc["exit_code"] == 0, exit_doc
+    assert sb.events.read_bytes() == spec + b"\n"
+    assert (sb.outbox / "spec.json").read_bytes() == spec
+    bad = subprocess.run(
+        [sys.executable, "-m", "agent_image.channel.hub", "--outbox", "/tmp", "--api-socket", "/tmp/x.sock"]
+        + ["--link-socket", "/tmp/y.sock", "--deadline", "0", "--grace", "0", "--run-id", RUN]
+        + ["--spec-b64", "not base64!", "--", "true"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert bad.returncode == 2 and "--spec-b64 is not base64" in bad.stderr, bad.stderr
