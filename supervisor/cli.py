@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -263,17 +264,48 @@ def _remote_runtime(image: str | None, kind: str) -> tuple[Any, str]:
     return runtime, tag
 
 
+_HOUSEKEEPING: list[Any] = []  # futures of the reaper's work, waited for before the CLI exits
+_HOUSEKEEPER: Any = None  # its one worker thread (jobs run in order)
+HOUSEKEEPING_WAIT_S = 60.0
+
+
+def _housekeep(job: Callable[[], object]) -> None:
+    """Run `job` beside the run, in order with earlier jobs: reaping touches only other processes'
+    sandboxes and disks (never this run's: its pid is alive), so the run need not wait for it
+    (an engine call per foreign sandbox on a shared engine)."""
+    global _HOUSEKEEPER
+    if _HOUSEKEEPER is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _HOUSEKEEPER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="massgen-reaper")
+    _HOUSEKEEPING.append(_HOUSEKEEPER.submit(job))
+
+
+def _housekeeping_done() -> None:
+    from concurrent.futures import wait
+
+    wait(_HOUSEKEEPING, timeout=HOUSEKEEPING_WAIT_S)
+    for f in _HOUSEKEEPING:
+        if f.done() and f.exception() is not None:
+            _stderr(f"massgen-run: reaping left-behind sandboxes failed: {f.exception()}")
+    _HOUSEKEEPING.clear()
+
+
 def _reap(runtime: Any) -> None:
     """Finish and remove the sandboxes of massgen-run processes of this host that died.
 
     On a remote engine too: a sandbox is this host's when its log dir (a label) is here and says
     which pid supervised it; others' (another host's log dirs) are left alone.
     """
-    from .reaper import reap_orphans
 
-    n = reap_orphans(runtime)
-    if n:
-        _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
+    def job() -> None:
+        from .reaper import reap_orphans
+
+        n = reap_orphans(runtime)
+        if n:
+            _stderr(f"massgen-run: reaped {n} sandbox(es) left behind by massgen-run processes that died")
+
+    _housekeep(job)
 
 
 def _record_unstartable(printer: _Printer, args: argparse.Namespace, logs_root: Path, detail: str) -> int:
@@ -309,6 +341,13 @@ class _PreflightFailed(Exception):
 
 
 def cmd_run(argv: list[str]) -> int:
+    try:
+        return _cmd_run(argv)
+    finally:
+        _housekeeping_done()  # (before the result lines, when the run got that far)
+
+
+def _cmd_run(argv: list[str]) -> int:
     args = _run_parser().parse_args(argv)
     import asyncio
     import signal
@@ -359,7 +398,7 @@ def cmd_run(argv: list[str]) -> int:
             return _record_unstartable(printer, args, logs_root, "; ".join(exc.problems))
         from .reaper import reap_disks
 
-        reap_disks(runtime, logs_root.parent / "workspaces")
+        _housekeep(lambda: reap_disks(runtime, logs_root.parent / "workspaces"))
     req = RunRequest(
         question=args.question, config_source=args.config, logs_root=logs_root, sandbox=args.sandbox, image=image
     )
@@ -402,6 +441,7 @@ def cmd_run(argv: list[str]) -> int:
         return await record.task
 
     result = asyncio.run(main())
+    _housekeeping_done()
     printer.finish(result)
     return int(result.exit_code)
 
