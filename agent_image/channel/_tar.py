@@ -201,14 +201,19 @@ def check_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 
 
 def make_read_only(root: str) -> None:
-    """chmod a-w everything under `root`, itself included (symlinks are left alone)."""
+    """chmod a-w everything under `root`, and `root` itself when the sandbox's user owns it
+    (symlinks are left alone). A mount point owned by root is left as it is: only its owner may
+    chmod it, and a Kubernetes emptyDir is root's (mode 0777, group fsGroup) while the hub runs
+    as the sandbox's user."""
     for parent, dirs, files in os.walk(root):
         for name in [*dirs, *files]:
             path = os.path.join(parent, name)
             st = os.lstat(path)
             if not stat.S_ISLNK(st.st_mode):
                 os.chmod(path, stat.S_IMODE(st.st_mode) & ~0o222)
-    os.chmod(root, stat.S_IMODE(os.stat(root).st_mode) & ~0o222)
+    st = os.stat(root)
+    if st.st_uid == os.getuid():
+        os.chmod(root, stat.S_IMODE(st.st_mode) & ~0o222)
 
 
 def _extract(reader: _Reader, dest: str, read_only: bool) -> dict[str, Any]:

@@ -431,3 +431,21 @@ def test_spec_on_the_command_line_is_written_and_the_engine_starts_without_start
         timeout=20,
     )
     assert bad.returncode == 2 and "--spec-b64 is not base64" in bad.stderr, bad.stderr
+
+
+def test_read_only_leaves_a_mount_point_it_does_not_own(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only PUT into a folder another user owns (a Kubernetes emptyDir is root's, mode 0777):
+    everything in it loses its write bits, the folder itself is left (chmod would be EPERM)."""
+    root = tmp_path / "ctx"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "f").write_text("x")
+    root.chmod(0o777)
+    _tar.make_read_only(str(root))
+    assert (root.stat().st_mode & 0o777, (root / "sub" / "f").stat().st_mode & 0o222) == (0o555, 0)
+    for p in (root / "sub" / "f", root / "sub", root):
+        p.chmod(0o777)
+    owner = root.stat().st_uid
+    monkeypatch.setattr(os, "getuid", lambda: owner + 1)  # someone else's folder
+    _tar.make_read_only(str(root))
+    assert root.stat().st_mode & 0o777 == 0o777
+    assert (root / "sub").stat().st_mode & 0o222 == 0 and (root / "sub" / "f").stat().st_mode & 0o222 == 0
