@@ -151,7 +151,7 @@ class KubernetesRuntime:
                         kubernetes.config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]  # unannotated
                         with contextlib.suppress(OSError), open(IN_CLUSTER_NAMESPACE, encoding="utf-8") as f:
                             namespace = f.read().strip() or None
-                except (kubernetes.config.ConfigException, OSError, ValueError) as exc:
+                except Exception as exc:  # ConfigException, OSError, a bad file's YAML error: all unusable
                     where = path or "the in-cluster service account (KUBERNETES_SERVICE_HOST)"
                     raise RuntimeUnavailable(f"no usable Kubernetes configuration from {where}: {exc}") from exc
                 self._configuration = self._configuration or cfg
