@@ -272,3 +272,24 @@ def test_voting_sensitivity_adds_its_sentence_to_the_voting_prompt() -> None:
         text = prompts.coordination_prompt("Q", {"agent1": "A"}, "agent2", level)
         assert sentence in text and sentence not in plain
         assert text.endswith(prompts.ENFORCEMENT)
+
+
+def test_the_engine_turns_the_collector_back_on_once_its_backends_are_built(tmp_path: Path) -> None:
+    """`python -m agent_image run-spec` starts with gc off (start-up makes only long-lived objects):
+    run_engine freezes them and re-enables collection before the run proper; a gc left on is left alone."""
+    import gc
+
+    (tmp_path / "off").mkdir()
+    (tmp_path / "on").mkdir()
+    gc.disable()
+    try:
+        outcome, _w = run(tmp_path / "off", _cfg([scripted("a", {"answer": "4"}, {"vote": "agent1"})]))
+        assert outcome.exit_code == 0
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > 0
+        gc.unfreeze()
+        outcome, _w = run(tmp_path / "on", _cfg([scripted("a", {"answer": "4"}, {"vote": "agent1"})]))
+        assert outcome.exit_code == 0 and gc.isenabled() and gc.get_freeze_count() == 0
+    finally:
+        gc.enable()
+        gc.unfreeze()
