@@ -48,7 +48,7 @@ def client_sdk() -> SimpleNamespace:
     """The `mcp` SDK's client side: `ClientSession`, `types`, `SessionMessage`.
 
     `mcp/__init__.py` imports the server side too (FastMCP, uvicorn, starlette, jsonschema:
-    about two thirds of the SDK's import time, none of it used by a client). So the package
+    half or more of the SDK's import time, none of it used by a client). So the package
     module is registered without running its `__init__` and the client's submodules are
     imported under it; the first lookup of a name only `__init__` defines (`mcp.FastMCP`,
     `from mcp import ClientSession`) runs it then, so the package stays complete for anyone
