@@ -78,9 +78,19 @@ def server_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _server(path: Path, ws: Path, *, args: tuple[str, ...] = (), **cfg: Any) -> McpServer:
+def _server(
+    path: Path, ws: Path, *, args: tuple[str, ...] = (), prestarted: launch.ServerProcess | None = None, **cfg: Any
+) -> McpServer:
     config = McpServerConfig(name="probe", command=sys.executable, args=[str(path), *args], **cfg)
-    return McpServer(config, agent="a", workspace=ws, env=minimal_env(), call_timeout=10, max_output_bytes=64_000)
+    return McpServer(
+        config,
+        agent="a",
+        workspace=ws,
+        env=minimal_env(),
+        call_timeout=10,
+        max_output_bytes=64_000,
+        prestarted=prestarted,
+    )
 
 
 def _alive(pid: int) -> bool:
@@ -289,8 +299,7 @@ def test_a_prestarted_server_is_adopted_and_another_launch_is_stopped(server_fil
         }
         early = await launch.prestart(_raw_spec(tmp_path, backend), minimal_env())
         same = early.pop(("a", "probe"))
-        s = _server(server_file, ws)
-        s._prestarted = same  # as AgentTools hands it over
+        s = _server(server_file, ws, prestarted=same)  # as AgentTools hands it over
         await s.start(30)
         info = await s.call("mcp__probe__info", {})
         await s.aclose()
@@ -298,8 +307,7 @@ def test_a_prestarted_server_is_adopted_and_another_launch_is_stopped(server_fil
         moved = {"name": "probe", "command": sys.executable, "args": [str(server_file), "--x"]}
         other = await launch.prestart(_raw_spec(tmp_path, {**backend, "mcp_servers": [moved]}), minimal_env())
         stale = other.pop(("a", "probe"))
-        t = _server(server_file, ws)
-        t._prestarted = stale
+        t = _server(server_file, ws, prestarted=stale)
         await t.start(30)
         info2 = await t.call("mcp__probe__info", {})
         await t.aclose()
