@@ -18,7 +18,7 @@ from agent_image.protocol.config import RunConfig
 
 from .diskquota import DiskUse
 from .errors import PolicyError, SnapshotError
-from .lifecycle import RunExecution, RunHooks
+from .lifecycle import WORKSPACE_IN_SANDBOX, RunExecution, RunHooks
 from .runtime.base import Mount
 from .snapshot import DEFAULT_LIMIT_BYTES, DEFAULT_LIMIT_ENTRIES, SnapshotBudget, snapshot_dir_async
 from .sockets import socket_root
@@ -147,6 +147,14 @@ class ChildHooks(RunHooks):
         # One snapshot per distinct source folder, however often a config lists it.
         snapshots: dict[Path, Path] = {}
         for i, cp in enumerate(config.orchestrator.context_paths):
+            in_sandbox = self._in_linked_workspace(cp.path)
+            if in_sandbox is not None:
+                # The parent's workspace is in its sandbox only (no shared filesystem): the
+                # snapshot is fetched from there through the parent's run channel.
+                dest = me.execution.paths.log_dir / "context" / str(i)
+                await self._fetch(cp.path, in_sandbox, dest)
+                out.append(dest)
+                continue
             real, root, writable = resolve_view_path(self.parent, cp.path)
             if not writable:
                 out.append(real)  # a user-given host folder, read-only everywhere: mount it
@@ -160,6 +168,68 @@ class ChildHooks(RunHooks):
             snapshots[real] = dest
             out.append(dest)
         return out
+
+    def _in_linked_workspace(self, requested: str) -> str | None:
+        """The sandbox path of `requested` when it is in a linked parent's workspace, else None."""
+        if not self.parent.execution.linked or not posixpath.isabs(requested):
+            return None
+        norm = posixpath.normpath(requested)
+        if norm == WORKSPACE_IN_SANDBOX or norm.startswith(WORKSPACE_IN_SANDBOX + "/"):
+            return norm
+        return None
+
+    def _snapshot_budget(self) -> tuple[SnapshotBudget, DiskUse]:
+        account = self.parent.execution.disk
+        room = account.remaining() if account is not None else DiskUse(DEFAULT_LIMIT_BYTES, DEFAULT_LIMIT_ENTRIES)
+        return SnapshotBudget(min(DEFAULT_LIMIT_BYTES, room.bytes), min(DEFAULT_LIMIT_ENTRIES, room.inodes)), room
+
+    async def _fetch(self, requested: str, path: str, dest: Path) -> None:
+        """Copy a folder of a linked parent's sandbox for the child, through the parent's channel.
+
+        The tar is the sandbox's (untrusted): extracted under the data filter's rules, so links
+        leaving the copy are left out; everything it can hold is the parent sandbox's own.
+
+        Raises:
+            PolicyError: path_missing when the sandbox has no such path, disk_quota_exceeded past
+                the parent's budget (or the per-snapshot limit), path_not_allowed otherwise.
+        """
+        from .channel import ChannelLost, TransferError
+
+        channel = self.parent.execution.channel
+        budget, room = self._snapshot_budget()
+        failure: PolicyError | None = None
+        got = 0
+        if channel is None:
+            failure = PolicyError("path_not_allowed", f"{requested}: the parent's sandbox cannot be reached")
+        else:
+            try:
+                got = await channel.get_tree(path, dest, budget.limit_bytes)
+            except TransferError as exc:
+                text = str(exc)
+                if "FileNotFoundError" in text:
+                    failure = PolicyError("path_missing", f"{requested}: does not exist")
+                elif "over max_bytes" in text:
+                    failure = PolicyError(
+                        "disk_quota_exceeded",
+                        f"{requested}: over {budget.limit_bytes} bytes (the parent has {room.describe()} left)",
+                    )
+                else:
+                    failure = PolicyError("path_not_allowed", f"{requested}: {text}")
+            except (ChannelLost, OSError) as exc:
+                failure = PolicyError("path_not_allowed", f"{requested}: cannot fetch it from the parent: {exc}")
+        if failure is not None:
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise failure
+        entries = await asyncio.to_thread(lambda: sum(1 for _ in dest.rglob("*")))
+        if entries > budget.limit_entries:
+            await asyncio.to_thread(shutil.rmtree, dest, True)
+            raise PolicyError(
+                "disk_quota_exceeded",
+                f"{requested}: more than {budget.limit_entries} entries (the parent run has {room.describe()} left)",
+            )
+        account = self.parent.execution.disk
+        if account is not None:
+            account.charge_snapshot(DiskUse(got, entries + 1))
 
     async def _snapshot(self, requested: str, root: Path, real: Path, dest: Path) -> None:
         """Copy a folder for the child, charged to the parent's disk budget (and so its tree's).

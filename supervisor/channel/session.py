@@ -614,6 +614,8 @@ class ChannelSession:
         try:
             await extracting
         except (tarfile.TarError, OSError) as exc:
+            if not doc.get("ok"):  # the sandbox's reason, not what its missing tar did to ours
+                raise TransferError(f"getting {path} from the sandbox: {doc.get('error')}") from exc
             raise TransferError(f"extracting {path} from the sandbox: {exc}") from exc
         if not doc.get("ok"):
             raise TransferError(f"getting {path} from the sandbox: {doc.get('error')}")
