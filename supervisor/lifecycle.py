@@ -630,7 +630,7 @@ class RunExecution:
         return engine_image_problem(labels, image, self.req.image)
 
     async def _execute(self, config: RunConfig, raw: dict[str, Any], contexts: list[Path]) -> RunResult:
-        paths, mat, runtime = self.paths, self.mat, self.runtime
+        paths, mat = self.paths, self.mat
         assert paths is not None and mat is not None
         grace = config.sandbox.stop_grace_seconds
         detached = False
@@ -668,10 +668,13 @@ class RunExecution:
                         return self._end(Verdict(Reason.IMAGE_INVALID, problem))
                     self._write_spec()
                     try:
-                        handle = await asyncio.to_thread(runtime.start, spec)
+                        handle = await self._start_sandbox(spec)
                     except ImageMissing as exc:
                         return self._end(Verdict(Reason.IMAGE_MISSING, str(exc)))
                     except SandboxStartFailed as exc:
+                        if self.control.interrupt.is_set():
+                            why = self.control.interrupt_reason
+                            return self._end(Verdict(Reason.INTERRUPTED, f"{why} while the sandbox was starting"))
                         failed = Reason.START_FAILED if self.linked else Reason.CONTAINER_CRASHED
                         return self._end(Verdict(failed, str(exc)))
                     except ContainerRuntimeError as exc:
@@ -701,6 +704,24 @@ class RunExecution:
                 # the follower already did).
                 await asyncio.shield(self._release_disk())
             await asyncio.shield(self.hooks.stop_services(self))
+
+    async def _start_sandbox(self, spec: SandboxSpec) -> SandboxHandle:
+        """`runtime.start` on a thread. A runtime whose start may wait long (a Kubernetes pod
+        pulling its image) has `cancel_start`: an interrupt meanwhile cancels it (the start then
+        raises SandboxStartFailed, after removing what it created)."""
+        start = asyncio.ensure_future(asyncio.to_thread(self.runtime.start, spec))
+        cancel = getattr(self.runtime, "cancel_start", None)
+        if cancel is None:
+            return await start
+        interrupted = asyncio.ensure_future(self.control.interrupt.wait())
+        try:
+            await asyncio.wait([start, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupted.cancel()
+        if not start.done():
+            cancel(spec.run_id)
+        handle: SandboxHandle = await start
+        return handle
 
     def _write_spec(self) -> None:
         paths = self.paths

@@ -277,3 +277,42 @@ def test_the_pods_output_is_streamed_to_the_log_dir(fake_kubeconfig: Path, tmp_p
     pod_log = (log_dir / "sandbox" / "pod.log").read_text()
     assert "massgen-hub: listening" in pod_log and "massgen-hub: engine exited code=0" in pod_log
     assert "---- sandbox output ----" in (log_dir / "massgen.log").read_text()
+
+
+def test_sigint_while_the_pod_pulls_its_image_exits_4_at_once(
+    fake_kube: FakeKubeAPI, fake_kubeconfig: Path, tmp_path: Path
+) -> None:
+    """Ctrl+C while the Job's pod is still Pending (an image pull): exit 4 interrupted within
+    seconds, not after the start timeout, and its Job deleted."""
+    import signal
+
+    from tests.cli_helpers import start_cli
+
+    proc, log_dir = start_cli(
+        ["--automation", "--sandbox", "docker", "--runtime", "kubernetes", "--image", "massgen-sandbox/agent:no-such-tag",
+         "--config", "@examples/quickstart", "q"],
+        tmp_path,
+        MASSGEN_K8S_KUBECONFIG=str(fake_kubeconfig),
+        MASSGEN_K8S_START_TIMEOUT="120",
+    )  # fmt: skip
+    try:
+        end = time.monotonic() + 60
+        while not fake_kube.call(lambda: list(fake_kube.cluster.pods)) and time.monotonic() < end:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        took = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 4, out + err
+    assert took < 20, took  # the start timeout is 120 s
+    result = load(log_dir / "result.json")
+    assert (result["reason"], result["detail"]) == (
+        "interrupted",
+        "interrupted by SIGINT while the sandbox was starting",
+    ), result
+    assert _until_empty(fake_kube) == {"jobs": [], "pods": [], "containers": []}

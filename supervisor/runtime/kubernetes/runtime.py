@@ -117,6 +117,7 @@ class KubernetesRuntime:
         self._client: kubernetes.client.ApiClient | None = None
         # The last state of recent Jobs (the oldest dropped past SEEN_MAX: a daemon runs for long).
         self._seen: collections.OrderedDict[str, _Seen] = collections.OrderedDict()
+        self._cancelled: set[str] = set()  # run ids whose start() is to give up (cancel_start)
 
     # -- plumbing ---------------------------------------------------------------------------
 
@@ -347,6 +348,7 @@ class KubernetesRuntime:
             while True:
                 job, pod, rv = self._observe(name)
                 if states.is_running(pod) or states.is_terminal(pod):
+                    self._cancelled.discard(spec.run_id)  # too late: the run stops as a running one
                     log.info("sandbox started run_id=%s job=%s pod=%s", spec.run_id, name, _name(pod))
                     self._follow_logs(name, pod)
                     return handle
@@ -360,11 +362,14 @@ class KubernetesRuntime:
                 if states.stuck(pod):
                     problem = states.start_problem(pod)
                     break
+                if spec.run_id in self._cancelled:
+                    problem = f"the start was cancelled while the pod was {states.start_problem(pod) or 'pending'}"
+                    break
                 left = end - time.monotonic()
                 if left <= 0:
                     problem = f"the pod did not start within {limit:g}s: {states.start_problem(pod) or 'pending'}"
                     break
-                self._watch_pods(name, rv, min(left, 5.0))
+                self._watch_pods(name, rv, min(left, 1.0))  # (1 s: a cancel is seen that soon)
         except RuntimeUnavailable:
             self._delete_quietly(handle, 0)
             raise
@@ -372,10 +377,16 @@ class KubernetesRuntime:
         pod = self._seen_for(name).pod
         events = self._events(name, pod)
         detail = f"{problem}; events: {events}"
-        log.warning("run_id=%s job=%s did not start: %s", spec.run_id, name, detail)
+        log.info("run_id=%s job=%s did not start: %s", spec.run_id, name, detail)
         self._delete_quietly(handle, 0)
         self._wait_gone(name, 30.0)
+        self._cancelled.discard(spec.run_id)
         raise SandboxStartFailed(spec.run_id, detail)
+
+    def cancel_start(self, run_id: str) -> None:
+        """Make a `start` of `run_id` waiting for its pod give up within a second (an interrupt):
+        it deletes the Job and raises SandboxStartFailed. Thread-safe; unknown ids are fine."""
+        self._cancelled.add(run_id)
 
     def _events(self, job_name: str, pod: Mapping[str, Any] | None) -> str:
         """The pod's (and Job's) events, one line each, as `kubectl describe` would list them."""
