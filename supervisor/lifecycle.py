@@ -1170,7 +1170,7 @@ class RunExecution:
         while True:
             try:
                 info = await asyncio.to_thread(self.runtime.wait, handle, 1.0)
-            except RuntimeUnavailable:
+            except ContainerRuntimeError:  # unreachable or refused: the link's own timeout decides
                 info = None
             if info is not None:
                 return int(info.exit_code)
