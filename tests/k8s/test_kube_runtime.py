@@ -316,3 +316,22 @@ def test_sigint_while_the_pod_pulls_its_image_exits_4_at_once(
         "interrupted by SIGINT while the sandbox was starting",
     ), result
     assert _until_empty(fake_kube) == {"jobs": [], "pods": [], "containers": []}
+
+
+def test_stop_without_a_channel_deletes_with_the_grace_and_keeps_the_last_state(kube: KubernetesRuntime) -> None:
+    """stop(grace): the pod's deletion with that grace (SIGTERM, SIGKILL after it); once the pod
+    and Job are gone, wait() and facts() still tell its exit from the last state seen."""
+    handle = kube.start(_spec("k8s-stop-1", "sh", "-c", "trap 'exit 42' TERM; echo up; while :; do sleep 0.1; done"))
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    kube.stop(handle, 5.0)
+    info = kube.wait(handle, 30.0)
+    assert info is not None and info.exit_code == 42, info  # the SIGTERM's own exit, within the grace
+    assert time.monotonic() - t0 < 5.0 + 5
+    end = time.monotonic() + 30
+    while kube.facts(handle).state != "removed" and time.monotonic() < end:
+        time.sleep(0.2)
+    assert kube.facts(handle).state == "removed"
+    again = kube.wait(handle, 1.0)
+    assert again is not None and again.exit_code == 42
+    assert b"up" in kube.logs(handle)
