@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent_image.channel._tar import extract_stream
 from agent_image.channel.frames import (
     DATA_CHUNK,
     VERSION,
@@ -36,6 +35,7 @@ from agent_image.channel.frames import (
 )
 
 from ..runtime.base import ByteStream
+from .untar import extract_untrusted
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +581,8 @@ class ChannelSession:
         """Copy the sandbox's folder `path` into the host folder `dest`; tar bytes received.
 
         What the sandbox sends is untrusted: extraction uses tarfile's `data` filter (no
-        absolute paths, no `..`, no links leaving `dest`, no devices, no setuid bits).
+        absolute paths, no `..`, no links leaving `dest`, no devices, no setuid bits), and
+        writes nothing through a symlink (`untar.extract_untrusted`).
 
         Raises:
             ChannelLost: the link went down.
@@ -596,9 +597,9 @@ class ChannelSession:
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
 
         def extract() -> None:
-            # The data filter's rules on any Python 3.11 (3.11.2 has no tarfile filter): the
-            # hub's own extraction, so both ends refuse the same members.
-            doc = extract_stream(_QueueReader(sink), str(dest))
+            # The data filter's rules on any Python 3.11, and no write through a symlink whatever
+            # the host's realpath does (untar.py).
+            doc = extract_untrusted(_QueueReader(sink), str(dest))
             if doc["refused"]:
                 self._note(f"refused {doc['refused']} member(s) from the sandbox: {doc['skipped'][:3]}", "warning")
 

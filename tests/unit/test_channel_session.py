@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
 import socket
 import tarfile
 from pathlib import Path
@@ -199,3 +200,96 @@ def test_api_streams_past_the_cap_are_closed(tmp_path: Path) -> None:
             server.close()
 
     asyncio.run(main())
+
+
+def _tar(members: list[tuple[str, bytes, str, bytes]]) -> bytes:
+    """A tar of (name, type, linkname, data) members, in order (names may repeat)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, target, data in members:
+            info = tarfile.TarInfo(name)
+            info.type = kind
+            info.linkname = target
+            info.mode = 0o755 if kind == tarfile.DIRTYPE else 0o644
+            info.size = len(data) if kind == tarfile.REGTYPE else 0
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+    return buf.getvalue()
+
+
+def _get_blob(tmp_path: Path, dest: Path, blob: bytes) -> None:
+    async def main() -> None:
+        session, hubs = await _session(tmp_path)
+        try:
+            await hubs[0].welcome()
+            await session.wait_connected(5)
+            job = asyncio.create_task(session.get_tree("/workspace", dest, 64 << 20))
+            get = await hubs[0].expect(T.GET)
+            for i in range(0, len(blob), 65536):
+                await hubs[0].send(encode(T.DATA, get.sid, blob[i : i + 65536]))
+            await hubs[0].send(encode_json(T.DONE, {"ok": True, "bytes": len(blob)}, get.sid))
+            await job
+        finally:
+            await session.close()
+
+    asyncio.run(main())
+
+
+def _no_link_leaves(dest: Path) -> None:
+    root = os.path.realpath(dest)
+    for parent, dirs, files in os.walk(dest):
+        for name in dirs + files:
+            path = os.path.join(parent, name)
+            if os.path.islink(path):
+                real = os.path.realpath(path)
+                assert os.path.commonpath([real, root]) == root, f"{path} -> {real}"
+
+
+def test_a_tar_that_outgrows_realpath_cannot_write_outside_the_destination(tmp_path: Path) -> None:
+    # CVE-2025-4517: symlinks whose expansion passes PATH_MAX stop os.path.realpath (as the data
+    # filter of Pythons before 3.11.13 / 3.12.11 uses it), so a link out looks inside; a hard link
+    # through it then overwrites a host file, and a file through it creates one.
+    outer = tmp_path / "ws"
+    dest = outer / "dest"
+    dest.mkdir(parents=True)
+    (outer / "flag").write_text("original")
+    steps = "abcdefghijklmnop"
+    comp = "d" * ((os.pathconf(outer, "PC_PATH_MAX") - len(str(dest)) - 1) // (len(steps) + 1))
+    members: list[tuple[str, bytes, str, bytes]] = []
+    path = ""
+    for step in steps:
+        members.append((os.path.join(path, comp), tarfile.DIRTYPE, "", b""))
+        members.append((os.path.join(path, step), tarfile.SYMTYPE, comp, b""))
+        path = os.path.join(path, comp)
+    linkpath = os.path.join(*steps, "l" * 254)
+    members += [
+        (linkpath, tarfile.SYMTYPE, os.path.join(*[".."] * len(steps)), b""),
+        ("escape", tarfile.SYMTYPE, os.path.join(linkpath, ".."), b""),
+        ("flaglink", tarfile.LNKTYPE, "escape/flag", b""),
+        ("flaglink", tarfile.REGTYPE, "", b"overwritten"),
+        ("escape/newfile", tarfile.REGTYPE, "", b"new"),
+    ]
+    _get_blob(tmp_path, dest, _tar(members))
+    assert (outer / "flag").read_text() == "original"
+    assert sorted(os.listdir(outer)) == ["dest", "flag"]
+    _no_link_leaves(dest)
+
+
+def test_a_hard_link_to_a_refused_symlink_does_not_become_that_symlink(tmp_path: Path) -> None:
+    # tarfile falls back to extracting a hard link's target member (unfiltered) when os.link
+    # fails: a hard link to a refused `out -> /etc` would be made as that very symlink.
+    dest = tmp_path / "ws" / "dest"
+    members = [
+        ("out", tarfile.SYMTYPE, "/etc", b""),
+        ("h", tarfile.LNKTYPE, "out", b""),
+        ("x", tarfile.DIRTYPE, "", b""),
+        ("dot", tarfile.SYMTYPE, ".", b""),
+        ("up", tarfile.SYMTYPE, "dot/..", b""),  # lexically inside, really dest's parent
+        ("ok", tarfile.REGTYPE, "", b"ok"),
+        ("ok-link", tarfile.SYMTYPE, "x/../ok", b""),
+        ("ok-hard", tarfile.LNKTYPE, "ok", b""),
+    ]
+    _get_blob(tmp_path, dest, _tar(members))
+    _no_link_leaves(dest)
+    assert not (dest / "h").is_symlink()
+    assert (dest / "ok-link").read_text() == "ok"  # links that stay inside are kept
+    assert (dest / "ok-hard").read_text() == "ok"
