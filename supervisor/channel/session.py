@@ -127,6 +127,7 @@ class _Link:
                         # frames is read no faster (memory stays bounded).
                         while self._pending > PENDING_BYTES and not self._dead:
                             self._pending_cv.wait(0.5)
+                            self.last_rx = time.monotonic()  # we are slow, the link is not silent
                         self._pending += len(frame.payload) + 9
                     self.loop.call_soon_threadsafe(self._handle, frame)
         except FrameError as exc:
@@ -135,6 +136,18 @@ class _Link:
             self.error = f"read failed: {exc}"
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             self.loop.call_soon_threadsafe(self.close, self.error or "the sandbox closed the link")
+
+    def hold(self, n: int) -> None:
+        """Count `n` bytes of a handled frame as pending again, until `release` (a GET's data
+        waiting for its extracting thread: the reader stops reading past PENDING_BYTES)."""
+        with self._pending_cv:
+            self._pending += n
+
+    def release(self, n: int) -> None:
+        """`n` held bytes are consumed (any thread)."""
+        with self._pending_cv:
+            self._pending -= n
+            self._pending_cv.notify_all()
 
     def _handle(self, frame: Frame) -> None:
         with self._pending_cv:
@@ -168,13 +181,16 @@ class _Transfer:
     sink: queue.SimpleQueue[bytes | None] | None = None  # GET: bytes for the extracting thread
     received: int = 0
     max_bytes: int = 0
+    link: _Link | None = None  # a GET's: holds the bytes in `sink` as pending on it
+    finished: bool = False  # a GET's extraction is over: its further data is dropped
 
 
 class _QueueReader:
     """What the extracting thread reads (`read`, `count`), fed from the event loop's DATA frames."""
 
-    def __init__(self, q: queue.SimpleQueue[bytes | None]) -> None:
+    def __init__(self, q: queue.SimpleQueue[bytes | None], release: Callable[[int], None]) -> None:
         self._q = q
+        self._release = release
         self._buf = b""
         self._eof = False
         self.count = 0
@@ -185,6 +201,7 @@ class _QueueReader:
             if chunk is None:
                 self._eof = True
             else:
+                self._release(len(chunk))
                 self._buf = chunk
         if n < 0:
             n = len(self._buf)
@@ -485,6 +502,9 @@ class ChannelSession:
                 if not tr.done.done():
                     tr.done.set_exception(TransferError(f"the sandbox sent more than {tr.max_bytes} bytes"))
                 return
+            if tr.finished or tr.link is None:
+                return
+            tr.link.hold(len(frame.payload))
             tr.sink.put(frame.payload)
 
     def _close(self, sid: int) -> None:
@@ -592,14 +612,25 @@ class ChannelSession:
         sid = self._sid()
         done: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         sink: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        tr = _Transfer(sid, done, sink=sink, max_bytes=max_bytes)
+        tr = _Transfer(sid, done, sink=sink, max_bytes=max_bytes, link=link)
         self._transfers[sid] = tr
         await asyncio.to_thread(dest.mkdir, parents=True, exist_ok=True)
+
+        def release_left() -> None:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    chunk = sink.get_nowait()
+                    if chunk is not None:
+                        link.release(len(chunk))
 
         def extract() -> None:
             # The data filter's rules on any Python 3.11, and no write through a symlink whatever
             # the host's realpath does (untar.py).
-            doc = extract_untrusted(_QueueReader(sink), str(dest))
+            try:
+                doc = extract_untrusted(_QueueReader(sink, link.release), str(dest))
+            finally:
+                tr.finished = True
+                release_left()
             if doc["refused"]:
                 self._note(f"refused {doc['refused']} member(s) from the sandbox: {doc['skipped'][:3]}", "warning")
 
@@ -618,6 +649,8 @@ class ChannelSession:
             if not doc.get("ok"):  # the sandbox's reason, not what its missing tar did to ours
                 raise TransferError(f"getting {path} from the sandbox: {doc.get('error')}") from exc
             raise TransferError(f"extracting {path} from the sandbox: {exc}") from exc
+        finally:
+            release_left()  # a chunk the loop queued as the thread finished
         if not doc.get("ok"):
             raise TransferError(f"getting {path} from the sandbox: {doc.get('error')}")
         return tr.received

@@ -10,6 +10,10 @@ after every other member, and one is kept only if its target, walked component b
 stays inside the destination and passes through no other symlink (its last component may be a
 symlink kept by the same rule). Hard links are made here (to regular files only), never by
 tarfile, whose fallback would extract the unfiltered target member in their place.
+
+What the sandbox can make the host hold is bounded too: an extended header (pax, GNU long
+name) is read whole into memory by tarfile, so one past MAX_HEADER_BYTES ends the extraction;
+and the members read are not kept (tarfile keeps every TarInfo of a stream it reads).
 """
 
 from __future__ import annotations
@@ -20,6 +24,26 @@ import tarfile
 from typing import Any
 
 from agent_image.channel._tar import _TRUSTED, MAX_SKIPPED, Refused, check_member
+
+MAX_HEADER_BYTES = 1 << 20
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
+class _BoundedInfo(tarfile.TarInfo):
+    """A TarInfo that refuses an extended header too large to hold in memory."""
+
+    def _proc_member(self, tarfile_: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _EXTENDED and self.size > MAX_HEADER_BYTES:
+            raise tarfile.SubsequentHeaderError(  # type: ignore[attr-defined]  # next() makes it a ReadError
+                f"an extended header of {self.size} bytes (at most {MAX_HEADER_BYTES})"
+            )
+        return super()._proc_member(tarfile_)  # type: ignore[misc,no-any-return]
 
 
 def _parts(rel: str) -> list[str]:
@@ -64,8 +88,9 @@ def extract_untrusted(reader: Any, dest: str) -> dict[str, Any]:
     dest = os.path.realpath(dest)
     doc: dict[str, Any] = {"ok": True, "skipped": [], "refused": 0}
     links: list[tarfile.TarInfo] = []
-    with tarfile.open(fileobj=reader, mode="r|*") as tf:
-        for member in tf:
+    with tarfile.open(fileobj=reader, mode="r|*", tarinfo=_BoundedInfo) as tf:
+        while (member := tf.next()) is not None:
+            tf.members.clear()  # type: ignore[attr-defined]  # what a stream has read (kept for nothing here)
             try:
                 safe = check_member(member, dest)
                 at = _walk(dest, [], safe.name, final_link_ok=False)

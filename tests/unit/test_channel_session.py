@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import io
 import os
 import socket
 import tarfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ import pytest
 
 from agent_image.channel.frames import VERSION, Decoder, Frame, T, encode, encode_json, encode_offset
 from supervisor.channel import ChannelSession
-from supervisor.channel.session import MAX_STREAMS
+from supervisor.channel.session import MAX_STREAMS, PENDING_BYTES
+from supervisor.channel.untar import extract_untrusted
 
 RUN = "log_20261202_000000_000000_abcdef"
 
@@ -293,3 +296,91 @@ def test_a_hard_link_to_a_refused_symlink_does_not_become_that_symlink(tmp_path:
     assert not (dest / "h").is_symlink()
     assert (dest / "ok-link").read_text() == "ok"  # links that stay inside are kept
     assert (dest / "ok-hard").read_text() == "ok"
+
+
+class _Feed:
+    """A reader over chunks made on demand (`count` as the session's reader has it)."""
+
+    def __init__(self, chunks: Any) -> None:
+        self._chunks = iter(chunks)
+        self._buf = b""
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._buf:
+            self._buf = next(self._chunks, b"")
+        n = len(self._buf) if n < 0 else n
+        out, self._buf = self._buf[:n], self._buf[n:]
+        self.count += len(out)
+        return out
+
+
+def test_an_extended_header_too_large_to_hold_ends_the_extraction(tmp_path: Path) -> None:
+    # tarfile reads a pax header whole into memory (and several copies while parsing it): one
+    # claiming 1 GiB would cost the host that much, whatever the GET's byte cap.
+    head = tarfile.TarInfo("././@PaxHeader")
+    head.type = tarfile.XHDTYPE
+    head.size = 1 << 30
+    block = head.tobuf(format=tarfile.USTAR_FORMAT)
+    reader = _Feed([block] + [b"9 a=b\n" * 10922] * 128)  # 8 MiB of it, then the end
+    with pytest.raises(tarfile.ReadError, match="extended header"):
+        extract_untrusted(reader, str(tmp_path / "d"))
+    assert reader.count < 1 << 20
+
+
+def test_the_members_read_are_not_kept(tmp_path: Path) -> None:
+    # tarfile keeps the TarInfo of every member a stream has passed: a tar of millions of refused
+    # (so free on disk) members would hold gigabytes of them.
+    blob = _tar([(f"/dev/f{i}", tarfile.FIFOTYPE, "", b"") for i in range(2000)])
+    live: list[int] = []
+
+    def count() -> None:
+        live.append(sum(isinstance(o, tarfile.TarInfo) for o in gc.get_objects()))
+
+    def chunks() -> Any:
+        parts = [blob[i : i + 10240] for i in range(0, len(blob), 10240)]
+        yield from parts[:-1]
+        count()  # every member but those of the last 10 KiB has been read
+        yield parts[-1]
+
+    doc = extract_untrusted(_Feed(chunks()), str(tmp_path))
+    assert doc["refused"] == 2000
+    assert live and live[0] < 50
+
+
+def test_a_get_faster_than_its_extraction_is_read_no_faster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GET's bytes waiting for the extracting thread were an unbounded queue: a sandbox
+    # sending faster than the host extracts (tiny files, a slow disk, or a tar the extraction
+    # stopped reading) made the host hold up to the byte cap (twice the disk budget, or 4 GiB).
+    import supervisor.channel.session as session_mod
+
+    held: list[int] = []
+
+    def slow(reader: Any, dest: str) -> dict[str, Any]:
+        while reader.read(65536):
+            time.sleep(0.005)
+        return {"ok": True, "refused": 0, "skipped": [], "bytes": reader.count}
+
+    monkeypatch.setattr(session_mod, "extract_untrusted", slow)
+
+    async def main() -> None:
+        session, hubs = await _session(tmp_path)
+        try:
+            await hubs[0].welcome()
+            await session.wait_connected(5)
+            job = asyncio.create_task(session.get_tree("/workspace", tmp_path / "d", 1 << 30))
+            get = await hubs[0].expect(T.GET)
+            tr = session._transfers[get.sid]
+            chunk = encode(T.DATA, get.sid, b"\0" * 65536)
+            flood = asyncio.create_task(hubs[0].send(chunk * 768))  # 48 MiB
+            for _ in range(30):
+                await asyncio.sleep(0.05)
+                assert tr.sink is not None
+                held.append(tr.sink.qsize() * 65536)
+            flood.cancel()
+            job.cancel()
+        finally:
+            await session.close()
+
+    asyncio.run(main())
+    assert max(held) <= PENDING_BYTES + (1 << 20), max(held)
