@@ -258,7 +258,9 @@ class Hub:
         self.kill_group(signal.SIGKILL)
 
     def engine_exited(self, code: int, signum: int | None) -> None:
-        self.exit = {"exit_code": code, "signal": signum}
+        # The engine is gone, so its events file is complete: its size tells the supervisor how
+        # many bytes to wait for before BYE (EVENTS may still be on their way behind this frame).
+        self.exit = {"exit_code": code, "signal": signum, "outbox_size": self.outbox_size()}
         self.log(f"engine exited code={code} signal={signum}")
         if self.link is not None and not self.link.closed:
             self.link.send_nowait(frames.encode_json(T.EXIT, self.exit))

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -354,11 +355,39 @@ def test_start_signal_exit_and_bye_exit_with_the_engines_code(sandboxes: list[Sa
     link.send(T.BYE)  # before EXIT: ignored
     time.sleep(0.3)
     link.send_json(T.SIGNAL, {"signal": int(signal.SIGTERM)})
-    assert link.expect(T.EXIT).json() == {"exit_code": 143, "signal": 15}
+    assert link.expect(T.EXIT).json() == {"exit_code": 143, "signal": 15, "outbox_size": 0}
     again = sb.link()
-    assert again.hello()["exit"] == {"exit_code": 143, "signal": 15}
+    assert again.hello()["exit"] == {"exit_code": 143, "signal": 15, "outbox_size": 0}
     again.send(T.BYE)
     assert sb.proc.wait(5) == 143
+
+
+def test_exit_names_the_outbox_size_after_the_engines_last_write(sandboxes: list[Sandbox]) -> None:
+    """An engine that writes its last events and exits at once: EXIT carries the events file's final
+    size (the supervisor waits for that many bytes before BYE), and EVENTS deliver all of them."""
+    engine = (
+        "import os\nfd = os.open(os.environ['OUTBOX'], os.O_WRONLY | os.O_APPEND | os.O_CREAT)\n"
+        'for i in range(400):\n    os.write(fd, b\'{"seq": %d, "pad": "%s"}\\n\' % (i, b\'y\' * 700))\n'
+    )
+    sb = _sandbox(sandboxes, engine)
+    link = sb.link()
+    link.hello()
+    link.send(T.START)
+    got: list[tuple[int, bytes]] = []
+    exit_doc: dict[str, Any] | None = None
+    end = time.monotonic() + 20
+    while exit_doc is None or sum(len(d) for _, d in got) < exit_doc["outbox_size"]:
+        assert time.monotonic() < end, (exit_doc, sum(len(d) for _, d in got))
+        f = link.next()
+        assert f is not None, "link closed"
+        if f.type is T.EVENTS:
+            got.append(f.offset())
+        elif f.type is T.EXIT:
+            exit_doc = f.json()
+    final = sb.events.read_bytes()
+    assert exit_doc == {"exit_code": 0, "signal": None, "outbox_size": len(final)}
+    assert len(final) > 280_000
+    assert b"".join(d for _, d in got) == final
 
 
 def test_engine_exit_code_orphan_timeout_and_sigterm_before_start(sandboxes: list[Sandbox]) -> None:
@@ -367,7 +396,7 @@ def test_engine_exit_code_orphan_timeout_and_sigterm_before_start(sandboxes: lis
     link = sb.link()
     link.hello()
     link.send(T.START)
-    assert link.expect(T.EXIT).json() == {"exit_code": 5, "signal": None}
+    assert link.expect(T.EXIT).json() == {"exit_code": 5, "signal": None, "outbox_size": 0}
     assert sb.proc.wait(5) == 5
     idle = _sandbox(sandboxes)
     idle.proc.send_signal(signal.SIGTERM)
@@ -383,7 +412,7 @@ def test_deadline_backstop_kills_an_engine_that_ignores_sigterm(sandboxes: list[
     link.send(T.START)
     time.sleep(0.3)
     link.send_json(T.SIGNAL, {"signal": int(signal.SIGTERM)})
-    assert link.expect(T.EXIT, timeout=5).json() == {"exit_code": 137, "signal": 9}
+    assert link.expect(T.EXIT, timeout=5).json() == {"exit_code": 137, "signal": 9, "outbox_size": 0}
 
 
 def test_a_new_link_replaces_the_old_one_and_closes_its_api_streams(sandboxes: list[Sandbox]) -> None:
