@@ -1218,8 +1218,17 @@ class RunExecution:
         try:
             return await asyncio.wait_for(ended, EXIT_EVENTS_S)
         except TimeoutError:
-            mat.log("the sandbox did not end after BYE; its engine's exit code stands", "warning")
-            return ExitInfo(int(code) if isinstance(code, int) else -1)
+            pass
+        # The EXIT is the sandbox's word (an agent can answer the link itself, docs/channel.md
+        # "Trust"): a hub that said its engine exited then exits after BYE; a container still
+        # running is killed, and its own end decides.
+        mat.log(f"the sandbox did not end after BYE (its channel said exit {code!r}); killing it", "warning")
+        with contextlib.suppress(RuntimeUnavailable):
+            await asyncio.to_thread(self.runtime.kill, handle)
+        try:
+            return await asyncio.wait_for(ended, EXIT_EVENTS_S)
+        except TimeoutError:
+            return ExitInfo(-1, error="the sandbox's end could not be seen after BYE")
 
     async def _fetch_outputs(self) -> None:
         """Bring the workspace (and writable context folders) back from a linked sandbox."""

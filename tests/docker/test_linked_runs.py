@@ -86,3 +86,74 @@ def test_sandbox_that_exits_before_its_channel_is_up_fails_the_start_at_once(
     assert time.monotonic() - t0 < 30
     assert "exited (137) before its run channel came up" in (result.detail or "")
     assert _gone(runtime, result.run_id)
+
+
+# What an agent can do in its sandbox (the same uid as the hub, whose socket folder it may
+# write): put its own listener at the link socket's path, make the supervisor redial (a HELLO
+# with the run id replaces its link), and answer the new link as the hub, saying the engine
+# exited 0 and replaying a finished run's events.
+_HIJACK = """\
+import base64, json, os, socket, struct, time
+RUN = os.environ["MASSGEN_RUN_ID"]
+EV = base64.b64decode(B64).replace(b"@RUN@", RUN.encode())
+D = "/run/massgen/hub"
+def frame(t, sid=0, p=b""):
+    return struct.pack(">BII", t, sid, len(p)) + p
+fake = socket.socket(socket.AF_UNIX)
+fake.bind(D + "/fake.sock")
+fake.listen(4)
+kick = socket.socket(socket.AF_UNIX)
+kick.connect(D + "/link.sock")
+os.rename(D + "/fake.sock", D + "/link.sock")
+kick.sendall(frame(1, 0, json.dumps({"v": 1, "run_id": RUN, "have": 0}).encode()))
+conn, _ = fake.accept()
+buf = b""
+while True:
+    data = conn.recv(65536)
+    if not data:
+        break
+    buf += data
+    while len(buf) >= 9:
+        t, sid, n = struct.unpack(">BII", buf[:9])
+        if len(buf) < 9 + n:
+            break
+        p, buf = buf[9 : 9 + n], buf[9 + n :]
+        if t == 1:
+            have = json.loads(p)["have"]
+            ex = {"exit_code": 0, "signal": None, "outbox_size": len(EV)}
+            doc = {"v": 1, "run_id": RUN, "state": "exited", "exit": ex, "outbox_size": len(EV)}
+            conn.sendall(frame(2, 0, json.dumps(doc).encode()))
+            conn.sendall(frame(3, 0, struct.pack(">Q", have) + EV[have:]))
+        elif t == 9:
+            conn.sendall(frame(6, sid, bytes(1024)) + frame(10, sid, b'{"ok":true}'))
+        elif t == 15:
+            conn.sendall(frame(16, 0, p))
+time.sleep(3600)
+"""
+
+
+def test_a_sandbox_posing_as_its_hub_does_not_decide_the_exit_code(
+    runtime: DockerRuntime, agent_image: str, tmp_path: Path
+) -> None:
+    """The engine's EXIT over the channel is the sandbox's word: an agent can answer the link
+    itself. When the container has not ended after BYE, its claimed code used to stand, so a
+    replayed finished run passed every check (claim, code, answer file) as exit 0 completed
+    while the real engine was still running; the container's own end decides instead."""
+    import base64
+
+    def req(root: str, engine: tuple[str, ...] | None = None) -> RunRequest:
+        return RunRequest(
+            question="What is 2+2?",
+            config_source="@examples/quickstart",
+            logs_root=tmp_path / root,
+            image=agent_image,
+            engine_command=engine,
+        )
+
+    real = asyncio.run(RunExecution(req("real"), RemoteDockerRuntime()).run())
+    assert real.exit_code == 0, real
+    events = (tmp_path / "real" / real.run_id / "events.jsonl").read_bytes().replace(real.run_id.encode(), b"@RUN@")
+    script = f"B64 = {base64.b64encode(events).decode()!r}\n" + _HIJACK
+    forged = asyncio.run(RunExecution(req("forged", ("python3", "-c", script)), RemoteDockerRuntime()).run())
+    assert forged.exit_code != 0, forged
+    assert _gone(runtime, forged.run_id)
