@@ -1116,8 +1116,8 @@ class RunExecution:
             self._host_socket = short_socket_dir(paths.run_id) / SOCKET_NAME
         link_runtime: Any = self.runtime
 
-        def note(msg: str, level: str) -> None:
-            mat.log(msg, level)
+        def note(msg: str, level: str, *, sandbox: bool = False) -> None:
+            mat.log(msg, level, sandbox=sandbox)
 
         self.channel = channel = ChannelSession(
             paths.run_id,

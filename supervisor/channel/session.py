@@ -53,6 +53,14 @@ STREAM_QUEUE_BYTES = 4 << 20
 MAX_STREAMS = 256
 
 
+SANDBOX_TEXT = 2000  # characters of one sandbox-chosen text that reach massgen.log
+
+
+def _clip(text: str | None) -> str:
+    text = text or ""
+    return text if len(text) <= SANDBOX_TEXT else text[:SANDBOX_TEXT] + f"... ({len(text)} characters)"
+
+
 class ChannelLost(ConnectionError):
     """The link went down while an operation needed it."""
 
@@ -251,14 +259,16 @@ class ChannelSession:
         open_link: Callable[[], ByteStream],
         mirror: Path,
         api_socket: Path | None,
-        note: Callable[[str, str], None] | None = None,
+        note: Callable[..., None] | None = None,
         max_mirror_bytes: int | None = None,
     ) -> None:
         self.run_id = run_id
         self._open_link = open_link
         self.mirror = mirror
         self.api_socket = api_socket
-        self._note = note or (lambda msg, level: log.log(logging.getLevelName(level.upper()), "%s", msg))
+        # note(message, level, sandbox=...): `sandbox` marks text the sandbox chose (massgen.log
+        # caps it in all, Materializer.log); each such text is cut to SANDBOX_TEXT characters here.
+        self._note = note or (lambda msg, level, **_: log.log(logging.getLevelName(level.upper()), "%s", msg))
         self._max_mirror = max_mirror_bytes
         self._fd = os.open(mirror, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         self.have = os.fstat(self._fd).st_size
@@ -340,7 +350,7 @@ class ChannelSession:
             if self._closing or self._bye:
                 return
             if self.welcome is not None:
-                self._note(f"channel: link lost ({link.error}); redialling", "warning")
+                self._note(f"channel: link lost ({_clip(link.error)}); redialling", "warning", sandbox=True)
             backoff = REDIAL_MIN_S
             await asyncio.sleep(REDIAL_MIN_S)
 
@@ -384,7 +394,7 @@ class ChannelSession:
         elif t == T.PING:
             link.send(encode(T.PONG, 0, frame.payload))
         elif t == T.LOG:
-            self._note(f"sandbox hub: {frame.payload[:2000].decode('utf-8', 'replace')}", "info")
+            self._note(f"sandbox hub: {_clip(frame.payload.decode('utf-8', 'replace'))}", "info", sandbox=True)
         elif t == T.OPEN:
             self._open_stream(link, frame.sid)
         elif t == T.DATA:
@@ -632,7 +642,8 @@ class ChannelSession:
                 tr.finished = True
                 release_left()
             if doc["refused"]:
-                self._note(f"refused {doc['refused']} member(s) from the sandbox: {doc['skipped'][:3]}", "warning")
+                why = _clip(str(doc["skipped"][:3]))
+                self._note(f"refused {doc['refused']} member(s) from the sandbox: {why}", "warning", sandbox=True)
 
         extracting = asyncio.ensure_future(asyncio.to_thread(extract))
         link.send(encode_json(T.GET, {"path": path, "max_bytes": max_bytes}, sid))

@@ -78,7 +78,9 @@ class _Hub:
         return hello
 
 
-async def _session(tmp_path: Path, api_socket: Path | None = None) -> tuple[ChannelSession, list[_Hub]]:
+async def _session(
+    tmp_path: Path, api_socket: Path | None = None, note: Any = None
+) -> tuple[ChannelSession, list[_Hub]]:
     hubs: list[_Hub] = []
 
     def dial() -> _Sock:
@@ -88,7 +90,7 @@ async def _session(tmp_path: Path, api_socket: Path | None = None) -> tuple[Chan
         return _Sock(ours)
 
     (tmp_path / "sandbox").mkdir(exist_ok=True)
-    session = ChannelSession(RUN, dial, tmp_path / "sandbox" / "events.jsonl", api_socket)
+    session = ChannelSession(RUN, dial, tmp_path / "sandbox" / "events.jsonl", api_socket, note=note)
     session.start()
     for _ in range(100):
         if hubs:
@@ -384,3 +386,31 @@ def test_a_get_faster_than_its_extraction_is_read_no_faster(tmp_path: Path, monk
 
     asyncio.run(main())
     assert max(held) <= PENDING_BYTES + (1 << 20), max(held)
+
+
+def test_the_hubs_log_frames_are_the_sandboxs_text_in_massgen_log(tmp_path: Path) -> None:
+    # LOG frames (and errors quoting what the sandbox sent) were logged as the supervisor's own
+    # lines: outside the 16 MiB cap on the sandbox's text in massgen.log, so a hub (or an agent
+    # posing as one) could fill the host's disk through them as fast as it could send.
+    from supervisor.logdir import create_run_dirs
+    from supervisor.materializer import MAX_SANDBOX_LOG_BYTES, Materializer
+
+    mat = Materializer(create_run_dirs(tmp_path / "runs", tmp_path / "ws"))
+    n = MAX_SANDBOX_LOG_BYTES // 2000 + 2000
+
+    async def main() -> None:
+        session, hubs = await _session(tmp_path, note=mat.log)
+        try:
+            await hubs[0].welcome()
+            await session.wait_connected(5)
+            line = encode(T.LOG, 0, b"x" * 1999 + b"\n")
+            for _ in range(0, n, 1000):
+                await hubs[0].send(line * 1000)
+            await hubs[0].send(encode(T.PING, 0, b"last"))
+            await hubs[0].expect(T.PONG)
+        finally:
+            await session.close()
+
+    asyncio.run(main())
+    size = mat.paths.log_dir.joinpath("massgen.log").stat().st_size
+    assert size < MAX_SANDBOX_LOG_BYTES * 1.2, size
