@@ -47,9 +47,11 @@ WRITE_BUDGET = 4 << 20  # bytes of DATA queued by producer threads before they w
 READ_CHUNK = 256 << 10
 # What the sandbox may make us hold (its frames are untrusted): frames read but not yet handled
 # on the event loop (the reader thread waits past it), bytes queued for one API stream whose
-# host side does not read (the stream is cut past it), and API streams at once.
+# host side does not read, and for all of them (the stream is cut past either), and API streams
+# at once.
 PENDING_BYTES = 8 << 20
 STREAM_QUEUE_BYTES = 4 << 20
+STREAMS_QUEUE_BYTES = 16 << 20  # the same for all of a run's streams together
 MAX_STREAMS = 256
 
 
@@ -492,7 +494,7 @@ class ChannelSession:
         st = self._streams.get(frame.sid)
         if st is not None:
             st.queued += len(frame.payload)
-            if st.queued > STREAM_QUEUE_BYTES:
+            if st.queued > STREAM_QUEUE_BYTES or sum(s.queued for s in self._streams.values()) > STREAMS_QUEUE_BYTES:
                 # The host side does not take it (a stalled request): cut the stream, not memory.
                 self._streams.pop(frame.sid, None)
                 if st.task is not None:

@@ -414,3 +414,38 @@ def test_the_hubs_log_frames_are_the_sandboxs_text_in_massgen_log(tmp_path: Path
     asyncio.run(main())
     size = mat.paths.log_dir.joinpath("massgen.log").stat().st_size
     assert size < MAX_SANDBOX_LOG_BYTES * 1.2, size
+
+
+def test_what_api_streams_queue_on_the_host_is_bounded_in_all(tmp_path: Path) -> None:
+    # Each API stream may queue STREAM_QUEUE_BYTES for a host side that does not read (a slow
+    # handler), and a run may hold MAX_STREAMS of them: 4 MiB x 256 = 1 GiB of the supervisor's
+    # memory for one sandbox. The streams' queues are capped together as well.
+    from supervisor.channel.session import STREAM_QUEUE_BYTES, STREAMS_QUEUE_BYTES
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(3600)  # reads nothing
+
+    held: list[int] = []
+
+    async def main() -> None:
+        api = tmp_path / "api.sock"
+        server = await asyncio.start_unix_server(serve, str(api))
+        session, hubs = await _session(tmp_path, api)
+        try:
+            await hubs[0].welcome()
+            await session.wait_connected(5)
+            streams = 24
+            await hubs[0].send(b"".join(encode(T.OPEN, 2 * i + 1) for i in range(streams)))
+            chunk = b"\0" * 65536
+            per = (STREAM_QUEUE_BYTES - (1 << 20)) // len(chunk)  # each stream stays under its own cap
+            for _ in range(per):
+                await hubs[0].send(b"".join(encode(T.DATA, 2 * i + 1, chunk) for i in range(streams)))
+            await hubs[0].send(encode(T.PING, 0, b"last"))
+            await hubs[0].expect(T.PONG, timeout=30)
+            held.append(sum(st.queued for st in session._streams.values()))
+        finally:
+            await session.close()
+            server.close()
+
+    asyncio.run(main())
+    assert held[0] <= STREAMS_QUEUE_BYTES + (1 << 20), held
