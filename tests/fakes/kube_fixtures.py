@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def fake_kube(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeKubeAPI]
         pytest.skip(message)
     try:
         yield api
+        # Every run of the session deleted its Job: nothing is left in the cluster (zombie pods
+        # and Jobs are what users of other Kubernetes sandboxes complain about).
+        end = time.monotonic() + 30
+        left = api.call(api.cluster.left)
+        while any(left.values()) and time.monotonic() < end:
+            time.sleep(0.5)
+            left = api.call(api.cluster.left)
+        assert not any(left.values()), f"left in the fake cluster after the session: {left}"
     finally:
         api.close()
 
