@@ -203,15 +203,16 @@ class ChildHooks(RunHooks):
             failure = PolicyError("path_not_allowed", f"{requested}: the parent's sandbox cannot be reached")
         else:
             try:
-                got = await channel.get_tree(path, dest, budget.limit_bytes)
+                got = await channel.get_tree(path, dest, budget.limit_bytes, budget.limit_entries)
             except TransferError as exc:
                 text = str(exc)
                 if "FileNotFoundError" in text:
                     failure = PolicyError("path_missing", f"{requested}: does not exist")
-                elif "over max_bytes" in text:
+                elif "over max_bytes" in text or "entries" in text:
                     failure = PolicyError(
                         "disk_quota_exceeded",
-                        f"{requested}: over {budget.limit_bytes} bytes (the parent has {room.describe()} left)",
+                        f"{requested}: over {budget.limit_bytes} bytes or {budget.limit_entries} entries"
+                        f" (the parent has {room.describe()} left)",
                     )
                 else:
                     failure = PolicyError("path_not_allowed", f"{requested}: {text}")

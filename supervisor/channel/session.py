@@ -609,7 +609,7 @@ class ChannelSession:
             raise TransferError(f"putting {dest} into the sandbox: {doc.get('error')}")
         return writer.sent
 
-    async def get_tree(self, path: str, dest: Path, max_bytes: int) -> int:
+    async def get_tree(self, path: str, dest: Path, max_bytes: int, max_entries: int | None = None) -> int:
         """Copy the sandbox's folder `path` into the host folder `dest`; tar bytes received.
 
         What the sandbox sends is untrusted: extraction uses tarfile's `data` filter (no
@@ -618,7 +618,8 @@ class ChannelSession:
 
         Raises:
             ChannelLost: the link went down.
-            TransferError: the sandbox refused it, or sent more than `max_bytes`.
+            TransferError: the sandbox refused it, or sent more than `max_bytes` (or
+                `max_entries` members).
         """
         link = self._require_link()
         sid = self._sid()
@@ -639,7 +640,7 @@ class ChannelSession:
             # The data filter's rules on any Python 3.11, and no write through a symlink whatever
             # the host's realpath does (untar.py).
             try:
-                doc = extract_untrusted(_QueueReader(sink, link.release), str(dest))
+                doc = extract_untrusted(_QueueReader(sink, link.release), str(dest), max_entries)
             finally:
                 tr.finished = True
                 release_left()
@@ -650,6 +651,14 @@ class ChannelSession:
         extracting = asyncio.ensure_future(asyncio.to_thread(extract))
         link.send(encode_json(T.GET, {"path": path, "max_bytes": max_bytes}, sid))
         try:
+            either: list[asyncio.Future[Any]] = [done, extracting]
+            await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if not done.done() and extracting.done() and extracting.exception() is not None:
+                # Our side gave up (too many entries, a broken tar): cancel the GET, not wait for all of it.
+                self._transfers.pop(sid, None)
+                link.send(encode(T.CLOSE, sid))
+                exc = extracting.exception()
+                raise TransferError(f"extracting {path} from the sandbox: {exc}") from exc
             doc = await done
         except BaseException:
             sink.put(None)

@@ -79,8 +79,16 @@ def _refuse(doc: dict[str, Any], name: str, why: str) -> None:
         doc["skipped"].append(f"{name}: {why}")
 
 
-def extract_untrusted(reader: Any, dest: str) -> dict[str, Any]:
+class TooManyMembers(tarfile.TarError):
+    """The tar has more members than the caller allows (checked before each is made)."""
+
+
+def extract_untrusted(reader: Any, dest: str, max_members: int | None = None) -> dict[str, Any]:
     """Extract the tar read from `reader` (`read(n)`, `count`) into `dest` (see the module).
+
+    Raises:
+        TooManyMembers: past `max_members` members (refused ones count too): the host's inodes
+            are bounded as its bytes are, before they are spent.
 
     Returns ok, bytes, refused and the first skipped members (as the hub's DONE does).
     """
@@ -89,8 +97,12 @@ def extract_untrusted(reader: Any, dest: str) -> dict[str, Any]:
     doc: dict[str, Any] = {"ok": True, "skipped": [], "refused": 0}
     links: list[tarfile.TarInfo] = []
     with tarfile.open(fileobj=reader, mode="r|*", tarinfo=_BoundedInfo) as tf:
+        seen = 0
         while (member := tf.next()) is not None:
             tf.members.clear()  # type: ignore[attr-defined]  # what a stream has read (kept for nothing here)
+            seen += 1
+            if max_members is not None and seen > max_members:
+                raise TooManyMembers(f"more than {max_members} entries")
             try:
                 safe = check_member(member, dest)
                 at = _walk(dest, [], safe.name, final_link_ok=False)

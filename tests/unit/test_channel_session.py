@@ -449,3 +449,28 @@ def test_what_api_streams_queue_on_the_host_is_bounded_in_all(tmp_path: Path) ->
 
     asyncio.run(main())
     assert held[0] <= STREAMS_QUEUE_BYTES + (1 << 20), held
+
+
+def test_a_get_past_its_entry_limit_stops_before_the_entries_are_made(tmp_path: Path) -> None:
+    # A nested run's snapshot from a linked parent counted its entries only once all were on the
+    # host's disk: a tar of empty files (512 bytes each) within the byte cap made ~500 000 inodes
+    # for each 256 MiB. The count is checked as the members come, and the GET is cancelled.
+    blob = _tar([(f"f{i}", tarfile.REGTYPE, "", b"") for i in range(1000)])
+    dest = tmp_path / "d"
+
+    async def main() -> None:
+        session, hubs = await _session(tmp_path)
+        try:
+            await hubs[0].welcome()
+            await session.wait_connected(5)
+            job = asyncio.create_task(session.get_tree("/workspace", dest, 64 << 20, max_entries=100))
+            get = await hubs[0].expect(T.GET)
+            await hubs[0].send(encode(T.DATA, get.sid, blob))  # no DONE: the host ends it
+            with pytest.raises(RuntimeError, match="more than 100 entries"):
+                await asyncio.wait_for(job, 10)
+            assert (await hubs[0].expect(T.CLOSE)).sid == get.sid
+        finally:
+            await session.close()
+
+    asyncio.run(main())
+    assert len(list(dest.iterdir())) <= 100
