@@ -358,7 +358,7 @@ def test_a_get_faster_than_its_extraction_is_read_no_faster(tmp_path: Path, monk
 
     held: list[int] = []
 
-    def slow(reader: Any, dest: str) -> dict[str, Any]:
+    def slow(reader: Any, dest: str, max_members: int | None = None) -> dict[str, Any]:
         while reader.read(65536):
             time.sleep(0.005)
         return {"ok": True, "refused": 0, "skipped": [], "bytes": reader.count}
