@@ -253,6 +253,13 @@ def _context_paths(config: RunConfig, source: str) -> tuple[list[Path], list[Con
     return check_context_paths(config, source)
 
 
+def _start_timeout(runtime: Any) -> float:
+    """The start timeout of `runtime`'s sandboxes: its own setting where it has one (Kubernetes:
+    MASSGEN_K8S_START_TIMEOUT, an image pull may take minutes), else START_TIMEOUT_S."""
+    own = getattr(runtime, "start_timeout_for", None)
+    return float(own(START_TIMEOUT_S)) if callable(own) else START_TIMEOUT_S
+
+
 def _container_section(facts: Any) -> ContainerSection:
     return ContainerSection(
         id=facts.id,
@@ -965,7 +972,8 @@ class RunExecution:
         facts = await asyncio.to_thread(runtime.facts, handle)
         # A sandbox created but never started (its supervisor died in between) is not started by
         # anyone: past the start timeout it is a start failure, not a run to follow to its deadline.
-        start_by = time.monotonic() + START_TIMEOUT_S if facts.state == "created" else None
+        limit = _start_timeout(runtime)
+        start_by = time.monotonic() + limit if facts.state == "created" else None
         not_started: str | None = None
         mat.set_container(_container_section(facts))
         mat.set_run(state=RunState.RUNNING)
@@ -1021,7 +1029,7 @@ class RunExecution:
                 if start_by is not None and stop_task is None and time.monotonic() >= start_by:
                     start_by = None
                     if (await asyncio.to_thread(runtime.facts, handle)).state == "created":
-                        not_started = f"the sandbox was created but not started within {START_TIMEOUT_S:g}s"
+                        not_started = f"the sandbox was created but not started within {limit:g}s"
                         mat.log(not_started, "error")
                         ctl.verdict = Verdict(Reason.START_FAILED, not_started)
                         stopped_for = Reason.START_FAILED.value

@@ -66,3 +66,14 @@ def test_the_runtime_is_selectable_and_constructing_it_contacts_nothing() -> Non
     rt = make_runtime("kubernetes", {"MASSGEN_K8S_KUBECONFIG": "/nonexistent"})
     assert (rt.name, rt.linked) == ("kubernetes", True)
     assert KubernetesRuntime(env={"MASSGEN_K8S_START_TIMEOUT": "7.5"})._start_timeout == 7.5
+
+
+def test_the_lifecycle_gives_an_adopted_pending_pod_the_operators_start_timeout() -> None:
+    """A re-adopted run whose pod is still Pending (an image pull) gets MASSGEN_K8S_START_TIMEOUT,
+    not the generic 120 s, before it ends start_failed; runtimes without a setting keep the generic one."""
+    from supervisor.lifecycle import _start_timeout
+    from supervisor.runtime.base import START_TIMEOUT_S
+
+    assert _start_timeout(KubernetesRuntime(env={"MASSGEN_K8S_START_TIMEOUT": "300"})) == 300.0
+    assert _start_timeout(KubernetesRuntime(env={})) == START_TIMEOUT_S
+    assert _start_timeout(object()) == START_TIMEOUT_S

@@ -119,6 +119,13 @@ class KubernetesRuntime:
         self._seen: collections.OrderedDict[str, _Seen] = collections.OrderedDict()
         self._cancelled: set[str] = set()  # run ids whose start() is to give up (cancel_start)
 
+    def start_timeout_for(self, default: float) -> float:
+        """How long a pod may take to start (image pull, scheduling): MASSGEN_K8S_START_TIMEOUT, else `default`.
+
+        The lifecycle asks too, for a run it re-adopts while its pod is still Pending.
+        """
+        return self._start_timeout if self._start_timeout is not None else default
+
     # -- plumbing ---------------------------------------------------------------------------
 
     @property
@@ -341,7 +348,7 @@ class KubernetesRuntime:
         except RuntimeCallFailed as exc:
             raise SandboxStartFailed(spec.run_id, f"the Job was refused: {exc.detail}") from exc
         handle = KubeHandle(name)
-        limit = self._start_timeout if self._start_timeout is not None else spec.start_timeout
+        limit = self.start_timeout_for(spec.start_timeout)
         end = time.monotonic() + limit
         problem: str | None = None
         try:
