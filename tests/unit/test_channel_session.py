@@ -474,3 +474,19 @@ def test_a_get_past_its_entry_limit_stops_before_the_entries_are_made(tmp_path: 
 
     asyncio.run(main())
     assert len(list(dest.iterdir())) <= 100
+
+
+def test_a_sparse_member_from_the_sandbox_is_refused(tmp_path: Path) -> None:
+    # A 10 KiB tar with a GNU sparse member made a 1 TiB file on the host (a few blocks): whatever
+    # reads or copies it whole afterwards (the write-back's change set, the tar of a child's log
+    # dir into its parent) pays for the terabyte. The hub's tars hold no sparse member.
+    info = tarfile.TarInfo("big")
+    info.size = 512
+    info.pax_headers = {"GNU.sparse.map": "0,512", "GNU.sparse.size": str(1 << 40), "GNU.sparse.numblocks": "1"}
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"x" * 512))
+        tar.addfile(tarfile.TarInfo("after"), io.BytesIO(b""))
+    dest = tmp_path / "ws" / "dest"
+    _get_blob(tmp_path, dest, buf.getvalue())
+    assert sorted(p.name for p in dest.iterdir()) == ["after"]
