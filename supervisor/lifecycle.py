@@ -424,7 +424,7 @@ class RunExecution:
         writable context path in final/<winner>/context/<n>/ (applied to the host on exit 0 only)."""
         from .errors import SnapshotError
         from .snapshot import snapshot_dir
-        from .writeback import discard, record_and_apply
+        from .writeback import DEFAULT_MAX_BYTES, discard, record_and_apply
 
         paths, mat = self.paths, self.mat
         assert paths is not None and mat is not None
@@ -441,7 +441,9 @@ class RunExecution:
                     continue
                 apply = verdict.exit_code == 0
                 try:
-                    doc = record_and_apply(wc, paths.log_dir / "final" / winner / "context" / str(wc.index), apply)
+                    dest = paths.log_dir / "final" / winner / "context" / str(wc.index)
+                    limit = self.disk.budget.bytes if self.disk is not None else DEFAULT_MAX_BYTES
+                    doc = record_and_apply(wc, dest, apply, max_bytes=limit)
                 except OSError as exc:
                     mat.log(f"context path {wc.host}: change set not recorded: {exc}", "error")
                     continue

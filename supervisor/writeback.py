@@ -11,6 +11,8 @@ supervisor records the change set and applies it to the host path only when the 
 - On exit 0 only, it is applied inside the host folder: symlinks in the copy are ignored, a path
   through a symlink (or a non-directory) on the host is refused, `protected_paths` are refused,
   and nothing outside the folder is touched. Nested runs never get writable context paths.
+- The copy is the sandbox's: files are compared and copied a chunk at a time, and the change set
+  keeps (and applies) at most the run's disk budget of them by apparent size.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ from .errors import SnapshotError
 from .snapshot import snapshot_dir
 
 MAX_DIFF_BYTES = 1 << 20  # text files above this are listed, not diffed
+# What a change set may keep (and so apply) in all, by the files' apparent sizes: the sandbox
+# writes the copy, so a sparse or huge file must not become that much host disk or memory.
+# The lifecycle passes the run's disk budget.
+DEFAULT_MAX_BYTES = 1 << 30
+_CHUNK = 1 << 20
 
 
 @dataclass
@@ -77,10 +84,47 @@ def _regular_files(root: Path) -> tuple[dict[str, Path], list[str]]:
     return files, sorted(links)
 
 
+def _open(path: Path) -> Any:
+    return os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb")
+
+
 def _read(path: Path) -> bytes:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as fh:
-        return fh.read()
+    """A whole file: only for files known to be at most MAX_DIFF_BYTES (diffs)."""
+    with _open(path) as fh:
+        data: bytes = fh.read(MAX_DIFF_BYTES + 1)
+        return data
+
+
+def _size(path: Path) -> int:
+    return os.lstat(path).st_size
+
+
+def _same(a: Path, b: Path) -> bool:
+    """Equal contents, compared a chunk at a time (never a whole file in memory)."""
+    if _size(a) != _size(b):
+        return False
+    with _open(a) as fa, _open(b) as fb:
+        while True:
+            ca, cb = fa.read(_CHUNK), fb.read(_CHUNK)
+            if ca != cb:
+                return False
+            if not ca:
+                return True
+
+
+def _copy(src: Path, dst: Path, limit: int) -> bool:
+    """Stream `src` (no symlink followed) into a new `dst`; False (and no `dst`) past `limit` bytes."""
+    copied = 0
+    with _open(src) as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            copied += len(chunk)
+            if copied > limit:
+                break
+            fout.write(chunk)
+    if copied > limit:
+        dst.unlink()
+        return False
+    return True
 
 
 def _protected(rel: str, protected: tuple[str, ...]) -> bool:
@@ -110,9 +154,11 @@ def _host_target_ok(root: Path, rel: str) -> str | None:
     return None
 
 
-def _diff(rel: str, old: bytes | None, new: bytes | None) -> list[str]:
-    if max(len(old or b""), len(new or b"")) > MAX_DIFF_BYTES:
+def _diff(rel: str, old_path: Path | None, new_path: Path | None) -> list[str]:
+    if max(_size(p) if p is not None else 0 for p in (old_path, new_path)) > MAX_DIFF_BYTES:
         return [f"Files a/{rel} and b/{rel} differ (over {MAX_DIFF_BYTES} bytes)\n"]
+    old = _read(old_path) if old_path is not None else None
+    new = _read(new_path) if new_path is not None else None
     try:
         a = (old or b"").decode("utf-8").splitlines(keepends=True)
         b = (new or b"").decode("utf-8").splitlines(keepends=True)
@@ -125,8 +171,11 @@ def _diff(rel: str, old: bytes | None, new: bytes | None) -> list[str]:
     )
 
 
-def record_and_apply(wc: WriteCopy, dest: Path, apply: bool) -> dict[str, Any]:
+def record_and_apply(wc: WriteCopy, dest: Path, apply: bool, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
     """Write the change set to `dest` (final/<winner>/context/<n>/) and, with `apply`, into the host folder.
+
+    Files are compared, kept and applied a chunk at a time; files past `max_bytes` in all (by
+    their apparent sizes, in path order) are refused: neither kept nor applied.
 
     Returns:
         The change set as written to `dest/changes.json`.
@@ -135,19 +184,24 @@ def record_and_apply(wc: WriteCopy, dest: Path, apply: bool) -> dict[str, Any]:
     old_files, _ = _regular_files(wc.host)
     added = sorted(set(new_files) - set(old_files))
     deleted = sorted(set(old_files) - set(new_files))
-    changed = sorted(r for r in set(new_files) & set(old_files) if _read(new_files[r]) != _read(old_files[r]))
+    changed = sorted(r for r in set(new_files) & set(old_files) if not _same(new_files[r], old_files[r]))
     dest.mkdir(parents=True, exist_ok=True)
     diff: list[str] = []
     refused = [{"path": rel, "why": "a symlink in the copy: ignored"} for rel in new_links]
-    todo: list[tuple[str, bytes | None]] = []
+    todo: list[tuple[str, Path | None]] = []
+    kept_bytes = 0
     for rel in (*added, *changed, *deleted):
-        new = _read(new_files[rel]) if rel in new_files else None
-        old = _read(old_files[rel]) if rel in old_files else None
-        diff += _diff(rel, old, new)
+        new = new_files.get(rel)
+        kept: Path | None = None
         if new is not None:
-            target = dest / "files" / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(new)
+            kept = dest / "files" / rel
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            size = _size(new)
+            if kept_bytes + size > max_bytes or not _copy(new, kept, max_bytes - kept_bytes):
+                refused.append({"path": rel, "why": f"over the change set's {max_bytes} byte limit: not kept"})
+                continue
+            kept_bytes += _size(kept)
+        diff += _diff(rel, old_files.get(rel), kept)
         if _protected(rel, wc.protected):
             refused.append({"path": rel, "why": "under protected_paths"})
             continue
@@ -155,7 +209,7 @@ def record_and_apply(wc: WriteCopy, dest: Path, apply: bool) -> dict[str, Any]:
         if why is not None:
             refused.append({"path": rel, "why": why})
             continue
-        todo.append((rel, new))
+        todo.append((rel, kept))
     applied: list[str] = []
     if apply:
         for rel, content in todo:
@@ -171,8 +225,8 @@ def record_and_apply(wc: WriteCopy, dest: Path, apply: bool) -> dict[str, Any]:
                     refused.append({"path": rel, "why": "the host path changed during the run"})
                     continue
                 tmp = target.parent / f".{target.name}.massgen-tmp"
-                with open(tmp, "wb") as fh:
-                    fh.write(content)
+                with _open(content) as fin, open(tmp, "wb") as fout:
+                    shutil.copyfileobj(fin, fout, _CHUNK)
                 os.replace(tmp, target)
             applied.append(rel)
     doc = {

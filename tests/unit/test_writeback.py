@@ -62,3 +62,46 @@ def test_nothing_is_applied_without_apply_and_host_symlinks_are_refused(tmp_path
     assert {"path": "host-link/o.txt", "why": "a symlink on the host path"} in doc["refused"]
     discard(wc)
     assert not copy.exists()
+
+
+def test_huge_or_sparse_files_are_refused_by_the_size_limit_without_being_read(tmp_path: Path) -> None:
+    """The sandbox writes the copy: a 64 GiB sparse file and files past the change set's limit are
+    refused (neither kept nor applied), never read whole; what fits is kept, diffed and applied."""
+    import tracemalloc
+
+    host, _outside, copy = _setup(tmp_path)
+    with open(copy / "sparse.bin", "wb") as fh:
+        fh.truncate(64 << 30)
+    (copy / "big.bin").write_bytes(os.urandom(3 << 20))
+    (copy / "a.txt").write_text("A\n")
+    tracemalloc.start()
+    try:
+        doc = record_and_apply(WriteCopy(0, host, copy), tmp_path / "final", apply=True, max_bytes=2 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    why = {r["path"]: r["why"] for r in doc["refused"]}
+    assert why["sparse.bin"].startswith("over the change set's") and why["big.bin"] == why["sparse.bin"]
+    assert doc["applied"] == ["a.txt"]
+    assert (host / "a.txt").read_text() == "A\n"
+    assert not (host / "sparse.bin").exists() and not (host / "big.bin").exists()
+    kept = tmp_path / "final" / "files"
+    assert sorted(p.name for p in kept.rglob("*") if p.is_file()) == ["a.txt"]
+
+
+def test_a_change_past_the_first_chunk_of_a_same_size_file_is_found(tmp_path: Path) -> None:
+    """Contents are compared a chunk at a time: a file whose size is unchanged but whose last byte
+    differs is a change, streamed into the host folder exactly."""
+    host, _outside, copy = _setup(tmp_path)
+    data = bytearray(os.urandom(3 << 20))
+    (host / "blob.bin").write_bytes(bytes(data))
+    (copy / "blob.bin").write_bytes(bytes(data))
+    (copy / "same.bin").write_bytes(b"x" * 10)
+    (host / "same.bin").write_bytes(b"x" * 10)
+    data[-1] ^= 0xFF
+    (copy / "blob.bin").write_bytes(bytes(data))
+    doc = record_and_apply(WriteCopy(0, host, copy), tmp_path / "final", apply=True)
+    assert doc["changed"] == ["blob.bin"]
+    assert (host / "blob.bin").read_bytes() == bytes(data)
+    assert "Files a/blob.bin and b/blob.bin differ" in (tmp_path / "final" / "changes.diff").read_text()
