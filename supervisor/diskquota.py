@@ -514,8 +514,12 @@ def owner_alive(run_id: str, workspace: Path) -> bool:
     return True
 
 
-def sweep(workspaces_root: Path, live: Callable[[str], bool]) -> int:
+def sweep(workspaces_root: Path, live: Callable[[str], bool], *, reclaim_own: bool = False) -> int:
     """Release the disks under `workspaces_root` whose owner process is gone and whose run is not live.
+
+    With `reclaim_own`, disks this process owns count as orphans too (for a caller with no run
+    of its own in flight any more: what it still owns was left by a run that ended without
+    releasing it, e.g. an adopted one that never had a sandbox).
 
     Returns:
         How many were released.
@@ -530,8 +534,12 @@ def sweep(workspaces_root: Path, live: Callable[[str], bool]) -> int:
         if not name.endswith(".json") or not RUN_ID_RE.match(run_id):
             continue
         workspace = workspaces_root / run_id
-        if owner_alive(run_id, workspace) or live(run_id):
+        if live(run_id):
             continue
+        if owner_alive(run_id, workspace):
+            disk = RunDisk.find(run_id, workspace) if reclaim_own else None
+            if disk is None or disk.owner_pid != os.getpid():
+                continue
         if recover(run_id, workspace) is not None:
             released += 1
             log.warning("released the disk run %s left behind", run_id)

@@ -90,7 +90,7 @@ def reap_orphans(runtime: Any) -> int:
     return reaped
 
 
-def reap_disks(runtime: Any, workspaces_root: Path) -> int:
+def reap_disks(runtime: Any, workspaces_root: Path, *, reclaim_own: bool = False) -> int:
     """Release run disks under `workspaces_root` left by supervisors that died before their sandbox started.
 
     Returns:
@@ -101,7 +101,7 @@ def reap_disks(runtime: Any, workspaces_root: Path) -> int:
         return bool(runtime.list_owned({LABEL_RUN: run_id}))
 
     try:
-        return sweep(workspaces_root, live)
+        return sweep(workspaces_root, live, reclaim_own=reclaim_own)
     except Exception:
         log.exception("could not sweep the run disks under %s", workspaces_root)
         return 0

@@ -498,15 +498,16 @@ class BatchRunner:
             await asyncio.to_thread(reap_graders, runtime, self.grade_ctx.grader_label)
         self.image = image
 
-    async def sweep_disks(self) -> None:
+    async def sweep_disks(self, *, reclaim_own: bool = False) -> None:
         """Release the run disks a killed batch process left mounted under this batch dir.
 
         Whatever the backend: a disk whose owner process is alive (the daemon's, or this
-        process's adopted runs) or whose sandbox still exists is left alone.
+        process's adopted runs) or whose sandbox still exists is left alone; with `reclaim_own`
+        (once no item is in flight) this process's own are released too.
         """
         runtime = self.grade_ctx.runtime if self.grade_ctx is not None else None
         if runtime is not None:
-            await asyncio.to_thread(sweep_disks, runtime, self.dir)
+            await asyncio.to_thread(sweep_disks, runtime, self.dir, reclaim_own=reclaim_own)
 
     def _budget_root(self) -> Any:
         """The batch as an ancestor in the gateway's budget tree (embedded runs): calls are refused
@@ -804,14 +805,17 @@ class BatchRunner:
                 await watcher
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        # No item is in flight now: a disk still mounted (one an adopted run took over but never
+        # used, say) is released here, not left for the next run in this logs root to sweep.
+        await self.sweep_disks(reclaim_own=True)
         return Ending(self.stopping if self.stopping in ("interrupted", "deadline", "budget") else None)
 
 
-def sweep_disks(runtime: Any, batch_dir: Path) -> int:
+def sweep_disks(runtime: Any, batch_dir: Path, *, reclaim_own: bool = False) -> int:
     """`reaper.reap_disks` over the batch's item runs (their workspaces are `runs/workspaces/`)."""
     from ..reaper import reap_disks
 
-    return reap_disks(runtime, batch_dir / "runs" / "workspaces")
+    return reap_disks(runtime, batch_dir / "runs" / "workspaces", reclaim_own=reclaim_own)
 
 
 def _replace(path: Path, text: str) -> None:

@@ -239,3 +239,25 @@ def test_sweep_leaves_disks_of_live_owners_and_live_runs_alone(tmp_path: Path) -
     diskquota.sweep(ws_root, lambda run_id: run_id.endswith("bbbbbb"))
     left = sorted(p.name for p in (ws_root / diskquota.DISKS_DIR).iterdir())
     assert left == [f"{r}.json" for r in list(runs)[:2]]
+
+
+def test_sweep_reclaims_this_processs_own_disks_only_when_asked(tmp_path: Path) -> None:
+    """reclaim_own (a batch with nothing in flight): disks this process owns go, unless the run is
+    live; another live owner's disk stays either way."""
+    ws_root = tmp_path / "workspaces"
+    runs = {
+        "log_20260101_000000_000001_aaaaaa": os.getpid(),  # ours, nothing running: reclaimed
+        "log_20260101_000000_000002_bbbbbb": os.getpid(),  # ours, its container alive: kept
+        "log_20260101_000000_000003_cccccc": 1,  # another live process's (init): kept
+    }
+    for run_id, pid in runs.items():
+        (ws_root / run_id).mkdir(parents=True)
+        disk = RunDisk(run_id, tmp_path / run_id, ws_root / run_id, tmp_path / "out", DiskUse(MiB, 10), Mode.MOUNT)
+        disk.owner_pid = pid
+        disk.disks.mkdir(exist_ok=True)
+        disk._write_state()
+    diskquota.sweep(ws_root, lambda run_id: run_id.endswith("bbbbbb"))
+    assert len(list((ws_root / diskquota.DISKS_DIR).iterdir())) == 3  # without it: all kept
+    diskquota.sweep(ws_root, lambda run_id: run_id.endswith("bbbbbb"), reclaim_own=True)
+    left = sorted(p.name for p in (ws_root / diskquota.DISKS_DIR).iterdir())
+    assert left == [f"{r}.json" for r in list(runs)[1:]]
