@@ -135,12 +135,17 @@ def test_no_key_is_visible_inside_the_sandbox(runtime_under_test: Runtime, tmp_p
         assert http[name]["status"] == 200 and "[redacted]" in http[name]["body"], http[name]
     for name, status in (("openai_401", 401), ("gemini_400", 400), ("openai_500", 502), ("gemini_500", 502)):
         assert http[name]["status"] == status and "[redacted]" in http[name]["body"], http[name]
+    for name in ("openai_401", "gemini_400"):  # echoed in a header too
+        echoed = [v for k, v in http[name]["headers"] if k.lower() == "x-echo-key"]
+        assert len(echoed) == 1 and "[redacted]" in echoed[0], http[name]
     assert http["openai_other_model"]["status"] == 403
     # The upstreams saw the real keys only, never what the sandbox sent.
     assert {r.headers.get("authorization") for r in oa.requests} == {f"Bearer {OPENAI_KEY}"}
     assert {r.headers.get("x-goog-api-key") for r in gm.requests} == {GEMINI_KEY}
+    assert all("key" not in r.query for r in gm.requests)
     assert_no_secret(out + err, "the CLI output")
     assert_no_secret(log_dir_text(f), "the log dir")
+    assert_no_secret("\n".join(q.read_text(errors="replace") for q in workspace.rglob("*") if q.is_file()), "workspace")
     assert no_container_for(rt, f["RUN_ID"])
 
 
