@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from .logdir import default_logs_root, walk_run_dirs
+from .runtime.select import RUNTIMES
 from .sockets import default_socket
 
 log = logging.getLogger("supervisor.daemon")
@@ -75,9 +76,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="agent image (default: built when missing)")
     p.add_argument(
         "--runtime",
-        choices=("docker", "remote-docker"),
+        choices=RUNTIMES,
         default=None,
-        help="docker (default, or $MASSGEN_RUNTIME) or remote-docker (the engine DOCKER_HOST names; no shared files)",
+        help="docker (default, or $MASSGEN_RUNTIME), remote-docker (the engine DOCKER_HOST names; no shared files)"
+        " or kubernetes (each run a Job; docs/kubernetes.md)",
     )
     p.add_argument("--log-level", default=os.environ.get("MASSGEN_LOG_LEVEL", "INFO"))
     return p
@@ -424,11 +426,13 @@ async def serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    from .runtime.select import runtime_name
+    from .runtime.select import make_runtime, runtime_name
 
     try:
         args.runtime = runtime_name(args.runtime)
-    except ValueError as exc:  # $MASSGEN_RUNTIME names no runtime: a usage error, as a bad --runtime is
+        if args.runtime != "docker":
+            make_runtime(args.runtime)  # its settings (MASSGEN_K8S_*) read now: contacts nothing
+    except ValueError as exc:  # a runtime or a setting of it that is no value: a usage error, as a bad --runtime is
         parser.error(str(exc))
     logging.basicConfig(
         level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s"

@@ -125,3 +125,19 @@ def test_bad_runtime_name_is_a_clear_error_not_a_traceback(tmp_path: Path) -> No
     assert p.returncode == 2, p.stdout + p.stderr
     assert "Traceback" not in p.stderr
     assert "unknown runtime 'nonsense'" in p.stderr and "remote-docker" in p.stderr, p.stderr
+
+
+def test_a_bad_runtime_setting_is_a_clear_error_and_kubernetes_is_a_choice(tmp_path: Path) -> None:
+    """--runtime kubernetes is accepted; MASSGEN_K8S_START_TIMEOUT=abc is exit 2 naming it, no traceback."""
+    from tests.cli_helpers import cli_env
+
+    p = subprocess.run(
+        [sys.executable, "-m", "supervisor.daemon", "--socket", str(tmp_path / "d.sock"), "--runtime", "kubernetes"],
+        env=cli_env(MASSGEN_K8S_START_TIMEOUT="abc", MASSGEN_K8S_KUBECONFIG=str(tmp_path / "none")),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr and "invalid choice" not in p.stderr, p.stderr
+    assert "MASSGEN_K8S_START_TIMEOUT='abc': give a positive number of seconds" in p.stderr, p.stderr

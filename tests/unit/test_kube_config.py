@@ -77,3 +77,9 @@ def test_the_lifecycle_gives_an_adopted_pending_pod_the_operators_start_timeout(
     assert _start_timeout(KubernetesRuntime(env={"MASSGEN_K8S_START_TIMEOUT": "300"})) == 300.0
     assert _start_timeout(KubernetesRuntime(env={})) == START_TIMEOUT_S
     assert _start_timeout(object()) == START_TIMEOUT_S
+
+
+@pytest.mark.parametrize("raw", ["abc", "-5", "0", "nan", "inf"])
+def test_a_start_timeout_that_is_not_a_positive_number_is_refused_naming_the_variable(raw: str) -> None:
+    with pytest.raises(ValueError, match=r"MASSGEN_K8S_START_TIMEOUT=.*positive number of seconds"):
+        KubernetesRuntime(env={"MASSGEN_K8S_START_TIMEOUT": raw})

@@ -112,7 +112,7 @@ class KubernetesRuntime:
         self._settings = settings
         self._timeout = timeout
         raw = self._env.get("MASSGEN_K8S_START_TIMEOUT")
-        self._start_timeout = start_timeout if start_timeout is not None else (float(raw) if raw else None)
+        self._start_timeout = start_timeout if start_timeout is not None else _seconds("MASSGEN_K8S_START_TIMEOUT", raw)
         self._lock = threading.Lock()
         self._client: kubernetes.client.ApiClient | None = None
         # The last state of recent Jobs (the oldest dropped past SEEN_MAX: a daemon runs for long).
@@ -712,6 +712,23 @@ def _api_message(exc: ApiException) -> str:
         if isinstance(status, dict) and status.get("message"):
             return str(status["message"])
     return str(exc.reason or "").strip() or "refused"
+
+
+def _seconds(name: str, raw: str | None) -> float | None:
+    """A positive number of seconds from variable `name` (None when unset).
+
+    Raises:
+        ValueError: naming the variable and what it holds.
+    """
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name}={raw!r}: give a positive number of seconds")
+    return value
 
 
 def _watch_events(resp: Any) -> Iterator[dict[str, Any]]:
